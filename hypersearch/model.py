@@ -1,0 +1,33 @@
+"""The Hyper-Search model (CSLA with learnable scales) and the export of its scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from repopt.arch import ArchSpec
+from repopt.blocks import CSLABlock
+from repopt.vgg import RepOptVGG
+
+
+def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fused_forward: bool = False) -> RepOptVGG:
+    """A CSLA network: ``mode="hs"`` learns every scale, ``"csla"`` only the identity scales."""
+    if mode not in ("hs", "csla"):
+        raise ValueError(f"build_hs_model mode must be 'hs' or 'csla', got {mode!r}")
+    return RepOptVGG(arch, num_classes, mode=mode, fused_forward=fused_forward)
+
+
+def extract_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned scales as detached float32 CPU tensors under the official key names."""
+    model = getattr(model, "module", model)  # DDP / compile wrappers
+    model = getattr(model, "_orig_mod", model)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CSLABlock):
+            for kind in ("scale_conv", "scale_1x1", "scale_identity"):
+                layer = getattr(module, kind, None)
+                if layer is not None:
+                    out[f"{name}.{kind}.weight"] = layer.weight.detach().to("cpu", torch.float32).clone()
+    if not out:
+        raise ValueError("extract_scales: the model has no CSLA blocks (build it with build_hs_model)")
+    return out

@@ -1,0 +1,133 @@
+"""The block kinds of the family, one per mode (DESIGN.md, "The model family").
+
+All of them keep the official key layout so that scale files, checkpoints and folded weights
+line up by name: ``conv``/``scale_conv``/``conv_1x1``/``scale_1x1``/``scale_identity``/``bn`` for
+HS/CSLA, ``conv``/``bn`` for the target, ``rbr_dense``/``rbr_1x1``/``rbr_identity`` for RepVGG.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import BlockSpec
+
+
+class ScaleLayer(nn.Module):
+    """A per-channel multiplier (the official ``ScaleLayer`` without bias)."""
+
+    def __init__(self, num_features: int, scale_init: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((num_features,), float(scale_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
+    """A (C, C, 3, 3) kernel that is 1 at the centre of the diagonal: the identity as a 3x3 conv."""
+    kernel = torch.zeros(channels, channels, 3, 3, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    kernel[idx, idx, 1, 1] = 1.0
+    return kernel
+
+
+class CSLABlock(nn.Module):
+    """3x3 conv*s_conv + 1x1 conv*s_1x1 (+ x*s_id) -> BN -> ReLU.
+
+    ``mode="hs"`` trains every scale; ``mode="csla"`` freezes s_conv and s_1x1 (constants) and
+    trains only s_id. ``fused_forward`` computes the same function as one 3x3 conv with the
+    branch kernels summed (gradients reach every branch through the sum): the fast path for
+    Hyper-Search, numerically equal up to rounding.
+    """
+
+    def __init__(self, spec: BlockSpec, mode: str = "hs", fused_forward: bool = False):
+        super().__init__()
+        if mode not in ("hs", "csla"):
+            raise ValueError(f"CSLABlock mode must be 'hs' or 'csla', got {mode!r}")
+        self.stride = spec.stride
+        self.fused_forward = fused_forward
+        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 3, spec.stride, 1, bias=False)
+        self.scale_conv = ScaleLayer(spec.out_channels, spec.init_conv_scale)
+        self.conv_1x1 = nn.Conv2d(spec.in_channels, spec.out_channels, 1, spec.stride, 0, bias=False)
+        self.scale_1x1 = ScaleLayer(spec.out_channels, spec.init_conv_scale)
+        if spec.has_identity:
+            self.scale_identity = ScaleLayer(spec.out_channels, 1.0)
+        self.bn = nn.BatchNorm2d(spec.out_channels)
+        self.relu = nn.ReLU()
+        if mode == "csla":
+            self.scale_conv.requires_grad_(False)
+            self.scale_1x1.requires_grad_(False)
+
+    @property
+    def has_identity(self) -> bool:
+        return hasattr(self, "scale_identity")
+
+    def fused_kernel(self) -> torch.Tensor:
+        """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the equivalent single 3x3 kernel."""
+        w = self.conv.weight * self.scale_conv.weight.view(-1, 1, 1, 1)
+        w = w + F.pad(self.conv_1x1.weight * self.scale_1x1.weight.view(-1, 1, 1, 1), [1, 1, 1, 1])
+        if self.has_identity:
+            eye = identity_kernel(w.shape[0], w.dtype, w.device)
+            w = w + eye * self.scale_identity.weight.view(-1, 1, 1, 1)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_forward:
+            out = F.conv2d(x, self.fused_kernel(), None, self.stride, 1)
+        else:
+            out = self.scale_conv(self.conv(x)) + self.scale_1x1(self.conv_1x1(x))
+            if self.has_identity:
+                out = out + self.scale_identity(x)
+        return self.relu(self.bn(out))
+
+
+class TargetBlock(nn.Module):
+    """The straight-through RepOpt-VGG block: 3x3 conv (no bias) -> BN -> ReLU."""
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 3, spec.stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(spec.out_channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Sequential:
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False)
+    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_ch)))
+
+
+class RepVGGBlock(nn.Module):
+    """Structural re-parameterization baseline: BN(3x3) + BN(1x1) (+ BN(x)) -> ReLU."""
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.rbr_dense = _conv_bn(spec.in_channels, spec.out_channels, 3, spec.stride)
+        self.rbr_1x1 = _conv_bn(spec.in_channels, spec.out_channels, 1, spec.stride)
+        if spec.has_identity:
+            self.rbr_identity = nn.BatchNorm2d(spec.out_channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if hasattr(self, "rbr_identity"):
+            out = out + self.rbr_identity(x)
+        return self.relu(out)
+
+
+class DeployBlock(nn.Module):
+    """The deployed block: 3x3 conv with bias -> ReLU (BN and branches folded in)."""
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 3, spec.stride, 1, bias=True)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x))

@@ -1,0 +1,184 @@
+"""The RepOptimizers: torch's SGD / AdamW with the gradient masks of the scales built in.
+
+``RepOptSGD`` multiplies the masked gradients in one ``torch._foreach_mul_`` and hands over to
+``torch.optim.SGD.step`` unchanged, so foreach/fused kernels, ``state_dict()`` and AMP's GradScaler
+work as they do for SGD. Weight decay is then added by SGD *after* the mask, unmasked (the
+official order, which is what makes the equivalence with CSLA exact).
+
+``RepOptAdamW`` must multiply Adam's normalised *update* (not the gradient, which Adam would
+normalise away) by M1 = |s_conv| + |s_1x1| + 1, elementwise. torch's AdamW has no elementwise
+learning rate, so the step is AdamW's own foreach arithmetic with one extra multiply; the state
+layout (``step``, ``exp_avg``, ``exp_avg_sq``) is torch's, so checkpoints interchange.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from repopt.errors import ConfigError
+from repopt.vgg import RepOptVGG
+
+from .masks import grad_masks as make_grad_masks
+from .masks import masks_by_param
+from .reinit import reinitialize
+
+
+def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parameter, torch.Tensor]) -> dict:
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    masks = {}
+    for param, mask in grad_masks.items():
+        if not isinstance(param, torch.Tensor):
+            raise ConfigError("grad_masks must map Parameters to masks; use masks_by_param(model, grad_masks(model, scales))")
+        if id(param) not in owned:
+            raise ConfigError("grad_masks holds a parameter that is not in the optimizer's param groups")
+        if mask.shape != param.shape:
+            raise ConfigError(f"grad mask of shape {tuple(mask.shape)} does not fit its parameter of shape {tuple(param.shape)}")
+        masks[param] = mask.to(device=param.device, dtype=param.dtype)
+    return masks
+
+
+class RepOptSGD(torch.optim.SGD):
+    """SGD whose gradients are multiplied by per-parameter masks before the usual update."""
+
+    def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
+        self.grad_masks = _check_masks(self, grad_masks)
+        self._mask_params = list(self.grad_masks)
+        self._mask_values = list(self.grad_masks.values())
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """grad <- grad * M for every masked parameter that has a gradient (one foreach call)."""
+        pairs = [(p.grad, m) for p, m in zip(self._mask_params, self._mask_values) if p.grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.apply_masks()
+        super().step()
+        return loss
+
+
+class RepOptAdamW(torch.optim.AdamW):
+    """AdamW whose per-weight update is multiplied elementwise by the masks (decay stays decoupled)."""
+
+    def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 maximize: bool = False, foreach: bool | None = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
+                         maximize=maximize, foreach=foreach)
+        self.grad_masks = _check_masks(self, grad_masks)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RepOptAdamW does not support sparse gradients")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._step_bucket(group, params)
+        return loss
+
+    def _step_bucket(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        states = [self._init_state(p) for p in params]
+        grads = [p.grad for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        step_values = [float(s) for s in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2 ** t) for t in step_values])
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avgs, denom)
+        masked = [(u, self.grad_masks[p]) for u, p in zip(update, params) if p in self.grad_masks]
+        if masked:
+            torch._foreach_mul_([u for u, _ in masked], [m for _, m in masked])
+        torch._foreach_mul_(update, [-lr / (1.0 - beta1 ** t) for t in step_values])
+        torch._foreach_add_(params, update)
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
+    """The official decay rule: decay conv/linear weights and identity scales; not BN, biases, other 1-D scales."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim > 1 or name.endswith("scale_identity.weight"):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
+                    momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
+                    foreach: bool | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+    """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
+
+    The masks follow the optimizer (power 2 for SGD, |s| for AdamW). Re-initialization is separate
+    (``reinitialize``) because a resumed run must not re-initialize; ``build_repopt`` does both.
+    """
+    groups = param_groups(model, weight_decay)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if scales is None:
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach, fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+    if not isinstance(model, RepOptVGG) or model.mode != "target":
+        raise ConfigError("scales (grad masks) apply to the straight-through target model only")
+    masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
+    if name == "sgd":
+        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach, fused=fused)
+    return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+
+
+def build_repopt(model: RepOptVGG, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,
+                 weight_decay: float = 4e-5, use_identity_scales: bool = True, **kwargs) -> torch.optim.Optimizer:
+    """One call: re-initialize ``model`` from ``scales``, build the masks and the RepOptimizer."""
+    reinitialize(model, scales, use_identity_scales=use_identity_scales)
+    return build_optimizer(model, name, lr, weight_decay, scales=scales, **kwargs)
