@@ -127,3 +127,18 @@ def to_plain(cfg: Any) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def register_schema(name: str, node: type) -> None:
+    """Make a dataclass the base of a root config (``defaults: [<name>, ...]``).
+
+    Every schema key is then overridable from the command line without ``+`` and type-checked
+    by Hydra itself.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=name, node=node)
+
+
+register_schema("hypersearch_schema", HSConfig)
+register_schema("target_train_schema", TargetConfig)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from repopt.errors import ConfigError
+from repopt.optim import OPTIMIZERS, param_groups, plain_optimizer
 from repopt.vgg import RepOptVGG
 
 from .masks import grad_masks as make_grad_masks
@@ -135,23 +136,6 @@ class RepOptAdamW(torch.optim.AdamW):
         torch._foreach_add_(params, update)
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    """The official decay rule: decay conv/linear weights and identity scales; not BN, biases, other 1-D scales."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim > 1 or name.endswith("scale_identity.weight"):
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-OPTIMIZERS = ("sgd", "adamw")
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
@@ -166,14 +150,13 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if scales is None:
-        if name == "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach, fused=fused)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+        return plain_optimizer(groups, name, lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                               foreach=foreach, fused=fused)
     if not isinstance(model, RepOptVGG) or model.mode != "target":
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
     masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
     if name == "sgd":
-        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach, fused=fused)
+        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach, fused=fused)
     return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 

@@ -1,0 +1,74 @@
+"""The stage-one app: ``python -m hypersearch`` (console script ``repopt-hypersearch``).
+
+Trains the HS/CSLA model on the configured data set and writes into its run directory:
+``.hydra/`` (resolved config), ``last.pt``, ``history.csv``, ``metrics.json``,
+``scales.safetensors`` (with provenance metadata), ``scales.csv`` and ``scales.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from repopt.app import run_app
+from repopt.arch import get_arch
+from repopt.config import HSConfig, to_plain
+from repopt.errors import ConfigError
+from repopt.io import sha256_file
+from repopt.optim import param_groups, plain_optimizer
+from repopt.setup import make_trainer, place, scaled_lr, start
+
+from .export import export_scales
+from .model import build_hs_model, extract_scales
+
+log = logging.getLogger("hypersearch")
+
+
+def set_constant_init(model, value: float = 1.0) -> None:
+    """The ``scale_init=constant`` ablation: every scale starts at ``value``."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[-2].startswith("scale_"):
+                param.fill_(value)
+
+
+def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:
+    arch = get_arch(cfg.arch.name, cfg.arch.strides)
+    if cfg.mode not in ("hs", "csla"):
+        raise ConfigError(f"mode={cfg.mode!r}: choose hs or csla")
+    if cfg.scale_init not in ("paper", "constant"):
+        raise ConfigError(f"scale_init={cfg.scale_init!r}: choose paper or constant")
+    runtime, data = start(cfg)
+    model = build_hs_model(arch, data.num_classes, mode=cfg.mode, fused_forward=cfg.fused_forward)
+    if cfg.scale_init == "constant":
+        set_constant_init(model)
+    model = place(model, runtime)
+    lr = scaled_lr(cfg)
+    o = cfg.optim
+    optimizer = plain_optimizer(param_groups(model, o.weight_decay), o.name, lr, momentum=o.momentum, nesterov=o.nesterov,
+                                betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused)
+    extra = {"stage": "hypersearch", "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
+             "mode": cfg.mode}
+    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
+                           metrics_extra={"stage": "hypersearch", "arch": arch.name, "dataset": data.name})
+    metrics = trainer.fit()
+    if not runtime.is_main:
+        return metrics
+    scales = extract_scales(model)
+    metadata = {
+        "arch": arch.to_dict(), "source_run": str(run_dir), "dataset": data.name, "num_classes": data.num_classes,
+        "hs_top1": metrics["top1"], "hs_top5": metrics["top5"], "epochs": metrics["epochs"], "mode": cfg.mode,
+        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": to_plain(cfg),
+    }
+    path = export_scales(run_dir, scales, metadata)
+    log.info("scales written to %s (HS top-1 %.2f)", path, metrics["top1"])
+    return trainer.write_metrics("completed", scales_file=str(path), scales_sha256=sha256_file(path))
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="hypersearch")
+def main(cfg: DictConfig):
+    return run_app(cfg, HSConfig, train_hypersearch)

@@ -1,0 +1,62 @@
+"""Writing the stage-one results: the scales file with provenance, and a per-stage summary."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from repopt.io import atomic_path, write_text
+from repopt.scales import SCALES_FILENAME, save_scales
+
+log = logging.getLogger(__name__)
+
+
+def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per scale vector: block, stage, kind and the statistics of its values."""
+    rows = []
+    for key, value in scales.items():
+        block, kind, _ = key.rsplit(".", 2)
+        rows.append({
+            "key": key, "block": block, "stage": int(block.split(".")[0].removeprefix("stage")), "kind": kind,
+            "mean": float(value.mean()), "std": float(value.std()) if value.numel() > 1 else 0.0,
+            "min": float(value.min()), "max": float(value.max()), "abs_mean": float(value.abs().mean()),
+            "negative_fraction": float((value < 0).float().mean()),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_scales(summary: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Mean |scale| per block for each branch kind, blocks in network order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    order = list(dict.fromkeys(summary["block"]))
+    for kind, group in summary.groupby("kind"):
+        xs = [order.index(b) for b in group["block"]]
+        ax.plot(xs, group["abs_mean"], marker="o", ms=3, label=kind)
+    ax.set_xlabel("block (network order)")
+    ax.set_ylabel("mean |scale|")
+    ax.set_title(title or "learned scales")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def export_scales(run_dir: Path, scales: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """``scales.safetensors`` + ``scales.csv`` + ``scales.png`` in the run directory."""
+    path = save_scales(run_dir / SCALES_FILENAME, scales, metadata)
+    summary = scales_summary(scales)
+    write_text(run_dir / "scales.csv", summary.to_csv(index=False))
+    try:
+        plot_scales(summary, run_dir / "scales.png", f"{metadata.get('arch', {}).get('name', '')} learned scales")
+    except Exception as exc:  # a plot is a convenience; never lose the scales over it
+        log.warning("could not draw scales.png: %s", exc)
+    return path

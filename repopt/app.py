@@ -1,0 +1,109 @@
+"""What every Hydra app of the project does around its training function.
+
+* turns Hydra's config into the typed schema (unknown keys / wrong types fail before any work);
+* finds the run directory (Hydra's output dir, or ``run_dir=``) and checks it is writable;
+* maps outcomes to ``metrics.json`` statuses and exit codes: ``completed``; ``diverged`` and
+  ``interrupted`` (written by the trainer); ``failed`` for bad input or a crash. A bad-input error
+  prints one clear line, not a traceback. In a multirun sweep a failed job is recorded and the
+  sweep goes on; a single run exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .config import to_typed
+from .errors import ConfigError, DivergenceError, RepOptError
+from .io import write_json
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+def hydra_run_dir() -> Path | None:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def prepare_run_dir(path: str | Path) -> Path:
+    """Create the run directory and prove it is writable before any training starts."""
+    run_dir = Path(path).expanduser().resolve()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); choose another with run_dir=... or hydra.run.dir=...") from None
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _record_failure(run_dir: Path | None, status: str, message: str) -> None:
+    if run_dir is None or not run_dir.is_dir():
+        return
+    metrics_path = run_dir / "metrics.json"
+    previous = {}
+    if metrics_path.exists():
+        try:
+            previous = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    if previous.get("status") in ("completed", "diverged", "interrupted"):
+        return  # the trainer already wrote the precise status, or an earlier run's result stands
+    write_json(metrics_path, {**previous, "status": status, "error": message})
+
+
+def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], dict]) -> dict | None:
+    """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions."""
+    run_dir: Path | None = None
+    try:
+        typed = to_typed(cfg, schema)
+        run_dir = prepare_run_dir(getattr(typed, "run_dir", None) or hydra_run_dir() or "outputs/run")
+        return task(typed, run_dir)
+    except KeyboardInterrupt:
+        _record_failure(run_dir, "interrupted", "interrupted by the user")
+        log.error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except RepOptError as exc:
+        from .engine.trainer import Interrupted
+
+        if isinstance(exc, Interrupted):
+            log.warning(str(exc))
+            sys.exit(EXIT_INTERRUPTED)
+        _record_failure(run_dir, "diverged" if isinstance(exc, DivergenceError) else "failed", str(exc))
+        log.error("%s: %s", type(exc).__name__, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        if is_multirun():
+            return {"status": "failed", "error": str(exc)}
+        sys.exit(EXIT_FAILED)
+    except Exception as exc:  # a bug: keep the traceback, record the failure
+        _record_failure(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        if is_multirun():
+            log.error("job failed:\n%s", traceback.format_exc())
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        raise

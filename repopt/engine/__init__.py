@@ -1,0 +1,8 @@
+"""The training engine shared by stage one and stage two."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .runtime import Runtime, resolve_runtime
+from .schedule import build_scheduler
+from .trainer import Interrupted, Trainer
+
+__all__ = ["Trainer", "Interrupted", "Runtime", "resolve_runtime", "build_scheduler", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,375 @@
+"""The training loop both stages share: AMP, compile, DDP, evaluation, checkpoints, exact resume.
+
+One ``Trainer.fit()`` call runs (or continues) a run inside ``run_dir``:
+
+* every epoch: evaluate (top-1, top-5, loss), append a row to ``history.csv``, write ``last.pt``
+  (and ``best.pt`` when asked), all atomically;
+* ``resume=true`` restores model, optimizer, scheduler, scaler and the position inside the epoch;
+  the data order and augmentation are functions of (seed, epoch, batch), so a resumed run replays
+  exactly what an uninterrupted one would have done;
+* SIGTERM / SIGINT finish the current step, write ``last.pt`` and raise ``Interrupted``;
+* a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..errors import CheckpointError, DivergenceError, RepOptError
+from ..io import write_json, write_text
+from .checkpoint import load_checkpoint, save_checkpoint
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+                   "epoch_seconds", "images_per_sec"]
+
+
+class Interrupted(RepOptError):
+    """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
+
+
+@dataclass
+class RunState:
+    """Everything about the run's progress that a checkpoint must carry to resume exactly."""
+
+    epoch: int = 0  # completed epochs
+    step_in_epoch: int = 0  # steps done in the unfinished epoch
+    global_step: int = 0
+    best_top1: float = -1.0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_correct: float = 0.0
+    epoch_count: int = 0
+    wall_seconds: float = 0.0  # accumulated over resumed segments
+    history: list = field(default_factory=list)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: stopping after the current step and writing last.pt", signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> dict[str, float]:
+    """Top-1, top-5 and mean loss over a whole evaluation set."""
+    model.eval()
+    k = min(5, num_classes)
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    top1 = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    top5 = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    count = 0
+    for x, y in batches.epoch(0):
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        pred = logits.topk(k, dim=1).indices
+        hits = pred.eq(y.view(-1, 1))
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        count += y.numel()
+    count = max(count, 1)
+    return {"test_loss": float(loss_sum) / count, "test_top1": 100.0 * float(top1) / count, "test_top5": 100.0 * float(top5) / count}
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, cfg: TrainConfig,
+                 runtime: Runtime, run_dir: Path, *, checkpoint_extra: dict | None = None, write_best: bool = False,
+                 on_epoch_end: Callable[["Trainer", dict], None] | None = None, metrics_extra: dict | None = None):
+        self.model = model  # the raw module (what checkpoints hold)
+        self.optimizer, self.scheduler, self.data, self.cfg, self.runtime = optimizer, scheduler, data, cfg, runtime
+        self.run_dir = Path(run_dir)
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.write_best = write_best
+        self.on_epoch_end = on_epoch_end
+        self.metrics_extra = metrics_extra or {}
+        self.state = RunState()
+        self._segment_start = time.perf_counter()
+        self.scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
+        self.train_model = self._wrap(model)
+        self.steps_per_epoch = len(data.train) if cfg.max_steps_per_epoch is None else min(len(data.train), cfg.max_steps_per_epoch)
+
+    # ------------------------------------------------------------------ setup
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            wrapped = DDP(wrapped, device_ids=ids)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped, mode=self.cfg.compile_mode)
+        return wrapped
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "run": asdict(self.state),
+            "rng": torch.get_rng_state(),
+            **self.checkpoint_extra,
+        }
+
+    def _wall(self) -> float:
+        return self.state.wall_seconds + (time.perf_counter() - self._segment_start)
+
+    def save(self, name: str = "last.pt") -> None:
+        self.state.wall_seconds = self._wall()
+        self._segment_start = time.perf_counter()
+        if self.runtime.is_main:
+            save_checkpoint(self.run_dir / name, self.checkpoint_state())
+        self.runtime.barrier()
+
+    def restore(self, path: Path | None = None) -> bool:
+        """Load ``last.pt`` (if present) into model/optimizer/scheduler/run state; True if resumed."""
+        path = path or self.last_path
+        if not path.exists():
+            return False
+        state = load_checkpoint(path, map_location=self.runtime.device)
+        for key in ("arch", "num_classes", "class_names", "mode"):
+            if key in self.checkpoint_extra and key in state and state[key] != self.checkpoint_extra[key]:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
+                    f"resume with the configuration that wrote it, or start a new run directory"
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not fit this model/optimizer ({str(exc)[:300]}); start a new run directory") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"].cpu())
+        self.state = RunState(**state["run"])
+        self._segment_start = time.perf_counter()
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step_in_epoch)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _progress(self, epoch: int):
+        mode = self.cfg.progress
+        show = self.runtime.is_main and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
+        return tqdm(total=self.steps_per_epoch, initial=self.state.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                    disable=not show, leave=False, dynamic_ncols=True)
+
+    def _check_finite(self, losses: list[torch.Tensor], first_step: int) -> None:
+        values = torch.stack(losses).float()
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel():
+            step = first_step + int(bad[0, 0])
+            raise DivergenceError(
+                f"non-finite loss at step {step}: training diverged. The last good checkpoint ({self.last_path.name}) is kept; "
+                f"lower optim.lr or check the data", step)
+
+    def _train_epoch(self, epoch: int) -> None:
+        model, opt, rt, st = self.train_model, self.optimizer, self.runtime, self.state
+        model.train()
+        check_every = 1 if rt.device.type == "cpu" else 25
+        pending: list[torch.Tensor] = []
+        pending_first = st.global_step
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        correct = torch.zeros((), device=rt.device, dtype=torch.float64)
+        count = 0
+        t0 = time.perf_counter()
+        bar = self._progress(epoch)
+        stop = self._stop
+        batches = self.data.train.epoch(epoch, start=st.step_in_epoch)
+        try:
+            for step in range(st.step_in_epoch, self.steps_per_epoch):
+                x, y = next(batches)
+                if rt.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    if self.cfg.grad_clip:
+                        self.scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    if self.cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                    opt.step()
+                self.scheduler.step()
+                detached = loss.detach()
+                pending.append(detached)
+                loss_sum += detached.double() * y.numel()
+                correct += (logits.detach().argmax(1) == y).sum()
+                count += y.numel()
+                st.global_step += 1
+                st.step_in_epoch = step + 1
+                if len(pending) >= check_every or st.step_in_epoch == self.steps_per_epoch or stop.received:
+                    self._check_finite(pending, pending_first)
+                    pending, pending_first = [], st.global_step
+                bar.update(1)
+                if stop.received is not None:
+                    break
+        finally:
+            bar.close()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            elapsed = time.perf_counter() - t0
+            st.train_seconds += elapsed
+            st.images_seen += count * rt.world_size
+            st.epoch_loss_sum += float(loss_sum)
+            st.epoch_correct += float(correct)
+            st.epoch_count += count
+            self._epoch_seconds = getattr(self, "_epoch_seconds", 0.0) + elapsed
+            self._epoch_images = getattr(self, "_epoch_images", 0) + count * rt.world_size
+
+    def fit(self) -> dict:
+        """Train to ``cfg.epochs``; returns the final metrics (also written to ``metrics.json``)."""
+        cfg, st = self.cfg, self.state
+        with StopSignal() as self._stop:
+            try:
+                self._loop()
+            except DivergenceError as exc:
+                self.write_metrics("diverged", diverged_step=exc.step, error=str(exc))
+                raise
+        return self.write_metrics("completed")
+
+    def _loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        while st.epoch < cfg.epochs:
+            epoch = st.epoch
+            self._train_epoch(epoch)
+            if self._stop.received is not None and st.step_in_epoch < self.steps_per_epoch:
+                self.save()
+                self.write_metrics("interrupted")
+                raise Interrupted(
+                    f"stopped by {signal.Signals(self._stop.received).name} at epoch {epoch + 1}, step {st.step_in_epoch}; "
+                    f"last.pt written to {self.run_dir}. Continue with resume=true in the same run directory")
+            row = self._end_epoch(epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self, row)
+            if self._stop.received is not None and st.epoch < cfg.epochs:
+                self.write_metrics("interrupted")
+                raise Interrupted(f"stopped at the end of epoch {epoch + 1}; last.pt written to {self.run_dir}. Continue with resume=true")
+
+    def _end_epoch(self, epoch: int) -> dict:
+        st = self.state
+        metrics = evaluate(_unwrap(self.train_model) if self.runtime.distributed else self.train_model, self.data.test,
+                           self.runtime, self.data.num_classes)
+        seconds = getattr(self, "_epoch_seconds", 0.0)
+        images = getattr(self, "_epoch_images", 0)
+        row = {
+            "epoch": epoch + 1,
+            "step": st.global_step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": st.epoch_loss_sum / max(st.epoch_count, 1),
+            "train_top1": 100.0 * st.epoch_correct / max(st.epoch_count, 1),
+            **metrics,
+            "epoch_seconds": seconds,
+            "images_per_sec": images / seconds if seconds > 0 else float("nan"),
+        }
+        self._epoch_seconds, self._epoch_images = 0.0, 0
+        st.history.append(row)
+        st.epoch, st.step_in_epoch = epoch + 1, 0
+        st.epoch_loss_sum = st.epoch_correct = 0.0
+        st.epoch_count = 0
+        improved = row["test_top1"] > st.best_top1
+        if improved:
+            st.best_top1 = row["test_top1"]
+        if self.runtime.is_main:
+            self.write_history()
+        self.save()
+        if self.write_best and improved:
+            self.save("best.pt")
+        log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f  (%.1f s, %.0f img/s)", epoch + 1, self.cfg.epochs,
+                 row["train_loss"], row["test_top1"], row["test_top5"], seconds, row["images_per_sec"])
+        return row
+
+    def write_history(self) -> None:
+        lines = [",".join(HISTORY_COLUMNS)]
+        for row in self.state.history:
+            lines.append(",".join(_fmt(row.get(c)) for c in HISTORY_COLUMNS))
+        write_text(self.run_dir / "history.csv", "\n".join(lines) + "\n")
+
+    def write_metrics(self, status: str, **extra) -> dict:
+        st = self.state
+        last = st.history[-1] if st.history else {}
+        metrics = {
+            "status": status,
+            "top1": last.get("test_top1"),
+            "top5": last.get("test_top5"),
+            "loss": last.get("test_loss"),
+            "best_top1": st.best_top1 if st.best_top1 >= 0 else None,
+            "epochs": st.epoch,
+            "steps": st.global_step,
+            "wall_seconds": self._wall(),
+            "train_seconds": st.train_seconds,
+            "images_per_sec": st.images_seen / st.train_seconds if st.train_seconds > 0 else None,
+            "device": self.runtime.describe(),
+            "world_size": self.runtime.world_size,
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
+                                if self.runtime.device.type == "cuda" else None),
+            **self.metrics_extra,
+            **extra,
+        }
+        if self.runtime.is_main:
+            write_json(self.run_dir / "metrics.json", metrics)
+        return metrics
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)

@@ -1,0 +1,39 @@
+"""The official weight-decay grouping and plain torch optimizers built from it."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
+    """Decay conv/linear weights and identity scales; not BN, biases or the other 1-D scales."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim > 1 or name.endswith("scale_identity.weight"):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def plain_optimizer(groups: list[dict], name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = True,
+                    betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """torch's SGD or AdamW over ``groups`` (whose entries carry their own weight decay)."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,59 @@
+"""Assembly steps both stage apps share: runtime, data, learning rate, scheduler, trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .app import seed_everything
+from .config import TrainConfig, to_plain
+from .data import build_data
+from .engine import Runtime, Trainer, build_scheduler, resolve_runtime
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """The paper's linear scaling rule: lr x batch / base_batch."""
+    return cfg.optim.lr * cfg.data.batch_size / cfg.optim.base_batch_size
+
+
+def start(cfg: TrainConfig):
+    """Resolve the runtime and load the data (pre-flight: device and dataset checked here)."""
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
+    runtime = resolve_runtime(cfg)
+    seed_everything(cfg.seed)
+    data = build_data(cfg.data, runtime.device, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
+    log.info("data %s: %d train / %d test images, %d classes; device %s", data.name, data.train.num_samples,
+             data.test.num_samples, data.num_classes, runtime.describe())
+    return runtime, data
+
+
+def place(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Move a model to the device in the memory format the runtime trains in."""
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float,
+                 **kwargs) -> Trainer:
+    """Scheduler + trainer; with ``resume=true`` the run continues from ``run_dir/last.pt``."""
+    steps = len(data.train) if cfg.max_steps_per_epoch is None else min(len(data.train), cfg.max_steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.sched, steps, cfg.epochs, base_lr)
+    kwargs.setdefault("checkpoint_extra", {})
+    kwargs["checkpoint_extra"].setdefault("config", to_plain(cfg))
+    trainer = Trainer(model, optimizer, scheduler, data, cfg, runtime, run_dir, **kwargs)
+    if cfg.resume:
+        if not trainer.restore():
+            log.info("resume=true but %s has no last.pt yet: starting from scratch", run_dir)
+    elif trainer.last_path.exists():
+        raise ConfigError(f"{run_dir} already holds last.pt from an earlier run; pass resume=true to continue it, "
+                          f"or choose a new run directory (nothing was overwritten)")
+    return trainer

@@ -1,0 +1,94 @@
+"""The stage-two app: ``python -m target_train`` (console script ``repopt-target-train``).
+
+Loads the scales (``scales=`` file | stage-one run dir | ``official:B1`` | ``none`` | ``init``),
+re-initializes the plain VGG from them, builds the grad masks and trains with the RepOptimizer
+(``model=repvgg`` trains the structural re-param baseline instead). Writes into the run
+directory: ``.hydra/``, ``metrics.json``, ``history.csv``, ``last.pt``, ``best.pt`` and
+``deploy.pt`` (the folded conv+ReLU model as a torch.export program).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from repopt.app import run_app, seed_everything
+from repopt.arch import get_arch
+from repopt.config import TargetConfig
+from repopt.engine import Trainer
+from repopt.errors import ConfigError
+from repopt.setup import make_trainer, place, scaled_lr, start
+
+from .deploy import export_deployed
+from .model import build_repvgg_model, build_target_model
+from .optim import build_optimizer
+from .reinit import reinitialize
+from .scales_source import ScalesChoice, resolve_scales
+
+log = logging.getLogger("target_train")
+MODELS = ("target", "repvgg")
+
+
+@dataclass
+class TargetRun:
+    """Everything the app assembled, so tests can look inside before (or instead of) training."""
+
+    trainer: Trainer
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scales: ScalesChoice
+
+
+def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
+    """Pre-flight checks, then model + re-init + masks + optimizer + trainer (resumed if asked)."""
+    if cfg.model not in MODELS:
+        raise ConfigError(f"model={cfg.model!r}: choose target or repvgg")
+    arch = get_arch(cfg.arch.name, cfg.arch.strides)
+    choice = resolve_scales(cfg.scales, arch)  # before the data: a bad scales file fails fast
+    if cfg.model == "repvgg" and choice.scales is not None:
+        log.warning("model=repvgg trains with a plain optimizer: scales=%s is not used", cfg.scales)
+        choice = ScalesChoice("none", None)
+    if cfg.grad_clip and choice.scales is not None:
+        log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
+    runtime, data = start(cfg)
+    seed_everything(cfg.seed)
+    build = build_repvgg_model if cfg.model == "repvgg" else build_target_model
+    model = build(arch, data.num_classes)
+    if choice.scales is not None:
+        reinitialize(model, choice.scales, use_identity_scales=cfg.use_identity_scales)
+    model = place(model, runtime)
+    lr = scaled_lr(cfg)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=choice.scales, momentum=o.momentum,
+                                nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused)
+    extra = {"stage": "target_train", "arch": arch.to_dict(), "num_classes": data.num_classes,
+             "class_names": data.class_names, "mode": cfg.model}
+    if choice.scales is not None:
+        extra["scales"] = choice.scales  # tensors: a resumed run rebuilds the same masks
+    metrics_extra = {"stage": "target_train", "arch": arch.name, "dataset": data.name, "model": cfg.model,
+                     "optimizer": type(optimizer).__name__, "scales": choice.describe()}
+    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
+                           write_best=True, metrics_extra=metrics_extra)
+    return TargetRun(trainer, model, optimizer, choice)
+
+
+def train_target(cfg: TargetConfig, run_dir: Path) -> dict:
+    run = build_target_run(cfg, run_dir)
+    metrics = run.trainer.fit()
+    if cfg.deploy and run.trainer.runtime.is_main:
+        deploy = export_deployed(run.model, run_dir / "deploy.pt", cfg.data.image_size)
+        if deploy["deploy_max_rel_diff"] > 1e-4:
+            raise ConfigError(f"deploy.pt does not reproduce the trained model (max rel diff {deploy['deploy_max_rel_diff']:.2e})")
+        metrics = run.trainer.write_metrics("completed", **deploy)
+    log.info("target top-1 %.2f (best %.2f)", metrics["top1"], metrics["best_top1"])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="target_train")
+def main(cfg: DictConfig):
+    return run_app(cfg, TargetConfig, train_target)

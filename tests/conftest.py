@@ -1,0 +1,47 @@
+"""Shared fixtures: run the Hydra apps in-process (fast) with outputs under a temp directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Small, fast settings every app test starts from.
+TINY = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=128",
+        "data.synthetic_test_size=64", "epochs=2", "sched.warmup_epochs=0.5", "progress=off", "device=cpu"]
+
+
+def run_hydra(main, overrides: list[str], expect_exit: int | None = None):
+    """Call a ``@hydra.main`` function in this process with ``overrides`` as its command line."""
+    argv = sys.argv
+    sys.argv = ["app"] + list(overrides)
+    try:
+        if expect_exit is None:
+            return main()
+        with pytest.raises(SystemExit) as info:
+            main()
+        assert info.value.code == expect_exit
+        return None
+    finally:
+        sys.argv = argv
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run with the working directory in a temp folder (Hydra's outputs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
