@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from repopt.errors import ConfigError
+
 from repopt.arch import ArchSpec
 from repopt.blocks import CSLABlock
 from repopt.vgg import RepOptVGG
@@ -13,7 +15,7 @@ from repopt.vgg import RepOptVGG
 def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fused_forward: bool = False) -> RepOptVGG:
     """A CSLA network: ``mode="hs"`` learns every scale, ``"csla"`` only the identity scales."""
     if mode not in ("hs", "csla"):
-        raise ValueError(f"build_hs_model mode must be 'hs' or 'csla', got {mode!r}")
+        raise ConfigError(f"build_hs_model mode must be 'hs' or 'csla', got {mode!r}")
     return RepOptVGG(arch, num_classes, mode=mode, fused_forward=fused_forward)
 
 

@@ -55,15 +55,18 @@ class ArchSpec:
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.num_blocks) != 4 or any(int(n) < 1 for n in self.num_blocks):
+        if len(self.num_blocks) != 4 or any(not float(n).is_integer() or n < 1 for n in self.num_blocks):
             raise ConfigError(f"arch {self.name}: num_blocks must be 4 positive integers, got {self.num_blocks}")
-        if len(self.width_multiplier) != 4 or any(w <= 0 for w in self.width_multiplier):
+        if len(self.width_multiplier) != 4 or any(not math.isfinite(w) or w <= 0 for w in self.width_multiplier):
             raise ConfigError(f"arch {self.name}: width_multiplier must be 4 positive numbers, got {self.width_multiplier}")
         if len(self.strides) != 5 or any(s not in (1, 2) for s in self.strides):
             raise ConfigError(f"arch {self.name}: strides must be 5 values of 1 or 2, got {self.strides}")
         object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
         object.__setattr__(self, "width_multiplier", tuple(float(w) for w in self.width_multiplier))
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        if min(self.stage_widths) < 1:
+            raise ConfigError(f"arch {self.name}: width_multiplier {self.width_multiplier} gives stage widths "
+                              f"{self.stage_widths}; every stage needs at least one channel")
         object.__setattr__(self, "blocks", tuple(self._layout()))
 
     @property
@@ -112,7 +115,10 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ArchSpec:
-        return cls(d["name"], tuple(d["num_blocks"]), tuple(d["width_multiplier"]), tuple(d["strides"]))
+        try:
+            return cls(str(d["name"]), tuple(d["num_blocks"]), tuple(float(w) for w in d["width_multiplier"]), tuple(d["strides"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not an architecture spec ({type(exc).__name__}: {exc}); expected name, num_blocks, width_multiplier, strides") from None
 
 
 _REGISTRY: dict[str, ArchSpec] = {

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import BlockSpec
+from .errors import ConfigError
 
 
 class ScaleLayer(nn.Module):
@@ -47,7 +48,7 @@ class CSLABlock(nn.Module):
     def __init__(self, spec: BlockSpec, mode: str = "hs", fused_forward: bool = False):
         super().__init__()
         if mode not in ("hs", "csla"):
-            raise ValueError(f"CSLABlock mode must be 'hs' or 'csla', got {mode!r}")
+            raise ConfigError(f"CSLABlock mode must be 'hs' or 'csla', got {mode!r}")
         self.stride = spec.stride
         self.fused_forward = fused_forward
         self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 3, spec.stride, 1, bias=False)

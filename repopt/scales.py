@@ -31,6 +31,7 @@ FORMAT_VERSION = "1"
 SCALES_FILENAME = "scales.safetensors"
 OFFICIAL_PREFIX = "official:"
 _SCALE_KEY = re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$")
+_MODEL_KEY = re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$|\.bn\.running_mean$")  # marks a full HS state dict
 
 
 def official_scales_path(name: str) -> Path:
@@ -69,8 +70,8 @@ def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str,
             raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight'")
         tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat()}
-    for key, value in (metadata or {}).items():
-        meta[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
+    meta.update({str(k): v for k, v in (metadata or {}).items()})
+    meta = {k: json.dumps(v, default=str) for k, v in meta.items()}  # every value JSON: types survive
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -131,7 +132,7 @@ def _read_raw(path: Path) -> dict:
 
 def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     """Keep the scale tensors; a full state dict (HS checkpoint) also holds convs and BN, which we drop."""
-    full_state_dict = any(not _SCALE_KEY.search(str(k)) for k in raw) and any(str(k).endswith("conv.weight") for k in raw)
+    full_state_dict = any(_MODEL_KEY.search(str(k)) for k in raw)
     scales = {}
     for key, value in raw.items():
         key = str(key)
