@@ -82,8 +82,8 @@ def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], dict]) -
     """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions."""
     run_dir: Path | None = None
     try:
+        run_dir = prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run")
         typed = to_typed(cfg, schema)
-        run_dir = prepare_run_dir(getattr(typed, "run_dir", None) or hydra_run_dir() or "outputs/run")
         return task(typed, run_dir)
     except KeyboardInterrupt:
         _record_failure(run_dir, "interrupted", "interrupted by the user")

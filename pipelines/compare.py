@@ -1,0 +1,327 @@
+"""Compare the jobs of one or more sweeps: ``python -m pipelines.compare <sweep_dir> [more dirs…]``.
+
+Reads every job directory (``.hydra/overrides.yaml``, ``metrics.json``, the stages' histories and
+scales summaries) into one pandas DataFrame. Works on partial sweeps and on sweeps with failed
+jobs: those become rows with their status, never a crash. Writes into ``--out`` (default: the
+first sweep directory):
+
+* ``comparison.csv`` — one row per job, every override in its own column;
+* ``comparison.md``  — one row per setting (jobs that differ only in seeds are aggregated as
+  mean ± std with the count): the overrides, status, HS top-1, target top-1/top-5, wall time,
+  and the INT8 columns when ``quant.json`` exists;
+* ``comparison.png`` (target accuracy per setting with HS accuracy beside it), ``scales.png``
+  (mean |scale| per stage for each setting) and ``curves.png`` (target test top-1 per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from repopt.io import atomic_path, write_text
+
+log = logging.getLogger("pipelines.compare")
+SEED_KEYS = ("seed", "hs.seed", "target.seed")
+METRIC_COLUMNS = ["hs_top1", "target_top1", "target_top5", "target_loss", "int8_top1", "int8_top1_drop", "wall_seconds"]
+
+
+def find_jobs(root: Path) -> list[Path]:
+    """Job directories below ``root`` (a job has ``.hydra/``); ``root`` itself if it is one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; pass a sweep directory (outputs/.../multirun/<date>/<time>) or a job directory")
+    if (root / ".hydra").is_dir():
+        return [root]
+    jobs = sorted({p.parent for p in root.rglob(".hydra") if p.is_dir()}, key=lambda p: _natural_key(p, root))
+    return [j for j in jobs if j.parent.name not in ("hs", "target")]
+
+
+def _natural_key(path: Path, root: Path):
+    return [int(part) if part.isdigit() else part for part in path.relative_to(root).parts]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    key = key.lstrip("+~")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (list, dict)):
+        parsed = value  # keep lists/dicts as their text so the column stays hashable
+    return key, parsed
+
+
+def read_job(job: Path) -> dict:
+    """One row: the job's overrides and its metrics (a missing/partial job is a row, too)."""
+    row: dict = {"job": str(job)}
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = []
+    if overrides_file.is_file():
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+    row["overrides"] = " ".join(o for o in overrides if not o.startswith("sweep="))
+    for text in overrides:
+        key, value = _parse_override(text)
+        if key != "sweep":
+            row[key] = value
+    metrics = _read_json(job / "metrics.json")
+    if metrics is None:
+        row["status"] = "incomplete"  # killed before it wrote anything: pre-empted or crashed hard
+        return row
+    row["status"] = metrics.get("status", "unknown")
+    row["error"] = metrics.get("error")
+    row["failed_stage"] = metrics.get("failed_stage")
+    if "target" in metrics or "hs" in metrics or metrics.get("variant"):
+        hs, target = metrics.get("hs") or {}, metrics.get("target") or {}
+        wall = metrics.get("wall_seconds") or {}
+        row.update(
+            variant=metrics.get("variant"),
+            hs_top1=hs.get("top1"), hs_top5=hs.get("top5"), target_top1=target.get("top1"), target_top5=target.get("top5"),
+            target_loss=target.get("loss"), hs_seconds=wall.get("hs"), target_seconds=wall.get("target"),
+            wall_seconds=wall.get("total"), hs_scales_sha256=metrics.get("hs_scales_sha256"),
+            scales_sha256=metrics.get("scales_sha256"), target_status=target.get("status"),
+        )
+        for stage in ("hs", "target"):
+            stage_metrics = _read_json(job / stage / "metrics.json") or {}
+            if stage_metrics.get("status") == "diverged":
+                row["status"] = "diverged"
+                row["failed_stage"] = stage
+                row["diverged_step"] = stage_metrics.get("diverged_step")
+        quant = _read_json(job / "target" / "quant.json")
+    else:  # a single-stage run (python -m hypersearch / target_train -m ...)
+        stage = metrics.get("stage")
+        key = "hs" if stage == "hypersearch" else "target"
+        row.update({f"{key}_top1": metrics.get("top1"), f"{key}_top5": metrics.get("top5"), f"{key}_loss": metrics.get("loss"),
+                    "wall_seconds": metrics.get("wall_seconds"), "diverged_step": metrics.get("diverged_step"),
+                    "scales_sha256": metrics.get("scales_sha256") or (metrics.get("scales") or {}).get("sha256")})
+        quant = _read_json(job / "quant.json")
+    if quant:
+        row.update(fp32_top1=quant.get("fp32_top1"), int8_top1=quant.get("int8_top1"), int8_top1_drop=quant.get("top1_drop"))
+    return row
+
+
+def collect(dirs: list[Path]) -> pd.DataFrame:
+    rows = [read_job(job) for d in dirs for job in find_jobs(Path(d))]
+    frame = pd.DataFrame(rows)
+    for column in METRIC_COLUMNS:
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def override_columns(frame: pd.DataFrame) -> list[str]:
+    """The swept keys: override columns whose values differ between jobs (seeds last)."""
+    skip = {"job", "overrides", "status", "error", "failed_stage", "diverged_step", "variant", "target_status",
+            "hs_scales_sha256", "scales_sha256", "fp32_top1", "hs_top5", "hs_seconds", "target_seconds", "hs_loss"}
+    skip |= set(METRIC_COLUMNS)
+    keys = [c for c in frame.columns if c not in skip and frame[c].astype("string").nunique(dropna=False) > 1]
+    if "variant" in frame and frame["variant"].nunique(dropna=True) > 1:
+        keys = ["variant"] + keys
+    return keys
+
+
+def common_overrides(frame: pd.DataFrame) -> list[str]:
+    """Overrides every job shares (shown once above the table instead of in a column)."""
+    if "overrides" not in frame or frame.empty:
+        return []
+    shared = set(str(frame["overrides"].iloc[0]).split())
+    for text in frame["overrides"].astype(str):
+        shared &= set(text.split())
+    return sorted(shared)
+
+
+def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: metrics as mean ± std over jobs that differ only in seed."""
+    keys = [k for k in override_columns(frame) if k not in SEED_KEYS]
+    frame = frame.copy()
+    if not keys:
+        frame["setting"] = "(defaults)"
+        keys = ["setting"]
+    for k in keys:
+        frame[k] = frame[k].astype("string").fillna("")
+    rows = []
+    for values, group in frame.groupby(keys, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(keys, values))
+        ok = group[group["status"] == "completed"]
+        statuses = group["status"].value_counts()
+        row["status"] = ", ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in statuses.items())
+        row["n"] = len(ok)
+        for column in METRIC_COLUMNS:
+            if column in group:
+                values_ok = ok[column].dropna() if column in ok else pd.Series(dtype=float)
+                row[column] = _mean_std(values_ok)
+                row[f"{column}_mean"] = float(values_ok.mean()) if len(values_ok) else math.nan
+        failed = group[group["status"] != "completed"]
+        if len(failed) and "error" in failed:
+            errors = failed["error"].dropna()
+            step = failed["diverged_step"].dropna() if "diverged_step" in failed else []
+            note = f"diverged at step {int(step.iloc[0])}" if len(step) else ""
+            row["note"] = note or (str(errors.iloc[0])[:120] if len(errors) else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mean_std(values: pd.Series) -> str:
+    if len(values) == 0:
+        return "—"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
+
+
+def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = ()) -> str:
+    columns = keys + ["status"] + [c for c in ("hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop", "wall_seconds")
+                                   if c in table and (table[c] != "—").any()]
+    if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
+        columns.append("note")
+    titles = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
+              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s"}
+    lines = ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
+    if common:
+        lines += ["Every job: `" + " ".join(common) + "`", ""]
+    lines += [
+             "| " + " | ".join(titles.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        cells = [str(row.get(c, "")) if not (isinstance(row.get(c), float) and math.isnan(row.get(c))) else "" for c in columns]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds.", ""]
+    return "\n".join(lines)
+
+
+def _label(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys if str(row.get(k, "")) != "") or "(defaults)"
+
+
+def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(r, keys) for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4))
+    xs = range(len(labels))
+    width = 0.4
+    for offset, column, name in ((-width / 2, "target_top1_mean", "target top-1"), (width / 2, "hs_top1_mean", "HS top-1")):
+        if column in table:
+            ax.bar([x + offset for x in xs], table[column].fillna(0.0), width, label=name)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for _, row in frame.iterrows():
+        for candidate in (Path(row["job"]) / "hs" / "scales.csv", Path(row["job"]) / "scales.csv"):
+            if candidate.is_file():
+                summary = pd.read_csv(candidate)
+                per_stage = summary.groupby("stage")["abs_mean"].mean()
+                ax.plot(per_stage.index, per_stage.values, marker="o", label=_label(row, keys))
+                drawn = True
+                break
+    if drawn:
+        ax.set_xlabel("stage")
+        ax.set_ylabel("mean |scale|")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def plot_curves(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for _, row in frame.iterrows():
+        for candidate in (Path(row["job"]) / "target" / "history.csv", Path(row["job"]) / "history.csv"):
+            if candidate.is_file():
+                history = pd.read_csv(candidate)
+                ax.plot(history["epoch"], history["test_top1"], label=_label(row, keys))
+                drawn = True
+                break
+    if drawn:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def compare(dirs: list[Path], out: Path | None = None, plots: bool = True) -> pd.DataFrame:
+    """Build the per-job frame, write the comparison files, return the per-setting table."""
+    dirs = [Path(d) for d in dirs]
+    frame = collect(dirs)
+    if frame.empty:
+        raise FileNotFoundError(f"no job directories (with .hydra/) under {', '.join(map(str, dirs))}")
+    out = Path(out) if out else dirs[0]
+    keys = [k for k in override_columns(frame) if k not in SEED_KEYS]
+    table = aggregate(frame)
+    write_text(out / "comparison.csv", frame.to_csv(index=False))
+    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame)))
+    if plots:
+        plot_comparison(table, keys or ["setting"], out / "comparison.png")
+        plot_scales(frame, keys, out / "scales.png")
+        plot_curves(frame, keys, out / "curves.png")
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or single job directories)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the comparison files (default: the first dir)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+    try:
+        table = compare(args.dirs, args.out, plots=not args.no_plots)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = args.out or args.dirs[0]
+    print((out / "comparison.md").read_text())
+    print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and plots ({len(table)} settings)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

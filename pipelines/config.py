@@ -1,0 +1,31 @@
+"""Typed configuration of the search-then-train pipeline (``conf/search_and_train.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from repopt.config import HSConfig, TargetConfig, register_schema
+
+# What stage two trains in a pipeline job. ``searched`` is the method; the others are the
+# baselines of the paper's comparison and need no stage one.
+VARIANTS = {
+    "searched": "RepOpt-VGG with the scales stage one just searched",
+    "plain": "the same plain VGG trained with plain SGD (no re-parameterization)",
+    "init": "RepOpt-VGG with the un-searched HS init constants",
+    "repvgg": "RepVGG: structural re-parameterization (multi-branch training)",
+    "custom": "RepOpt-VGG with target.scales as given (a file, a run dir or official:X)",
+}
+
+
+@dataclass
+class PipelineConfig:
+    hs: HSConfig = field(default_factory=HSConfig)
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
+    variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)
+    resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
+    export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
+    run_dir: Optional[str] = None
+
+
+register_schema("search_and_train_schema", PipelineConfig)

@@ -1,0 +1,83 @@
+"""A cache of decoded image tensors, keyed by the files it came from and written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def cache_dirs(cfg: DataConfig, root: Path) -> list[Path]:
+    """Where to look for (and write) the cache, in order: data.cache_dir or <root>/.repopt-cache, then ~/.cache/repopt."""
+    home = Path(os.path.expanduser("~/.cache/repopt"))
+    first = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else root / ".repopt-cache"
+    return [first] if first == home else [first, home]
+
+
+def cache_name(root: Path, split: str, size: int, files: Sequence[str], labels: Sequence[int]) -> str:
+    """A file name that changes whenever the root, split, size or any file (name, size, mtime) changes."""
+    h = hashlib.sha256()
+    prefix = str(root.absolute())
+    h.update(f"{FORMAT}\0{prefix}\0{split}\0{size}\0{len(files)}\0".encode())
+    total = 0
+    for path, label in zip(files, labels):
+        st = os.stat(path)
+        total += st.st_size
+        rel = path[len(prefix) :] if path.startswith(prefix) else path
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(str(total).encode())
+    return f"{split}-{size}px-{len(files)}-{h.hexdigest()[:24]}.pt"
+
+
+def load(name: str, dirs: Sequence[Path]) -> Optional[dict]:
+    """The cached payload named ``name`` from the first folder that has a readable copy, else None."""
+    for d in dirs:
+        path = d / name
+        if not path.is_file():
+            continue
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            log.warning("ignoring unreadable cache %s (%s); decoding again", path, exc)
+            continue
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            payload["path"] = str(path)
+            return payload
+    return None
+
+
+def save(name: str, payload: dict, dirs: Sequence[Path]) -> Optional[Path]:
+    """Write ``payload`` to the first writable folder (temp file + rename); None if none is writable."""
+    payload = dict(payload, format=FORMAT)
+    for d in dirs:
+        tmp = None
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / name)
+            tmp = None
+            log.info("cached decoded images in %s", d / name)
+            return d / name
+        except OSError as exc:
+            log.info("cannot write the image cache in %s (%s); trying the next place", d, exc)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    log.warning("could not write the decoded-image cache anywhere (%s)", ", ".join(map(str, dirs)))
+    return None

@@ -1,0 +1,49 @@
+"""Seeds derived from (run seed, epoch, batch index), so any batch can be regenerated on resume."""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+# Streams keep the permutation and the augmentation draws independent of each other.
+PERMUTATION_STREAM = 1
+AUGMENT_STREAM = 2
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (order matters; no collisions between nearby tuples)."""
+    h = 0x2545F4914F6CDD1D
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (CPU so results are identical on every device)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(mix_seed(*parts))
+    return g
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator(seed, epoch, PERMUTATION_STREAM))
+
+
+def shard_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous slice ``[lo, hi)`` of a global batch of ``global_size`` samples."""
+    return rank * global_size // world_size, (rank + 1) * global_size // world_size
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)

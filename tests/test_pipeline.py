@@ -1,0 +1,71 @@
+"""The search-then-train pipeline: a two-setting multirun, the comparison table, a failed job."""
+
+import math
+
+import pandas as pd
+
+from pipelines.compare import compare
+from pipelines.compare import main as compare_main
+from pipelines.search_and_train import main as pipeline_main
+from repopt.io import sha256_file
+from tests.conftest import read_json, run_hydra
+
+STAGE = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=96",
+         "data.synthetic_test_size=64", "epochs=1", "sched.warmup_epochs=0.5", "progress=off", "device=cpu", "compile=false"]
+
+
+def _pipeline_overrides():
+    out = []
+    for o in STAGE:
+        key, value = o.split("=", 1)
+        if key in ("arch", "data"):
+            out += [f"{key}@hs.{key}={value}", f"{key}@target.{key}={value}"]
+        else:
+            out += [f"hs.{key}={value}", f"target.{key}={value}"]
+    return out + ["target.deploy=false"]
+
+
+def test_two_setting_multirun_then_compare(in_tmp):
+    sweep = in_tmp / "sweep"
+    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["hs.optim.lr=0.05,0.2", f"hydra.sweep.dir={sweep}"])
+    for job in ("0", "1"):
+        for f in ("metrics.json", "hs/scales.safetensors", "hs/metrics.json", "target/metrics.json", "target/last.pt"):
+            assert (sweep / job / f).is_file(), (job, f)
+        joined = read_json(sweep / job / "metrics.json")
+        assert joined["status"] == "completed"
+        assert joined["scales_sha256"] == joined["hs_scales_sha256"] == sha256_file(sweep / job / "hs/scales.safetensors")
+        assert set(joined["wall_seconds"]) >= {"hs", "target", "total"}
+
+    assert compare_main([str(sweep)]) == 0
+    frame = pd.read_csv(sweep / "comparison.csv")
+    assert len(frame) == 2
+    assert sorted(frame["hs.optim.lr"]) == [0.05, 0.2]
+    for column in ("hs_top1", "target_top1", "target_top5"):
+        assert frame[column].map(math.isfinite).all()
+    assert (frame["scales_sha256"] == frame["hs_scales_sha256"]).all()
+    assert frame["scales_sha256"].nunique() == 2
+    md = (sweep / "comparison.md").read_text()
+    assert md.count("| 0.05 |") == 1 and md.count("| 0.2 |") == 1
+    for name in ("comparison.png", "scales.png", "curves.png"):
+        assert (sweep / name).stat().st_size > 1000
+
+
+def test_failed_job_is_a_row_not_a_crash(in_tmp):
+    sweep = in_tmp / "sweep"
+    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["hs.mode=bogus,hs", f"hydra.sweep.dir={sweep}"])
+    failed = read_json(sweep / "0" / "metrics.json")
+    assert failed["status"] == "failed" and "bogus" in failed["error"]
+    assert read_json(sweep / "1" / "metrics.json")["status"] == "completed"
+    table = compare([sweep], plots=False)
+    frame = pd.read_csv(sweep / "comparison.csv")
+    assert list(frame["status"]) == ["failed", "completed"]
+    assert set(table["hs.mode"]) == {"bogus", "hs"}
+    assert "failed" in (sweep / "comparison.md").read_text()
+
+
+def test_seeds_aggregate_as_mean_std(in_tmp):
+    sweep = in_tmp / "sweep"
+    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["variant=plain", "target.seed=0,1", f"hydra.sweep.dir={sweep}"])
+    table = compare([sweep], plots=False)
+    assert len(table) == 1 and table.iloc[0]["n"] == 2
+    assert "± " in table.iloc[0]["target_top1"] and "(n=2)" in table.iloc[0]["target_top1"]
