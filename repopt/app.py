@@ -107,3 +107,6 @@ def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], dict]) -
             log.error("job failed:\n%s", traceback.format_exc())
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         raise
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -12,6 +12,7 @@ from .app import seed_everything
 from .config import TrainConfig, to_plain
 from .data import build_data
 from .engine import Runtime, Trainer, build_scheduler, resolve_runtime
+from .engine.sync_bn import sync_batch_norm
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,10 @@ def start(cfg: TrainConfig):
 
 
 def place(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Move a model to the device in the memory format the runtime trains in."""
+    """Move a model to the device in the memory format the runtime trains in; under DDP, make
+    BN normalize over the global batch. Call before building the optimizer (BN is replaced)."""
+    if runtime.distributed:
+        model = sync_batch_norm(model, runtime.device)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)

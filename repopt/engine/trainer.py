@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -111,6 +112,10 @@ def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> d
         top1 += hits[:, 0].sum()
         top5 += hits.any(dim=1).sum()
         count += y.numel()
+    if runtime.distributed:  # each rank evaluated its shard of the test set
+        totals = torch.stack([loss_sum, top1, top5, torch.tensor(float(count), device=runtime.device, dtype=torch.float64)])
+        dist.all_reduce(totals)
+        loss_sum, top1, top5, count = totals[0], totals[1], totals[2], int(totals[3])
     count = max(count, 1)
     return {"test_loss": float(loss_sum) / count, "test_top1": 100.0 * float(top1) / count, "test_top5": 100.0 * float(top5) / count}
 
@@ -122,12 +127,17 @@ class Trainer:
         self.model = model  # the raw module (what checkpoints hold)
         self.optimizer, self.scheduler, self.data, self.cfg, self.runtime = optimizer, scheduler, data, cfg, runtime
         self.run_dir = Path(run_dir)
+        if runtime.distributed:  # one run directory for all ranks: rank 0's (Hydra's timestamps may differ)
+            shared = [str(self.run_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_dir = Path(shared[0])
         self.checkpoint_extra = checkpoint_extra or {}
         self.write_best = write_best
         self.on_epoch_end = on_epoch_end
         self.metrics_extra = metrics_extra or {}
         self.state = RunState()
         self._segment_start = time.perf_counter()
+        self._epoch_seconds, self._epoch_images = 0.0, 0  # this process's share of the running epoch
         self.scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
         self.train_model = self._wrap(model)
         self.steps_per_epoch = len(data.train) if cfg.max_steps_per_epoch is None else min(len(data.train), cfg.max_steps_per_epoch)
@@ -257,6 +267,11 @@ class Trainer:
                 if len(pending) >= check_every or st.step_in_epoch == self.steps_per_epoch or stop.received:
                     self._check_finite(pending, pending_first)
                     pending, pending_first = [], st.global_step
+                    if rt.distributed:  # every rank stops at the same step, or the collectives hang
+                        flag = torch.tensor([0.0 if stop.received is None else float(stop.received)], device=rt.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        if flag.item() and stop.received is None:
+                            stop.received = int(flag.item())
                 bar.update(1)
                 if stop.received is not None:
                     break
@@ -265,17 +280,21 @@ class Trainer:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             elapsed = time.perf_counter() - t0
+            if rt.distributed:  # train loss/accuracy over the global batch
+                totals = torch.stack([loss_sum, correct])
+                dist.all_reduce(totals)
+                loss_sum, correct = totals[0], totals[1]
+                count *= rt.world_size
             st.train_seconds += elapsed
-            st.images_seen += count * rt.world_size
+            st.images_seen += count
             st.epoch_loss_sum += float(loss_sum)
             st.epoch_correct += float(correct)
             st.epoch_count += count
-            self._epoch_seconds = getattr(self, "_epoch_seconds", 0.0) + elapsed
-            self._epoch_images = getattr(self, "_epoch_images", 0) + count * rt.world_size
+            self._epoch_seconds += elapsed
+            self._epoch_images += count
 
     def fit(self) -> dict:
         """Train to ``cfg.epochs``; returns the final metrics (also written to ``metrics.json``)."""
-        cfg, st = self.cfg, self.state
         with StopSignal() as self._stop:
             try:
                 self._loop()
@@ -306,8 +325,7 @@ class Trainer:
         st = self.state
         metrics = evaluate(_unwrap(self.train_model) if self.runtime.distributed else self.train_model, self.data.test,
                            self.runtime, self.data.num_classes)
-        seconds = getattr(self, "_epoch_seconds", 0.0)
-        images = getattr(self, "_epoch_images", 0)
+        seconds, images = self._epoch_seconds, self._epoch_images
         row = {
             "epoch": epoch + 1,
             "step": st.global_step,
