@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,18 @@ def in_tmp(tmp_path, monkeypatch):
     """Run with the working directory in a temp folder (Hydra's outputs/ lands there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg(tmp_path_factory):
+    """The shared real CIFAR-10 (JPEG, ImageFolder layout) extracted once per session; skip if absent."""
+    if not CIFAR10_JPEG.is_file():
+        pytest.skip(f"{CIFAR10_JPEG} is not present")
+    dest = tmp_path_factory.mktemp("cifar10-jpeg")
+    if shutil.which("tar"):  # much faster than tarfile for 60,000 small files
+        subprocess.run(["tar", "-xzf", str(CIFAR10_JPEG), "-C", str(dest)], check=True)
+    else:
+        with tarfile.open(CIFAR10_JPEG) as tar:
+            tar.extractall(dest, filter="data")
+    yield dest
+    shutil.rmtree(dest, ignore_errors=True)  # 60,000 files: do not leave them to pytest's tmp rotation

@@ -4,9 +4,6 @@ batches, device-side augmentation, sharding, the image-folder cache and the Data
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tarfile
 import time
 from pathlib import Path
 from urllib.error import URLError
@@ -409,24 +406,12 @@ def test_train_transform_size_resizes_training_batches():
 # ------------------------------------------------------------------------- the real CIFAR-10 (JPEG)
 
 
-@pytest.mark.skipif(not SHARED_CIFAR10_JPEG.is_file(), reason=f"{SHARED_CIFAR10_JPEG} is not present")
-def test_shared_cifar10_jpeg_through_imagefolder(tmp_path):
-    dest = tmp_path / "c10"
-    dest.mkdir()
-    try:
-        if shutil.which("tar"):  # much faster than tarfile for 60,000 small files
-            subprocess.run(["tar", "-xzf", str(SHARED_CIFAR10_JPEG), "-C", str(dest)], check=True)
-        else:
-            with tarfile.open(SHARED_CIFAR10_JPEG) as tar:
-                tar.extractall(dest, filter="data")
-        cfg = _cfg(name="imagefolder", root=str(dest), image_size=32, batch_size=500, eval_batch_size=1000,
-                   cache_dir=str(tmp_path / "cache"))
-        bundle = build_data(cfg, CPU)
-        assert bundle.train.num_samples == 50_000 and bundle.test.num_samples == 10_000
-        assert bundle.num_classes == 10 and len(bundle.class_names) == 10
-        np.testing.assert_allclose(bundle.mean, (0.4913, 0.4821, 0.4465), atol=1e-3)
-        x, y = next(iter(bundle.test.epoch(0)))
-        assert x.shape == (1000, 3, 32, 32) and torch.isfinite(x).all()
-        assert torch.equal(y, torch.zeros(1000, dtype=torch.int64))  # the first test class, in file order
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)  # 60,000 files: do not leave them to pytest's tmp rotation
+def test_shared_cifar10_jpeg_through_imagefolder(cifar10_jpeg):
+    cfg = _cfg(name="imagefolder", root=str(cifar10_jpeg), image_size=32, batch_size=500, eval_batch_size=1000)
+    bundle = build_data(cfg, CPU)
+    assert bundle.train.num_samples == 50_000 and bundle.test.num_samples == 10_000
+    assert bundle.num_classes == 10 and len(bundle.class_names) == 10
+    np.testing.assert_allclose(bundle.mean, (0.4913, 0.4821, 0.4465), atol=1e-3)
+    x, y = next(iter(bundle.test.epoch(0)))
+    assert x.shape == (1000, 3, 32, 32) and torch.isfinite(x).all()
+    assert torch.equal(y, torch.zeros(1000, dtype=torch.int64))  # the first test class, in file order
