@@ -79,8 +79,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    compile: bool = False  # torch.compile the model
-    compile_mode: Optional[str] = None  # e.g. max-autotune-no-cudagraphs; null = default
+    compile: str = "false"  # torch.compile the training model: true | false | auto (on CUDA only)
+    compile_mode: Optional[str] = None  # torch.compile mode; null = default, reduce-overhead = CUDA graphs
     channels_last: str = "auto"  # auto (on CUDA) | true | false
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default

@@ -2,6 +2,8 @@
 
 import signal
 
+import pytest
+
 import pandas as pd
 import torch
 
@@ -102,3 +104,13 @@ def test_existing_checkpoint_without_resume_is_refused(in_tmp):
     run_hydra(hs_main, TINY + ["epochs=1", f"hydra.run.dir={run_dir}"], expect_exit=1)
     assert (run_dir / "last.pt").read_bytes() == before
     assert read_json(run_dir / "metrics.json")["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_closely(in_tmp):
+    """compile=true runs the same training through torch.compile (slow on a CPU: ~1-2 min of compiling)."""
+    run_hydra(hs_main, TINY + ["epochs=1", f"hydra.run.dir={in_tmp / 'eager'}"])
+    run_hydra(hs_main, TINY + ["epochs=1", "compile=true", f"hydra.run.dir={in_tmp / 'compiled'}"])
+    eager, compiled = read_json(in_tmp / "eager" / "metrics.json"), read_json(in_tmp / "compiled" / "metrics.json")
+    assert compiled["status"] == "completed"
+    assert abs(eager["loss"] - compiled["loss"]) <= 1e-3 * abs(eager["loss"])

@@ -26,6 +26,7 @@ class Runtime:
     channels_last: bool
     rank: int = 0
     world_size: int = 1
+    compile: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -87,6 +88,10 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.channels_last not in ("auto", "true", "false", True, False):
         raise ConfigError(f"channels_last={cfg.channels_last!r} is not one of auto, true, false")
     channels_last = device.type == "cuda" if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
+    compile_flag = str(cfg.compile).lower()
+    if compile_flag not in ("auto", "true", "false"):
+        raise ConfigError(f"compile={cfg.compile!r} is not one of auto, true, false")
+    compile_model = device.type == "cuda" if compile_flag == "auto" else compile_flag == "true"
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return Runtime(device, amp_dtype, channels_last, rank, world_size)
+    return Runtime(device, amp_dtype, channels_last, rank, world_size, compile_model)

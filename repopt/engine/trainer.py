@@ -86,11 +86,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> dict[str, float]:
     """Top-1, top-5 and mean loss over a whole evaluation set."""
@@ -150,7 +145,7 @@ class Trainer:
 
             ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             wrapped = DDP(wrapped, device_ids=ids)
-        if self.cfg.compile:
+        if self.runtime.compile:  # static shapes (drop_last) keep it to one graph; eval runs the eager model
             wrapped = torch.compile(wrapped, mode=self.cfg.compile_mode)
         return wrapped
 
@@ -323,8 +318,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> dict:
         st = self.state
-        metrics = evaluate(_unwrap(self.train_model) if self.runtime.distributed else self.train_model, self.data.test,
-                           self.runtime, self.data.num_classes)
+        metrics = evaluate(self.model, self.data.test, self.runtime, self.data.num_classes)
         seconds, images = self._epoch_seconds, self._epoch_images
         row = {
             "epoch": epoch + 1,
