@@ -2,9 +2,8 @@
 
 import signal
 
-import pytest
-
 import pandas as pd
+import pytest
 import torch
 
 from hypersearch.app import main as hs_main
