@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from repopt.config import HSConfig, TargetConfig, register_schema
+from target_train.export import ExportConfig
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
 # baselines of the paper's comparison and need no stage one.
@@ -25,6 +26,7 @@ class PipelineConfig:
     variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
+    quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
     run_dir: Optional[str] = None
 
 

@@ -23,30 +23,30 @@ from repopt.app import run_app
 from repopt.errors import ConfigError, RepOptError
 from repopt.io import write_json
 from target_train.app import train_target
+from target_train.export import export_run
 
 from .config import VARIANTS, PipelineConfig
 
 log = logging.getLogger("pipelines.search_and_train")
 
 
-def _finished(stage_dir: Path) -> dict | None:
-    path = stage_dir / "metrics.json"
+def _finished(path: Path) -> dict | None:
     if path.is_file():
         metrics = json.loads(path.read_text())
-        if metrics.get("status") == "completed":
+        if path.name != "metrics.json" or metrics.get("status") == "completed":
             return metrics
     return None
 
 
-def _run_stage(name: str, fn, cfg, stage_dir: Path, summary: dict, job_dir: Path) -> dict:
-    done = _finished(stage_dir)
+def _run_stage(name: str, fn, cfg, stage_dir: Path, summary: dict, job_dir: Path, done_file: str = "metrics.json") -> dict:
+    done = _finished(stage_dir / done_file)
     if done is not None:
         log.info("%s already completed in %s: skipped", name, stage_dir)
         return done
     t0 = time.perf_counter()
     try:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        metrics = fn(cfg, stage_dir)
+        metrics = fn(cfg) if name == "export" else fn(cfg, stage_dir)
     except RepOptError as exc:
         status = "diverged" if type(exc).__name__ == "DivergenceError" else ("interrupted" if type(exc).__name__ == "Interrupted" else "failed")
         summary.update(status=status, failed_stage=name, error=str(exc))
@@ -86,11 +86,8 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path) -> dict:
     target_metrics = _run_stage("target", train_target, target_cfg, job_dir / "target", summary, job_dir)
     summary["target"] = target_metrics
     if cfg.export:
-        from target_train.export import export_run
-
-        t0 = time.perf_counter()
-        summary["quant"] = export_run(job_dir / "target")
-        summary["wall_seconds"]["export"] = time.perf_counter() - t0
+        summary["quant"] = _run_stage("export", export_run, replace(cfg.quant, run=str(job_dir / "target")), job_dir / "target",
+                                      summary, job_dir, done_file="quant.json")
     summary.update(
         status="completed",
         hs_top1=hs_metrics["top1"] if hs_metrics else None,

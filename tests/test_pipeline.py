@@ -69,3 +69,17 @@ def test_seeds_aggregate_as_mean_std(in_tmp):
     table = compare([sweep], plots=False)
     assert len(table) == 1 and table.iloc[0]["n"] == 2
     assert "± " in table.iloc[0]["target_top1"] and "(n=2)" in table.iloc[0]["target_top1"]
+
+
+def test_export_step_adds_int8_columns(in_tmp):
+    """export=true runs ONNX export + INT8 PTQ as a third step; compare shows the INT8 columns."""
+    sweep = in_tmp / "sweep"
+    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["variant=plain,repvgg", "export=true",
+                                                               "quant.calibration_images=32", "quant.latency_runs=2",
+                                                               f"hydra.sweep.dir={sweep}"])
+    for job in ("0", "1"):
+        joined = read_json(sweep / job / "metrics.json")
+        assert joined["status"] == "completed" and 0 <= joined["quant"]["int8_top1"] <= 100
+        assert (sweep / job / "target" / "model.int8.onnx").is_file()
+    table = compare([sweep], plots=False)
+    assert "int8_top1" in table and "INT8 top-1" in (sweep / "comparison.md").read_text()
