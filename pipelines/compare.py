@@ -228,7 +228,9 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
+def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple[str, ...], draw, xlabel: str,
+                  ylabel: str) -> bool:
+    """One line per job from the first of ``files`` (relative to the job dir) that exists."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,46 +239,34 @@ def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for _, row in frame.iterrows():
-        for candidate in (Path(row["job"]) / "hs" / "scales.csv", Path(row["job"]) / "scales.csv"):
-            if candidate.is_file():
-                summary = pd.read_csv(candidate)
-                per_stage = summary.groupby("stage")["abs_mean"].mean()
-                ax.plot(per_stage.index, per_stage.values, marker="o", label=_label(row, keys))
-                drawn = True
-                break
+        found = next((Path(row["job"]) / f for f in files if (Path(row["job"]) / f).is_file()), None)
+        if found is not None:
+            xs, ys = draw(pd.read_csv(found))
+            ax.plot(xs, ys, marker="o", ms=3, label=_label(row, keys))
+            drawn = True
     if drawn:
-        ax.set_xlabel("stage")
-        ax.set_ylabel("mean |scale|")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         fig.tight_layout()
         _save(fig, path)
     plt.close(fig)
     return drawn
+
+
+def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
+    """Mean |scale| per stage for each setting (from the stage-one scales.csv)."""
+    def per_stage(summary):
+        means = summary.groupby("stage")["abs_mean"].mean()
+        return means.index, means.values
+
+    return _plot_per_job(frame, keys, path, ("hs/scales.csv", "scales.csv"), per_stage, "stage", "mean |scale|")
 
 
 def plot_curves(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for _, row in frame.iterrows():
-        for candidate in (Path(row["job"]) / "target" / "history.csv", Path(row["job"]) / "history.csv"):
-            if candidate.is_file():
-                history = pd.read_csv(candidate)
-                ax.plot(history["epoch"], history["test_top1"], label=_label(row, keys))
-                drawn = True
-                break
-    if drawn:
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test top-1 (%)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, path)
-    plt.close(fig)
-    return drawn
+    """Target test top-1 per epoch for each job."""
+    return _plot_per_job(frame, keys, path, ("target/history.csv", "history.csv"),
+                         lambda h: (h["epoch"], h["test_top1"]), "epoch", "test top-1 (%)")
 
 
 def _save(fig, path: Path) -> None:

@@ -43,6 +43,15 @@ def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread: tiny convs are dominated by thread start-up, and results are bitwise reproducible."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run with the working directory in a temp folder (Hydra's outputs/ lands there)."""

@@ -17,13 +17,7 @@ OFFICIAL_DIR = Path(repopt.__file__).parent / "official_scales"
 OFFICIAL = ("B1", "B2", "L1", "L2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny convs are dominated by thread start-up; one thread is faster and bitwise reproducible
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _official(name: str) -> dict[str, torch.Tensor]:

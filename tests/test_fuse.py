@@ -17,12 +17,7 @@ STRIDES = (None, (1, 1, 2, 2, 2))
 ALLOWED_LEAVES = (nn.Conv2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Linear)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_trained_like(mode, strides, dtype, seed=0, arch_name="tiny", fused_forward=False):

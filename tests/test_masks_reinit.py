@@ -17,12 +17,7 @@ from target_train import build_target_model, grad_masks, masks_by_param, reiniti
 ARCHS = [("tiny", None), ("tiny", (1, 1, 2, 2, 2)), ("small", (1, 1, 1, 2, 2))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def signed_scales(arch, seed) -> dict[str, torch.Tensor]:

@@ -18,12 +18,7 @@ from target_train import (RepOptAdamW, RepOptSGD, build_optimizer, build_repopt,
 ARCH = get_arch("tiny", strides=(1, 1, 2, 2, 2))  # identity blocks, stride-2 blocks, stage0 without identity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def signed_scales(arch=ARCH, seed=0):

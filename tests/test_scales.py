@@ -23,12 +23,7 @@ SHARED_DIR = Path("/work/shared/official-scales")
 OFFICIAL = ("B1", "B2", "L1", "L2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_scales(arch, seed=0) -> dict[str, torch.Tensor]:
