@@ -17,11 +17,29 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     torch_save(state, path)
 
 
+def _verify_zip(path: Path) -> None:
+    """torch does not check the zip CRCs on read: a flipped bit in a weight would load silently."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy (pre-1.6) format: torch's reader validates its own structure
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint archive ({exc}); delete it to start over") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint ({bad} fails its CRC check); delete it to start over")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; every failure is a CheckpointError naming the file."""
+    """Load a checkpoint with ``weights_only=True``; every failure is a CheckpointError naming the file.
+
+    The archive's CRCs are verified first, and the model's floating tensors must be finite (a
+    checkpoint is only ever written from a healthy run).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; start without resume=true or point at the run directory that holds last.pt")
+    _verify_zip(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -29,8 +47,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"{path}: refused to load: it needs more than tensors and plain containers to unpickle, and "
             f"loading it could run code ({str(exc).splitlines()[0]})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError, TypeError, IndexError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # torch's readers raise many types on damaged input (struct.error, AssertionError, ...)
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({type(exc).__name__}: {str(exc)[:200]}); delete it to start over") from None
-    if not isinstance(state, dict) or "model" not in state or "run" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(state.get("run"), dict):
         raise CheckpointError(f"{path}: not a checkpoint written by this project (no 'model'/'run' entries)")
+    for key, value in state["model"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: {key} holds non-finite values; the file is damaged — delete it to start over")
     return state

@@ -41,6 +41,27 @@ HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss
                    "epoch_seconds", "images_per_sec"]
 
 
+# Settings that shape the training trajectory: a resumed run must use the ones that started it.
+RESUME_KEYS = ("epochs", "seed", "label_smoothing", "grad_clip", "mode", "scale_init", "model", "scales", "use_identity_scales",
+               "arch", "optim", "sched", "data.name", "data.batch_size", "data.image_size", "data.train_subset",
+               "data.crop_padding", "data.hflip", "max_steps_per_epoch")
+
+
+def _changed_settings(saved: dict | None, current: dict | None) -> list[str]:
+    """``key: saved -> current`` for every RESUME_KEYS entry that differs (both configs as plain dicts)."""
+    if not saved or not current:
+        return []
+
+    def get(cfg, dotted):
+        for part in dotted.split("."):
+            if not isinstance(cfg, dict) or part not in cfg:
+                return None
+            cfg = cfg[part]
+        return cfg
+
+    return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in RESUME_KEYS if get(saved, k) != get(current, k)]
+
+
 class Interrupted(RepOptError):
     """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
 
@@ -186,17 +207,23 @@ class Trainer:
                     f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
                     f"resume with the configuration that wrote it, or start a new run directory"
                 )
+        changed = _changed_settings(state.get("config"), self.checkpoint_extra.get("config"))
+        if changed:
+            raise CheckpointError(
+                f"{path}: this run was started with other training settings ({'; '.join(changed)}); resume with the "
+                f"settings that wrote it, or start a new run directory to train with new ones")
         try:
+            run_state = RunState(**state["run"])
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if "rng" in state:
+                torch.set_rng_state(state["rng"].cpu())
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: does not fit this model/optimizer ({str(exc)[:300]}); start a new run directory") from None
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if "rng" in state:
-            torch.set_rng_state(state["rng"].cpu())
-        self.state = RunState(**state["run"])
+        self.state = run_state
         self._segment_start = time.perf_counter()
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step_in_epoch)
         return True
@@ -213,9 +240,9 @@ class Trainer:
         bad = (~torch.isfinite(values)).nonzero()
         if bad.numel():
             step = first_step + int(bad[0, 0])
-            raise DivergenceError(
-                f"non-finite loss at step {step}: training diverged. The last good checkpoint ({self.last_path.name}) is kept; "
-                f"lower optim.lr or check the data", step)
+            kept = (f"the last good checkpoint ({self.last_path.name}) is kept" if self.last_path.exists()
+                    else "no checkpoint was written yet")
+            raise DivergenceError(f"non-finite loss at step {step}: training diverged; {kept}. Lower optim.lr or check the data", step)
 
     def _train_epoch(self, epoch: int) -> None:
         model, opt, rt, st = self.train_model, self.optimizer, self.runtime, self.state
