@@ -28,12 +28,23 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     return groups
 
 
+def default_fused(groups: list[dict], foreach: bool | None, fused: bool | None) -> bool | None:
+    """SGD's fused kernel (one pass over p, grad and buffer) unless the caller chose: torch's own
+    default is the slower foreach path. Fused needs floating parameters on CPU or CUDA."""
+    if fused is not None or foreach is not None:
+        return fused
+    params = [p for g in groups for p in g["params"]]
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok and params else None
+
+
 def plain_optimizer(groups: list[dict], name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = True,
                     betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
                     fused: bool | None = None) -> torch.optim.Optimizer:
     """torch's SGD or AdamW over ``groups`` (whose entries carry their own weight decay)."""
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach, fused=fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
+                               fused=default_fused(groups, foreach, fused))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from repopt.errors import ConfigError
-from repopt.optim import OPTIMIZERS, param_groups, plain_optimizer
+from repopt.optim import OPTIMIZERS, default_fused, param_groups, plain_optimizer
 from repopt.vgg import RepOptVGG
 
 from .masks import grad_masks as make_grad_masks
@@ -128,12 +128,10 @@ class RepOptAdamW(torch.optim.AdamW):
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, [math.sqrt(1.0 - beta2 ** t) for t in step_values])
         torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(exp_avgs, denom)
-        masked = [(u, self.grad_masks[p]) for u, p in zip(update, params) if p in self.grad_masks]
-        if masked:
-            torch._foreach_mul_([u for u, _ in masked], [m for _, m in masked])
-        torch._foreach_mul_(update, [-lr / (1.0 - beta1 ** t) for t in step_values])
-        torch._foreach_add_(params, update)
+        masked = [(d, self.grad_masks[p]) for d, p in zip(denom, params) if p in self.grad_masks]
+        if masked:  # m / (denom / M) == M * m / denom: the mask enters without another full-size buffer
+            torch._foreach_div_([d for d, _ in masked], [m for _, m in masked])
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1 ** t) for t in step_values])
 
 
 
@@ -156,7 +154,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
     masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
     if name == "sgd":
-        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach, fused=fused)
+        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
+                         fused=default_fused(groups, foreach, fused))
     return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 

@@ -66,9 +66,20 @@ class TensorBatches:
             raise DataError(f"start batch {start} is outside this epoch's 0..{total} batches")
         return self._iterate(epoch, start, total)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One asynchronous host-to-device copy (a pageable copy would stall the GPU queue every batch)."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _iterate(self, epoch: int, start: int, total: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle).to(self.device)
+        perm = self._to_device(epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle))
         augment = self.augment and (self.padding > 0 or self.hflip)
+        if augment and start < total:  # the epoch's crop/flip draws, each batch from its own generator, copied once
+            all_params = self._to_device(torch.cat([
+                crop_params(min(self.batch_size, self.num_samples - b * self.batch_size), self.padding, self.hflip,
+                            generator(self.seed, epoch, AUGMENT_STREAM, b))
+                for b in range(start, total)], dim=1))
         for b in range(start, total):
             lo = b * self.batch_size
             size = min(self.batch_size, self.num_samples - lo)
@@ -76,6 +87,6 @@ class TensorBatches:
             idx = perm[lo + r0 : lo + r1]
             x = self.images.index_select(0, idx)
             if augment:
-                params = crop_params(size, self.padding, self.hflip, generator(self.seed, epoch, AUGMENT_STREAM, b))
-                x = crop_flip(x, params[:, r0:r1], self.padding)
+                offset = (b - start) * self.batch_size
+                x = crop_flip(x, all_params[:, offset + r0 : offset + r1], self.padding)
             yield to_float(x, self.scale, self.bias, self.out_size), self.labels.index_select(0, idx)

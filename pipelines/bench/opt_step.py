@@ -1,0 +1,128 @@
+"""Section ``opt``: one optimizer step on the parameters of an architecture's RepOpt-VGG target.
+
+The gradients are random and set once. ``RepOptSGD`` multiplies them by the masks in place, so
+they are restored from a saved copy before each of its steps, outside the timed region; every
+other optimizer leaves them untouched. All optimizers share the same parameters (fp32), use the
+official weight-decay groups (``repopt.optim.param_groups``) and are timed in interleaved rounds
+(one step of each per round), so that a change in machine load hits them alike.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from repopt.optim import param_groups
+from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
+
+from .common import Settings, arch_spec, free_memory, random_scales, summarize_ms, time_rounds
+from .reference import LoopMaskedAdamW, LoopMaskedSGD
+
+log = logging.getLogger("repopt.benchmark")
+
+SGD_ARGS = dict(lr=0.1, momentum=0.9, nesterov=True)
+SGD_WD = 4e-5  # conf/optim/sgd.yaml
+ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+ADAMW_WD = 0.05  # conf/optim/adamw.yaml
+
+
+def _sgd_variants():
+    """(key, label, factory(groups, masks), mutates_grads)."""
+    return [
+        ("sgd_foreach", "torch SGD (foreach)", lambda g, m: torch.optim.SGD(g, foreach=True, **SGD_ARGS), False),
+        ("sgd_fused", "torch SGD (fused)", lambda g, m: torch.optim.SGD(g, fused=True, **SGD_ARGS), False),
+        ("repopt_sgd_foreach", "RepOptSGD (foreach)", lambda g, m: RepOptSGD(g, m, foreach=True, **SGD_ARGS), True),
+        ("repopt_sgd_fused", "RepOptSGD (fused)", lambda g, m: RepOptSGD(g, m, fused=True, **SGD_ARGS), True),
+        # what build_optimizer gives today (foreach=None, fused=None): torch's choice per device
+        ("repopt_sgd_default", "RepOptSGD (torch default impl.)", lambda g, m: RepOptSGD(g, m, **SGD_ARGS), True),
+        ("loop_sgd", "per-parameter loop SGD + mask", lambda g, m: LoopMaskedSGD(g, m, **SGD_ARGS), False),
+    ]
+
+
+def _adamw_variants():
+    return [
+        ("adamw_foreach", "torch AdamW (foreach)", lambda g, m: torch.optim.AdamW(g, foreach=True, **ADAMW_ARGS), False),
+        ("adamw_fused", "torch AdamW (fused)", lambda g, m: torch.optim.AdamW(g, fused=True, **ADAMW_ARGS), False),
+        ("repopt_adamw", "RepOptAdamW (foreach)", lambda g, m: RepOptAdamW(g, m, foreach=True, **ADAMW_ARGS), False),
+        ("loop_adamw", "per-parameter loop AdamW + mask", lambda g, m: LoopMaskedAdamW(g, m, **ADAMW_ARGS), False),
+    ]
+
+
+def _ratio(rows: dict, a: str, b: str):
+    if a in rows and b in rows and rows[a].get("ms") and rows[b].get("ms"):
+        return rows[a]["ms"] / rows[b]["ms"]
+    return None
+
+
+def run(settings: Settings) -> dict:
+    device = settings.device
+    arch = arch_spec(settings.opt_arch)
+    torch.manual_seed(settings.seed)
+    model = build_target_model(arch, settings.num_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    saved = [p.grad.clone() for p in params]
+    grads = [p.grad for p in params]
+
+    def restore():
+        torch._foreach_copy_(grads, saved)
+
+    scales = random_scales(arch, settings.seed)
+    masks = {rule: masks_by_param(model, grad_masks(model, scales, rule=rule)) for rule in ("sgd", "adamw")}
+    rows: dict[str, dict] = {}
+    notes: list[str] = []
+    plan = [("sgd", SGD_WD, v) for v in _sgd_variants()] + [("adamw", ADAMW_WD, v) for v in _adamw_variants()]
+    optimizers, calls, meta = {}, {}, {}
+    opt = None
+    for rule, wd, (key, label, factory, mutates) in plan:
+        try:  # construct and take the first (untimed) step: some fused kernels only refuse a device there
+            opt = factory(param_groups(model, wd), masks[rule])
+            opt.step()
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+            notes.append(f"{label}: not available on {device.type} ({str(exc).splitlines()[0][:120]})")
+            log.info("opt: %s skipped (%s)", label, exc)
+            continue
+        finally:
+            restore()
+        optimizers[key] = opt
+        calls[key] = (opt.step, restore if mutates else None)
+        meta[key] = (label, rule)
+    del opt
+    samples = time_rounds(calls, device, settings.steps, max(settings.warmup - 1, 0))
+    for key, ms in samples.items():
+        label, rule = meta[key]
+        rows[key] = {"key": key, "label": label, "group": rule, "unit": "ms/step", **summarize_ms(ms)}
+        rows[key]["value"] = rows[key]["ms"]
+        log.info("opt: %-34s %9.3f ms/step (median of %d)", label, rows[key]["ms"], len(ms))
+    restore()
+    del optimizers, calls
+    free_memory(device)
+    ratios = {
+        "repopt_sgd_over_sgd_foreach": _ratio(rows, "repopt_sgd_foreach", "sgd_foreach"),
+        "repopt_sgd_over_sgd_fused": _ratio(rows, "repopt_sgd_fused", "sgd_fused"),
+        "loop_over_repopt_sgd_foreach": _ratio(rows, "loop_sgd", "repopt_sgd_foreach"),
+        "loop_over_repopt_sgd_fused": _ratio(rows, "loop_sgd", "repopt_sgd_fused"),
+        "repopt_adamw_over_adamw_foreach": _ratio(rows, "repopt_adamw", "adamw_foreach"),
+        "repopt_adamw_over_adamw_fused": _ratio(rows, "repopt_adamw", "adamw_fused"),
+        "loop_over_repopt_adamw": _ratio(rows, "loop_adamw", "repopt_adamw"),
+    }
+    n_masked = len(masks["sgd"])
+    result = {
+        "title": f"optimizer step on {arch.name} parameters",
+        "settings": {
+            "arch": arch.name, "num_classes": settings.num_classes, "dtype": "float32",
+            "num_params": sum(p.numel() for p in params), "num_tensors": len(params), "num_masked_tensors": n_masked,
+            "steps": settings.steps, "warmup": settings.warmup,
+            "sgd": {**SGD_ARGS, "weight_decay": SGD_WD}, "adamw": {**ADAMW_ARGS, "weight_decay": ADAMW_WD},
+            "timing": ("CUDA events, synchronized before each step" if device.type == "cuda" else "time.perf_counter per step")
+            + "; variants interleaved round by round",
+        },
+        "rows": list(rows.values()),
+        "ratios": ratios,
+        "notes": notes,
+    }
+    del model, params, grads, saved, masks
+    free_memory(device)
+    return result
