@@ -56,7 +56,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     foreach: Optional[bool] = None  # null: torch's default
-    fused: Optional[bool] = None  # SGD only; null: torch's default
+    fused: Optional[bool] = None  # SGD only; null: fused kernel where torch has one
+    compile_step: bool = False  # stage two, RepOptSGD: torch.compile mask+decay+momentum+step into one pass
 
 
 @dataclass

@@ -65,7 +65,8 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     lr = scaled_lr(cfg)
     o = cfg.optim
     optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=choice.scales, momentum=o.momentum,
-                                nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused)
+                                nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused,
+                                compiled=o.compile_step)
     extra = {"stage": "target_train", "arch": arch.to_dict(), "num_classes": data.num_classes,
              "class_names": data.class_names, "mode": cfg.model}
     if choice.scales is not None:

@@ -13,6 +13,7 @@ layout (``step``, ``exp_avg``, ``exp_avg_sq``) is torch's, so checkpoints interc
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Mapping
 
@@ -42,17 +43,80 @@ def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parame
     return masks
 
 
+@torch.no_grad()
+def _masked_sgd(params, grads, bufs, masks, lr: torch.Tensor, weight_decay: torch.Tensor, momentum: float,
+                nesterov: bool, maximize: bool) -> None:
+    """d = M*g + wd*p; buf = momentum*buf + d; p -= lr*(d + momentum*buf if nesterov else buf).
+
+    Written per tensor so that ``torch.compile`` emits one loop reading p, g, M and buf once: the
+    mask costs one extra read instead of a whole extra pass over the gradients.
+    """
+    for p, g, buf, m in zip(params, grads, bufs, masks):
+        d = g * m
+        if maximize:
+            d = -d
+        d = d + weight_decay * p
+        if momentum != 0:
+            buf.mul_(momentum).add_(d)
+            d = d + momentum * buf if nesterov else buf
+        p.sub_(lr * d)
+
+
+@functools.cache
+def _compiled_step():
+    return torch.compile(_masked_sgd, fullgraph=True, dynamic=False)
+
+
 class RepOptSGD(torch.optim.SGD):
-    """SGD whose gradients are multiplied by per-parameter masks before the usual update."""
+    """SGD whose gradients are multiplied by per-parameter masks before the usual update.
+
+    ``compiled=True`` updates the masked weights with one ``torch.compile``-d kernel that applies
+    mask, decay, momentum and step in a single pass (the other parameters still go through torch's
+    SGD); the state layout (``momentum_buffer``) is torch's either way. It needs ``dampening=0``.
+    """
 
     def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, compiled: bool = False):
+        if compiled and dampening != 0:
+            raise ConfigError("RepOptSGD(compiled=True) supports dampening=0 only")
+        if compiled:
+            fused = False  # the parent only updates the few unmasked tensors; GradScaler then unscales for us
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
+        self.compiled = compiled
         self.grad_masks = _check_masks(self, grad_masks)
         self._mask_params = list(self.grad_masks)
         self._mask_values = list(self.grad_masks.values())
+        self._scalars: dict[tuple, torch.Tensor] = {}
+
+    def _scalar(self, name: str, index: int, value: float, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor holding ``value``: a changing lr must not recompile the kernel."""
+        key = (name, index, like.device, like.dtype)
+        t = self._scalars.get(key)
+        if t is None:
+            t = self._scalars[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+        t.fill_(value)
+        return t
+
+    @torch.no_grad()
+    def _compiled_masked_step(self, masked: list) -> None:
+        kernel = _compiled_step()
+        for index, group in enumerate(self.param_groups):
+            members = {id(p) for p in group["params"]}
+            items = [(p, g, m) for p, g, m in masked if id(p) in members]
+            if not items:
+                continue
+            params, grads, masks = (list(x) for x in zip(*items))
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p)  # first step: 0*mom + d == torch's clone(d)
+                bufs.append(state["momentum_buffer"])
+            kernel(params, grads, bufs, masks, self._scalar("lr", index, group["lr"], params[0]),
+                   self._scalar("wd", index, group["weight_decay"], params[0]), group["momentum"],
+                   group["nesterov"], group["maximize"])
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -67,8 +131,19 @@ class RepOptSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.apply_masks()
-        super().step()
+        if not self.compiled:
+            self.apply_masks()
+            super().step()
+            return loss
+        masked = [(p, p.grad, m) for p, m in zip(self._mask_params, self._mask_values) if p.grad is not None]
+        for p, _, _ in masked:
+            p.grad = None  # torch's SGD skips them: they are updated by the compiled kernel below
+        try:
+            super().step()
+        finally:
+            for p, g, _ in masked:
+                p.grad = g
+        self._compiled_masked_step(masked)
         return loss
 
 
@@ -138,7 +213,7 @@ class RepOptAdamW(torch.optim.AdamW):
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
                     momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
-                    foreach: bool | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+                    foreach: bool | None = None, fused: bool | None = None, compiled: bool = False) -> torch.optim.Optimizer:
     """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
 
     The masks follow the optimizer (power 2 for SGD, |s| for AdamW). Re-initialization is separate
@@ -155,7 +230,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
     if name == "sgd":
         return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
-                         fused=default_fused(groups, foreach, fused))
+                         fused=default_fused(groups, foreach, fused), compiled=compiled)
     return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 

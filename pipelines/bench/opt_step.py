@@ -34,8 +34,8 @@ def _sgd_variants():
         ("sgd_fused", "torch SGD (fused)", lambda g, m: torch.optim.SGD(g, fused=True, **SGD_ARGS), False),
         ("repopt_sgd_foreach", "RepOptSGD (foreach)", lambda g, m: RepOptSGD(g, m, foreach=True, **SGD_ARGS), True),
         ("repopt_sgd_fused", "RepOptSGD (fused)", lambda g, m: RepOptSGD(g, m, fused=True, **SGD_ARGS), True),
-        # what build_optimizer gives today (foreach=None, fused=None): torch's choice per device
-        ("repopt_sgd_default", "RepOptSGD (torch default impl.)", lambda g, m: RepOptSGD(g, m, **SGD_ARGS), True),
+        # one torch.compile-d pass: mask, decay, momentum and step (optim.compile_step=true)
+        ("repopt_sgd_compiled", "RepOptSGD (compiled step)", lambda g, m: RepOptSGD(g, m, compiled=True, **SGD_ARGS), False),
         ("loop_sgd", "per-parameter loop SGD + mask", lambda g, m: LoopMaskedSGD(g, m, **SGD_ARGS), False),
     ]
 
@@ -104,6 +104,8 @@ def run(settings: Settings) -> dict:
         "repopt_sgd_over_sgd_fused": _ratio(rows, "repopt_sgd_fused", "sgd_fused"),
         "loop_over_repopt_sgd_foreach": _ratio(rows, "loop_sgd", "repopt_sgd_foreach"),
         "loop_over_repopt_sgd_fused": _ratio(rows, "loop_sgd", "repopt_sgd_fused"),
+        "repopt_sgd_compiled_over_sgd_fused": _ratio(rows, "repopt_sgd_compiled", "sgd_fused"),
+        "loop_over_repopt_sgd_compiled": _ratio(rows, "loop_sgd", "repopt_sgd_compiled"),
         "repopt_adamw_over_adamw_foreach": _ratio(rows, "repopt_adamw", "adamw_foreach"),
         "repopt_adamw_over_adamw_fused": _ratio(rows, "repopt_adamw", "adamw_fused"),
         "loop_over_repopt_adamw": _ratio(rows, "loop_adamw", "repopt_adamw"),

@@ -1,0 +1,69 @@
+"""RepOptSGD(compiled=True): the single-pass masked kernel equals the eager path and torch's state."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from repopt import get_arch
+from target_train import build_target_model, grad_masks, masks_by_param, param_groups
+from target_train.optim import RepOptSGD
+
+ARCH = get_arch("tiny", [1, 2, 2, 2, 1])
+
+
+def _pair(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scales = {k: (torch.rand(v.shape, generator=gen) * 2 - 1) for k, v in ARCH.init_scales().items()}
+    models = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        models.append(build_target_model(ARCH, 10))
+    return models, scales
+
+
+def _opt(model, scales, compiled, lr=0.05):
+    masks = masks_by_param(model, grad_masks(model, scales))
+    return RepOptSGD(param_groups(model, 1e-3), masks, lr=lr, momentum=0.9, nesterov=True, compiled=compiled)
+
+
+def test_compiled_step_equals_eager_step_over_training():
+    (eager_model, compiled_model), scales = _pair()
+    eager, compiled = _opt(eager_model, scales, False), _opt(compiled_model, scales, True)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (eager, compiled)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):  # the lr changes every step: the kernel must not bake it in
+        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        for model, opt in ((eager_model, eager), (compiled_model, compiled)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        for s in sched:
+            s.step()
+    for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values()):
+        if a.is_floating_point():
+            assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) <= 1e-5, name
+    moved = eager_model.stage1[0].conv.weight
+    assert not torch.equal(moved, build_target_model(ARCH, 10).stage1[0].conv.weight)
+    # the momentum buffers live where torch's SGD keeps them, so checkpoints interchange
+    sd_eager, sd_compiled = eager.state_dict(), compiled.state_dict()
+    assert sd_eager["state"].keys() == sd_compiled["state"].keys()
+    for k, v in sd_eager["state"].items():
+        assert torch.allclose(v["momentum_buffer"], sd_compiled["state"][k]["momentum_buffer"], rtol=1e-4, atol=1e-7)
+
+
+def test_compiled_step_resumes_from_an_eager_state_dict():
+    (a_model, b_model), scales = _pair(3)
+    a, b = _opt(a_model, scales, False), _opt(b_model, scales, True)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    a.zero_grad()
+    F.cross_entropy(a_model(x), y).backward()
+    a.step()
+    b_model.load_state_dict(a_model.state_dict())
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # state_dict() shares the buffers it returns
+    for model, opt in ((a_model, a), (b_model, b)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for p, q in zip(a_model.parameters(), b_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
