@@ -113,3 +113,20 @@ def test_compiled_training_matches_eager_closely(in_tmp):
     eager, compiled = read_json(in_tmp / "eager" / "metrics.json"), read_json(in_tmp / "compiled" / "metrics.json")
     assert compiled["status"] == "completed"
     assert abs(eager["loss"] - compiled["loss"]) <= 1e-3 * abs(eager["loss"])
+
+
+def test_submitit_local_launcher_runs_a_sweep(in_tmp):
+    """The submitit launcher (what SLURM uses) in its local mode: two jobs, each a complete run."""
+    import os
+    import subprocess
+    import sys
+
+    sweep = in_tmp / "sweep"
+    cmd = [sys.executable, "-m", "hypersearch", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+           *TINY, "epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        _assert_run_files(sweep / job)
+        assert read_json(sweep / job / "metrics.json")["status"] == "completed"
