@@ -35,6 +35,9 @@ class SeededDataset(Dataset):
         if self.transform is not None:
             if seed is None:
                 img = self.transform(img)
+            elif torch.utils.data.get_worker_info() is not None:
+                torch.manual_seed(seed)  # a worker's generator serves nothing else: no need to restore it
+                img = self.transform(img)
             else:
                 state = torch.get_rng_state()
                 torch.manual_seed(seed)
