@@ -24,6 +24,19 @@ TINY = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_s
         "data.synthetic_test_size=64", "epochs=2", "sched.warmup_epochs=0.5", "progress=off", "device=cpu"]
 
 
+def pipeline_overrides() -> list[str]:
+    """The tiny stage settings for both stages of ``pipelines.search_and_train`` (one epoch each)."""
+    out = []
+    for o in TINY + ["compile=false"]:
+        key, value = o.split("=", 1)
+        value = {"data.synthetic_train_size": "96", "epochs": "1"}.get(key, value)
+        if key in ("arch", "data"):
+            out += [f"{key}@hs.{key}={value}", f"{key}@target.{key}={value}"]
+        else:
+            out += [f"hs.{key}={value}", f"target.{key}={value}"]
+    return out + ["target.deploy=false"]
+
+
 def run_hydra(main, overrides: list[str], expect_exit: int | None = None):
     """Call a ``@hydra.main`` function in this process with ``overrides`` as its command line."""
     argv = sys.argv

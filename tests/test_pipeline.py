@@ -8,26 +8,13 @@ from pipelines.compare import compare
 from pipelines.compare import main as compare_main
 from pipelines.search_and_train import main as pipeline_main
 from repopt.io import sha256_file
-from tests.conftest import read_json, run_hydra
+from tests.conftest import pipeline_overrides, read_json, run_hydra
 
-STAGE = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=96",
-         "data.synthetic_test_size=64", "epochs=1", "sched.warmup_epochs=0.5", "progress=off", "device=cpu", "compile=false"]
-
-
-def _pipeline_overrides():
-    out = []
-    for o in STAGE:
-        key, value = o.split("=", 1)
-        if key in ("arch", "data"):
-            out += [f"{key}@hs.{key}={value}", f"{key}@target.{key}={value}"]
-        else:
-            out += [f"hs.{key}={value}", f"target.{key}={value}"]
-    return out + ["target.deploy=false"]
 
 
 def test_two_setting_multirun_then_compare(in_tmp):
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["hs.optim.lr=0.05,0.2", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=0.05,0.2", f"hydra.sweep.dir={sweep}"])
     for job in ("0", "1"):
         for f in ("metrics.json", "hs/scales.safetensors", "hs/metrics.json", "target/metrics.json", "target/last.pt"):
             assert (sweep / job / f).is_file(), (job, f)
@@ -52,7 +39,7 @@ def test_two_setting_multirun_then_compare(in_tmp):
 
 def test_failed_job_is_a_row_not_a_crash(in_tmp):
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["hs.mode=bogus,hs", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.mode=bogus,hs", f"hydra.sweep.dir={sweep}"])
     failed = read_json(sweep / "0" / "metrics.json")
     assert failed["status"] == "failed" and "bogus" in failed["error"]
     assert read_json(sweep / "1" / "metrics.json")["status"] == "completed"
@@ -65,7 +52,7 @@ def test_failed_job_is_a_row_not_a_crash(in_tmp):
 
 def test_seeds_aggregate_as_mean_std(in_tmp):
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["variant=plain", "target.seed=0,1", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["variant=plain", "target.seed=0,1", f"hydra.sweep.dir={sweep}"])
     table = compare([sweep], plots=False)
     assert len(table) == 1 and table.iloc[0]["n"] == 2
     assert "± " in table.iloc[0]["target_top1"] and "(n=2)" in table.iloc[0]["target_top1"]
@@ -74,7 +61,7 @@ def test_seeds_aggregate_as_mean_std(in_tmp):
 def test_export_step_adds_int8_columns(in_tmp):
     """export=true runs ONNX export + INT8 PTQ as a third step; compare shows the INT8 columns."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["variant=plain,repvgg", "export=true",
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["variant=plain,repvgg", "export=true",
                                                                "quant.calibration_images=32", "quant.latency_runs=2",
                                                                f"hydra.sweep.dir={sweep}"])
     for job in ("0", "1"):

@@ -42,7 +42,7 @@ from repopt.engine import load_checkpoint, save_checkpoint
 from repopt.engine.trainer import Trainer
 from repopt.errors import CheckpointError, RepOptError, ScalesError
 from repopt.io import write_json
-from tests.conftest import REPO, TINY, read_json, run_hydra
+from tests.conftest import REPO, TINY, pipeline_overrides, read_json, run_hydra
 
 OFFICIAL = ("B1", "B2", "L1", "L2")
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]
@@ -663,26 +663,13 @@ def test_divergence_in_epoch_2_keeps_the_epoch_1_checkpoint(in_tmp, monkeypatch)
     assert read_json(run_dir / "metrics.json")["status"] == "completed"
 
 
-STAGE = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=96",
-         "data.synthetic_test_size=64", "epochs=1", "sched.warmup_epochs=0.5", "progress=off", "device=cpu", "compile=false"]
-
-
-def _pipeline_overrides() -> list[str]:
-    out = []
-    for o in STAGE:
-        key, value = o.split("=", 1)
-        if key in ("arch", "data"):
-            out += [f"{key}@hs.{key}={value}", f"{key}@target.{key}={value}"]
-        else:
-            out += [f"hs.{key}={value}", f"target.{key}={value}"]
-    return out + ["target.deploy=false"]
 
 
 def test_diverged_job_in_a_pipeline_sweep_is_recorded_and_compared(in_tmp, capsys):
     """``pipelines.search_and_train -m hs.optim.lr=1e30,0.05``: job 0 diverges in stage one, the sweep goes
     on and job 1 completes; ``pipelines.compare`` lists job 0 with status diverged (and its step)."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"])
     bad, good = read_json(sweep / "0" / "metrics.json"), read_json(sweep / "1" / "metrics.json")
     assert bad["status"] == "diverged" and bad["failed_stage"] == "hs", bad
     assert read_json(sweep / "0" / "hs" / "metrics.json")["status"] == "diverged"
