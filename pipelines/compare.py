@@ -223,7 +223,7 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("top-1 (%)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

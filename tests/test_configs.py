@@ -1,0 +1,55 @@
+"""Every root config and preset composes and validates against its typed schema."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import pipelines.config  # noqa: F401  (registers the pipeline schema)
+import target_train.export  # noqa: F401  (registers the export schema)
+from pipelines.config import PipelineConfig
+from repopt.arch import get_arch
+from repopt.config import HSConfig, TargetConfig, to_typed
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(name, overrides=()):
+    with initialize_config_module("conf", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_paper_preset_is_the_papers_recipe():
+    cfg = to_typed(_compose("hypersearch", ["experiment=paper"]), HSConfig)
+    assert (cfg.arch.name, cfg.data.name, cfg.epochs, cfg.data.batch_size) == ("B1", "cifar100", 240, 256)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == \
+        ("sgd", 0.1, 0.9, True, 4e-5)
+    assert cfg.optim.lr * cfg.data.batch_size / cfg.optim.base_batch_size == 0.1
+    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.min_lr) == ("warmup_cosine", 5, 0.0)
+    assert cfg.label_smoothing == 0.0 and cfg.data.image_size == 32 and list(cfg.arch.strides) == [2, 2, 2, 2, 2]
+    assert cfg.compile == "auto" and cfg.mode == "hs" and cfg.scale_init == "paper"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose(preset):
+    root, schema = ("target_train", TargetConfig) if preset.startswith("target") else ("hypersearch", HSConfig)
+    cfg = to_typed(_compose(root, [f"experiment={preset}"]), schema)
+    get_arch(cfg.arch.name, cfg.arch.strides)  # a valid architecture
+
+
+@pytest.mark.parametrize("preset", [None] + sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_pipeline_and_sweep_presets_compose(preset):
+    cfg = to_typed(_compose("search_and_train", [f"sweep={preset}"] if preset else []), PipelineConfig)
+    for stage in (cfg.hs, cfg.target):
+        get_arch(stage.arch.name, stage.arch.strides)
+
+
+def test_default_pipeline_is_cifar100_paper_search_then_cifar_target():
+    cfg = to_typed(_compose("search_and_train"), PipelineConfig)
+    assert cfg.variant == "searched" and cfg.hs.data.name == "cifar100" and cfg.hs.epochs == 240
+    assert cfg.target.data.name == "cifar100" and cfg.target.arch.name == "B1"
+
+
+def test_export_config_composes():
+    cfg = _compose("export", ["run=/tmp/somewhere"])
+    assert cfg.run == "/tmp/somewhere" and cfg.opset >= 17
