@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -49,9 +50,8 @@ def prepare_run_dir(path: str | Path) -> Path:
     run_dir = Path(path).expanduser().resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):  # unique: DDP ranks probe at once
+            pass
     except OSError as exc:
         raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); choose another with run_dir=... or hydra.run.dir=...") from None
     return run_dir

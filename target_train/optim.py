@@ -52,7 +52,7 @@ def _masked_sgd(params, grads, bufs, masks, lr: torch.Tensor, weight_decay: torc
     mask costs one extra read instead of a whole extra pass over the gradients.
     """
     for p, g, buf, m in zip(params, grads, bufs, masks):
-        d = g * m
+        d = g * m if m is not None else g
         if maximize:
             d = -d
         d = d + weight_decay * p
@@ -63,16 +63,16 @@ def _masked_sgd(params, grads, bufs, masks, lr: torch.Tensor, weight_decay: torc
 
 
 @functools.cache
-def _compiled_step():
+def _masked_sgd_kernel():
     return torch.compile(_masked_sgd, fullgraph=True, dynamic=False)
 
 
 class RepOptSGD(torch.optim.SGD):
     """SGD whose gradients are multiplied by per-parameter masks before the usual update.
 
-    ``compiled=True`` updates the masked weights with one ``torch.compile``-d kernel that applies
-    mask, decay, momentum and step in a single pass (the other parameters still go through torch's
-    SGD); the state layout (``momentum_buffer``) is torch's either way. It needs ``dampening=0``.
+    ``compiled=True`` updates every parameter with one ``torch.compile``-d kernel that applies
+    mask, decay, momentum and step in a single pass; the state layout (``momentum_buffer``) is
+    torch's either way. It needs ``dampening=0``.
     """
 
     def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3, momentum: float = 0,
@@ -81,7 +81,7 @@ class RepOptSGD(torch.optim.SGD):
         if compiled and dampening != 0:
             raise ConfigError("RepOptSGD(compiled=True) supports dampening=0 only")
         if compiled:
-            fused = False  # the parent only updates the few unmasked tensors; GradScaler then unscales for us
+            fused = False  # torch's kernels are not used; GradScaler then unscales the grads before step()
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
         self.compiled = compiled
@@ -100,23 +100,21 @@ class RepOptSGD(torch.optim.SGD):
         return t
 
     @torch.no_grad()
-    def _compiled_masked_step(self, masked: list) -> None:
-        kernel = _compiled_step()
+    def _compiled_update(self) -> None:
+        kernel = _masked_sgd_kernel()
         for index, group in enumerate(self.param_groups):
-            members = {id(p) for p in group["params"]}
-            items = [(p, g, m) for p, g, m in masked if id(p) in members]
-            if not items:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
                 continue
-            params, grads, masks = (list(x) for x in zip(*items))
             bufs = []
             for p in params:
                 state = self.state[p]
-                if state.get("momentum_buffer") is None:
+                if group["momentum"] != 0 and state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p)  # first step: 0*mom + d == torch's clone(d)
-                bufs.append(state["momentum_buffer"])
-            kernel(params, grads, bufs, masks, self._scalar("lr", index, group["lr"], params[0]),
-                   self._scalar("wd", index, group["weight_decay"], params[0]), group["momentum"],
-                   group["nesterov"], group["maximize"])
+                bufs.append(state.get("momentum_buffer"))
+            kernel(params, [p.grad for p in params], bufs, [self.grad_masks.get(p) for p in params],
+                   self._scalar("lr", index, group["lr"], params[0]), self._scalar("wd", index, group["weight_decay"], params[0]),
+                   group["momentum"], group["nesterov"], group["maximize"])
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -131,19 +129,11 @@ class RepOptSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.compiled:
+        if self.compiled:
+            self._compiled_update()
+        else:
             self.apply_masks()
             super().step()
-            return loss
-        masked = [(p, p.grad, m) for p, m in zip(self._mask_params, self._mask_values) if p.grad is not None]
-        for p, _, _ in masked:
-            p.grad = None  # torch's SGD skips them: they are updated by the compiled kernel below
-        try:
-            super().step()
-        finally:
-            for p, g, _ in masked:
-                p.grad = g
-        self._compiled_masked_step(masked)
         return loss
 
 
