@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,3 +72,18 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with every failure turned into ``error`` naming ``path``.
+
+    A file that needs more than tensors and plain containers is refused without running it;
+    damaged input (torch's readers raise struct.error, AssertionError, ...) is reported as such.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise error(f"{path}: refused to load: the {what} needs more than tensors and plain containers to unpickle, "
+                    f"and loading it could run code ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        raise error(f"{path}: damaged or truncated {what} ({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None

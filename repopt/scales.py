@@ -10,7 +10,6 @@ arbitrary objects, and validation against the architecture is strict.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from datetime import datetime, timezone
 from importlib import resources
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .arch import ArchSpec, get_arch
 from .errors import ScalesError
-from .io import atomic_path
+from .io import atomic_path, safe_torch_load
 
 FORMAT = "repopt-scales"
 FORMAT_VERSION = "1"
@@ -113,15 +112,7 @@ def _read_raw(path: Path) -> dict:
         head = f.read(2)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise ScalesError(f"{path}: neither a safetensors file nor a torch file; give a scales.safetensors, an official .pth or a run directory")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ScalesError(
-            f"{path}: refused to load: the file needs more than plain tensors to unpickle "
-            f"(loading it could run code). Only dicts of tensors are accepted. Detail: {str(exc).splitlines()[0]}"
-        ) from None
-    except Exception as exc:  # torch's readers raise many types on damaged input (struct.error, AssertionError, ...)
-        raise ScalesError(f"{path}: damaged or truncated torch file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    obj = safe_torch_load(path, ScalesError, "torch file", "only dicts of tensors are accepted; re-export the scales")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # an official HS checkpoint: take its state dict
     if not isinstance(obj, dict):

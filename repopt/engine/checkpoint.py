@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..io import torch_save
+from ..io import safe_torch_load, torch_save
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -40,15 +39,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; start without resume=true or point at the run directory that holds last.pt")
     _verify_zip(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: it needs more than tensors and plain containers to unpickle, and "
-            f"loading it could run code ({str(exc).splitlines()[0]})"
-        ) from None
-    except Exception as exc:  # torch's readers raise many types on damaged input (struct.error, AssertionError, ...)
-        raise CheckpointError(f"{path}: damaged or truncated checkpoint ({type(exc).__name__}: {str(exc)[:200]}); delete it to start over") from None
+    state = safe_torch_load(path, CheckpointError, "checkpoint", "delete it to start over", map_location)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(state.get("run"), dict):
         raise CheckpointError(f"{path}: not a checkpoint written by this project (no 'model'/'run' entries)")
     for key, value in state["model"].items():
