@@ -14,13 +14,15 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig
 
 from hypersearch.app import train_hypersearch
 from repopt.app import run_app
-from repopt.errors import ConfigError, RepOptError
+from repopt.engine import Interrupted
+from repopt.errors import ConfigError, DivergenceError, RepOptError
 from repopt.io import write_json
 from target_train.app import train_target
 from target_train.export import export_run
@@ -31,30 +33,32 @@ log = logging.getLogger("pipelines.search_and_train")
 
 
 def _finished(path: Path) -> dict | None:
+    """The stage's result file if it records a finished stage (files without a status, like quant.json, do)."""
     if path.is_file():
-        metrics = json.loads(path.read_text())
-        if path.name != "metrics.json" or metrics.get("status") == "completed":
-            return metrics
+        result = json.loads(path.read_text())
+        if result.get("status", "completed") == "completed":
+            return result
     return None
 
 
-def _run_stage(name: str, fn, cfg, stage_dir: Path, summary: dict, job_dir: Path, done_file: str = "metrics.json") -> dict:
-    done = _finished(stage_dir / done_file)
+def _run_stage(name: str, run: Callable[[], dict], result_file: Path, summary: dict, job_dir: Path) -> dict:
+    """Run one stage unless ``result_file`` shows it finished; a failure is recorded in the job's metrics."""
+    done = _finished(result_file)
     if done is not None:
-        log.info("%s already completed in %s: skipped", name, stage_dir)
+        log.info("%s already completed (%s): skipped", name, result_file)
         return done
     t0 = time.perf_counter()
     try:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        metrics = fn(cfg) if name == "export" else fn(cfg, stage_dir)
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        return run()
     except RepOptError as exc:
-        status = "diverged" if type(exc).__name__ == "DivergenceError" else ("interrupted" if type(exc).__name__ == "Interrupted" else "failed")
+        status = "diverged" if isinstance(exc, DivergenceError) else "interrupted" if isinstance(exc, Interrupted) else "failed"
         summary.update(status=status, failed_stage=name, error=str(exc))
-        summary["wall_seconds"][name] = time.perf_counter() - t0
-        write_json(job_dir / "metrics.json", summary)
         raise
-    summary["wall_seconds"][name] = time.perf_counter() - t0
-    return metrics
+    finally:
+        summary["wall_seconds"][name] = time.perf_counter() - t0
+        if summary.get("failed_stage") == name:
+            write_json(job_dir / "metrics.json", summary)
 
 
 def stage_configs(cfg: PipelineConfig, job_dir: Path):
@@ -80,14 +84,16 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path) -> dict:
     hs_cfg, target_cfg = stage_configs(cfg, job_dir)
     summary: dict = {"status": "running", "variant": cfg.variant, "wall_seconds": {}}
     hs_metrics = None
+    hs_dir, target_dir = job_dir / "hs", job_dir / "target"
     if hs_cfg is not None:
-        hs_metrics = _run_stage("hs", train_hypersearch, hs_cfg, job_dir / "hs", summary, job_dir)
+        hs_metrics = _run_stage("hs", lambda: train_hypersearch(hs_cfg, hs_dir), hs_dir / "metrics.json", summary, job_dir)
         summary["hs"] = hs_metrics
-    target_metrics = _run_stage("target", train_target, target_cfg, job_dir / "target", summary, job_dir)
+    target_metrics = _run_stage("target", lambda: train_target(target_cfg, target_dir), target_dir / "metrics.json",
+                                summary, job_dir)
     summary["target"] = target_metrics
     if cfg.export:
-        summary["quant"] = _run_stage("export", export_run, replace(cfg.quant, run=str(job_dir / "target")), job_dir / "target",
-                                      summary, job_dir, done_file="quant.json")
+        quant_cfg = replace(cfg.quant, run=str(target_dir))
+        summary["quant"] = _run_stage("export", lambda: export_run(quant_cfg), target_dir / "quant.json", summary, job_dir)
     summary.update(
         status="completed",
         hs_top1=hs_metrics["top1"] if hs_metrics else None,
