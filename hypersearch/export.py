@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from repopt.io import atomic_path, write_text
+from repopt.io import write_text
+from repopt.plots import pyplot, save_png
 from repopt.scales import SCALES_FILENAME, save_scales
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,7 @@ def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
 
 def plot_scales(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     """Mean |scale| per block for each branch kind, blocks in network order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     order = list(dict.fromkeys(summary["block"]))
     for kind, group in summary.groupby("kind"):
@@ -45,9 +42,7 @@ def plot_scales(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     ax.set_title(title or "learned scales")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def export_scales(run_dir: Path, scales: dict[str, torch.Tensor], metadata: dict) -> Path:

@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from repopt.io import atomic_path, write_text
+from repopt.io import write_text
+from repopt.plots import pyplot, save_png
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
@@ -208,11 +209,7 @@ def _label(row: pd.Series, keys: list[str]) -> str:
 
 
 def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [_label(r, keys) for _, r in table.iterrows()]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4))
     xs = range(len(labels))
@@ -225,17 +222,13 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple[str, ...], draw, xlabel: str,
                   ylabel: str) -> bool:
     """One line per job from the first of ``files`` (relative to the job dir) that exists."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for _, row in frame.iterrows():
@@ -249,8 +242,9 @@ def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        _save(fig, path)
-    plt.close(fig)
+        save_png(fig, path)
+    else:
+        plt.close(fig)
     return drawn
 
 
@@ -267,14 +261,6 @@ def plot_curves(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
     """Target test top-1 per epoch for each job."""
     return _plot_per_job(frame, keys, path, ("target/history.csv", "history.csv"),
                          lambda h: (h["epoch"], h["test_top1"]), "epoch", "test top-1 (%)")
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def compare(dirs: list[Path], out: Path | None = None, plots: bool = True) -> pd.DataFrame:

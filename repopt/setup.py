@@ -13,6 +13,7 @@ from .config import TrainConfig, to_plain
 from .data import build_data
 from .engine import Runtime, Trainer, build_scheduler, resolve_runtime
 from .engine.sync_bn import sync_batch_norm
+from .engine.trainer import steps_per_epoch
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ def place(model: nn.Module, runtime: Runtime) -> nn.Module:
 def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float,
                  **kwargs) -> Trainer:
     """Scheduler + trainer; with ``resume=true`` the run continues from ``run_dir/last.pt``."""
-    steps = len(data.train) if cfg.max_steps_per_epoch is None else min(len(data.train), cfg.max_steps_per_epoch)
-    scheduler = build_scheduler(optimizer, cfg.sched, steps, cfg.epochs, base_lr)
+    scheduler = build_scheduler(optimizer, cfg.sched, steps_per_epoch(cfg, data), cfg.epochs, base_lr)
     kwargs.setdefault("checkpoint_extra", {})
     kwargs["checkpoint_extra"].setdefault("config", to_plain(cfg))
     trainer = Trainer(model, optimizer, scheduler, data, cfg, runtime, run_dir, **kwargs)

@@ -70,7 +70,7 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     extra = {"stage": "target_train", "arch": arch.to_dict(), "num_classes": data.num_classes,
              "class_names": data.class_names, "mode": cfg.model}
     if choice.scales is not None:
-        extra["scales"] = choice.scales  # tensors: a resumed run rebuilds the same masks
+        extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
     metrics_extra = {"stage": "target_train", "arch": arch.name, "dataset": data.name, "model": cfg.model,
                      "optimizer": type(optimizer).__name__, "scales": choice.describe()}
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,

@@ -43,6 +43,14 @@ def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parame
     return masks
 
 
+def _closure_loss(closure):
+    """torch's optimizer convention: re-evaluate the model with gradients on when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 @torch.no_grad()
 def _masked_sgd(params, grads, bufs, masks, lr: torch.Tensor, weight_decay: torch.Tensor, momentum: float,
                 nesterov: bool, maximize: bool) -> None:
@@ -125,10 +133,7 @@ class RepOptSGD(torch.optim.SGD):
             torch._foreach_mul_(list(grads), list(masks))
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if self.compiled:
             self._compiled_update()
         else:
@@ -157,10 +162,7 @@ class RepOptAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             buckets: dict[tuple, list] = {}
             for p in group["params"]:

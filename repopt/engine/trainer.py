@@ -62,6 +62,12 @@ def _changed_settings(saved: dict | None, current: dict | None) -> list[str]:
     return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in RESUME_KEYS if get(saved, k) != get(current, k)]
 
 
+def steps_per_epoch(cfg: TrainConfig, data) -> int:
+    """Optimizer steps in one epoch: the train batches, capped by ``max_steps_per_epoch``."""
+    n = len(data.train)
+    return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+
 class Interrupted(RepOptError):
     """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
 
@@ -156,7 +162,7 @@ class Trainer:
         self._epoch_seconds, self._epoch_images = 0.0, 0  # this process's share of the running epoch
         self.scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
         self.train_model = self._wrap(model)
-        self.steps_per_epoch = len(data.train) if cfg.max_steps_per_epoch is None else min(len(data.train), cfg.max_steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch(cfg, data)
 
     # ------------------------------------------------------------------ setup
     def _wrap(self, model: nn.Module) -> nn.Module:
