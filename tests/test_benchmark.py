@@ -118,3 +118,17 @@ def test_loop_reference_matches_repoptimizer(rule):
     for ref in models[:2]:
         for (name, p), q in zip(ref.named_parameters(), models[2].parameters()):
             torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("ceiling, note", [(4.1, "only 4.10x faster"), (7.0, "")])
+def test_loop_target_failure_names_the_ceiling(ceiling, note):
+    """A failed loop ratio says when even torch's fused SGD could not reach it on the device."""
+    from pipelines.bench.report import evaluate_targets
+
+    ratios = {"loop_over_repopt_sgd_fused": 3.0, "loop_over_sgd_fused": ceiling, "repopt_sgd_over_sgd_fused": 1.1}
+    result = {"settings": {"device": "cpu"}, "sections": {"opt": {"settings": {"arch": "B1"}, "ratios": ratios}}}
+    targets = {t["key"]: t for t in evaluate_targets(result)}
+    assert targets["loop_vs_repopt_fused"]["status"] == "FAIL"
+    assert (note in targets["loop_vs_repopt_fused"]["note"]) and (bool(note) == bool(targets["loop_vs_repopt_fused"]["note"]))
+    assert targets["sgd_step_fused"]["status"] == "PASS" and targets["sgd_step_fused"]["note"] == ""
+    assert targets["train_img_s"]["status"] == "n/a"

@@ -1,8 +1,11 @@
 """Per-parameter Python-loop optimizers with gradient masks: the baselines of the ``opt`` section.
 
-They follow the official RepOptimizer's style (one Python iteration and a handful of kernels per
-parameter) and compute exactly what ``RepOptSGD`` / ``RepOptAdamW`` compute, which
-``tests/test_benchmark.py`` checks, so the speed comparison is like for like.
+``LoopMaskedSGD`` performs the official RepOptimizer SGD step op for op (the "official
+per-parameter-loop optimizer" of DESIGN.md's performance table): one Python iteration and a
+handful of out-of-place kernels per parameter, including its in-place weight decay on the
+gradients of unmasked parameters. ``LoopMaskedAdamW`` is the same style for AdamW. Both compute
+what ``RepOptSGD`` / ``RepOptAdamW`` compute, which ``tests/test_benchmark.py`` checks, so the
+speed comparison is like for like.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 
 class LoopMaskedSGD(torch.optim.Optimizer):
-    """for each p: d_p = grad*mask; d_p += wd*p; buf = m*buf + (1-dampening)*d_p; Nesterov; p -= lr*d_p."""
+    """for each p: d_p = grad*mask (or grad itself); d_p += wd*p; buf = m*buf + (1-dampening)*d_p;
+    d_p = d_p + buf*m (Nesterov) or buf; p -= lr*d_p. Unmasked gradients are modified in place."""
 
     def __init__(self, params, grad_masks: Mapping[torch.Tensor, torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
@@ -35,12 +39,9 @@ class LoopMaskedSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 mask = self.grad_masks.get(p)
-                if mask is not None:
-                    d_p = p.grad * mask
-                    if wd != 0:
-                        d_p.add_(p, alpha=wd)
-                else:
-                    d_p = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
+                d_p = p.grad * mask if mask is not None else p.grad
+                if wd != 0:
+                    d_p.add_(p, alpha=wd)
                 if momentum != 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
@@ -48,7 +49,7 @@ class LoopMaskedSGD(torch.optim.Optimizer):
                         buf = state["momentum_buffer"] = torch.clone(d_p).detach()
                     else:
                         buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-                    d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+                    d_p = d_p + buf * momentum if nesterov else buf
                 p.add_(d_p, alpha=-lr)
         return loss
 
