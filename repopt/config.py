@@ -81,7 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     compile: str = "false"  # torch.compile the training model: true | false | auto (on CUDA only)
-    compile_mode: Optional[str] = None  # torch.compile mode; null = default, reduce-overhead = CUDA graphs
+    compile_mode: Optional[str] = "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: str = "auto"  # auto (on CUDA) | true | false
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default

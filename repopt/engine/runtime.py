@@ -17,6 +17,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode argument (None: its default)
 
     @property
     def distributed(self) -> bool:
@@ -92,6 +94,23 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     if compile_flag not in ("auto", "true", "false"):
         raise ConfigError(f"compile={cfg.compile!r} is not one of auto, true, false")
     compile_model = device.type == "cuda" if compile_flag == "auto" else compile_flag == "true"
+    mode = resolve_compile_mode(cfg.compile_mode, device, world_size, cfg.data.drop_last)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return Runtime(device, amp_dtype, channels_last, rank, world_size, compile_model)
+    return Runtime(device, amp_dtype, channels_last, rank, world_size, compile_model, mode)
+
+
+def resolve_compile_mode(mode: str | None, device: torch.device, world_size: int, drop_last: bool) -> str | None:
+    """torch.compile's mode for ``compile_mode``; ``auto`` records CUDA graphs where they are safe.
+
+    CUDA graphs ("reduce-overhead") need static shapes (every training batch full: drop_last) and
+    are not combined with DDP's communication hooks, so ``auto`` uses them on a single CUDA device
+    with drop_last only, and torch's default mode elsewhere.
+    """
+    if mode is None or mode == "default":
+        return None
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" and world_size == 1 and drop_last else None
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={mode!r} is not one of auto, {', '.join(COMPILE_MODES)}")
+    return mode

@@ -173,7 +173,7 @@ class Trainer:
             ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             wrapped = DDP(wrapped, device_ids=ids)
         if self.runtime.compile:  # static shapes (drop_last) keep it to one graph; eval runs the eager model
-            wrapped = torch.compile(wrapped, mode=self.cfg.compile_mode)
+            wrapped = torch.compile(wrapped, mode=self.runtime.compile_mode)
         return wrapped
 
     @property
