@@ -38,13 +38,26 @@ def default_fused(groups: list[dict], foreach: bool | None, fused: bool | None) 
     return True if ok and params else None
 
 
+def sgd_options(groups: list[dict], momentum: float, nesterov: bool, foreach: bool | None, fused: bool | None) -> dict:
+    """The SGD keywords both the plain and the masked SGD are built with (Nesterov needs momentum)."""
+    return dict(momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
+                fused=default_fused(groups, foreach, fused))
+
+
+def closure_loss(closure):
+    """torch's optimizer convention: re-evaluate the model with gradients on when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def plain_optimizer(groups: list[dict], name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = True,
                     betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
                     fused: bool | None = None) -> torch.optim.Optimizer:
     """torch's SGD or AdamW over ``groups`` (whose entries carry their own weight decay)."""
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
-                               fused=default_fused(groups, foreach, fused))
+        return torch.optim.SGD(groups, lr=lr, **sgd_options(groups, momentum, nesterov, foreach, fused))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

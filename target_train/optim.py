@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from repopt.errors import ConfigError
-from repopt.optim import OPTIMIZERS, default_fused, param_groups, plain_optimizer
+from repopt.optim import OPTIMIZERS, closure_loss, param_groups, plain_optimizer, sgd_options
 from repopt.vgg import RepOptVGG
 
 from .masks import grad_masks as make_grad_masks
@@ -41,14 +41,6 @@ def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parame
             raise ConfigError(f"grad mask of shape {tuple(mask.shape)} does not fit its parameter of shape {tuple(param.shape)}")
         masks[param] = mask.to(device=param.device, dtype=param.dtype)
     return masks
-
-
-def _closure_loss(closure):
-    """torch's optimizer convention: re-evaluate the model with gradients on when a closure is given."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
 
 
 @torch.no_grad()
@@ -94,8 +86,6 @@ class RepOptSGD(torch.optim.SGD):
                          nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
         self.compiled = compiled
         self.grad_masks = _check_masks(self, grad_masks)
-        self._mask_params = list(self.grad_masks)
-        self._mask_values = list(self.grad_masks.values())
         self._scalars: dict[tuple, torch.Tensor] = {}
 
     def _scalar(self, name: str, index: int, value: float, like: torch.Tensor) -> torch.Tensor:
@@ -127,13 +117,13 @@ class RepOptSGD(torch.optim.SGD):
     @torch.no_grad()
     def apply_masks(self) -> None:
         """grad <- grad * M for every masked parameter that has a gradient (one foreach call)."""
-        pairs = [(p.grad, m) for p, m in zip(self._mask_params, self._mask_values) if p.grad is not None]
+        pairs = [(p.grad, m) for p, m in self.grad_masks.items() if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
 
     def step(self, closure=None):
-        loss = _closure_loss(closure)
+        loss = closure_loss(closure)
         if self.compiled:
             self._compiled_update()
         else:
@@ -162,7 +152,7 @@ class RepOptAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = _closure_loss(closure)
+        loss = closure_loss(closure)
         for group in self.param_groups:
             buckets: dict[tuple, list] = {}
             for p in group["params"]:
@@ -201,8 +191,6 @@ class RepOptAdamW(torch.optim.AdamW):
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1 ** t) for t in step_values])
 
 
-
-
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
                     momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
                     foreach: bool | None = None, fused: bool | None = None, compiled: bool = False) -> torch.optim.Optimizer:
@@ -221,8 +209,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
     masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
     if name == "sgd":
-        return RepOptSGD(groups, masks, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
-                         fused=default_fused(groups, foreach, fused), compiled=compiled)
+        return RepOptSGD(groups, masks, lr=lr, compiled=compiled, **sgd_options(groups, momentum, nesterov, foreach, fused))
     return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 

@@ -15,6 +15,8 @@ from typing import Mapping
 
 import torch
 
+from repopt.optim import closure_loss
+
 
 class LoopMaskedSGD(torch.optim.Optimizer):
     """for each p: d_p = grad*mask (or grad itself); d_p += wd*p; buf = m*buf + (1-dampening)*d_p;
@@ -28,10 +30,7 @@ class LoopMaskedSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
             wd, nesterov = group["weight_decay"], group["nesterov"]
@@ -64,10 +63,7 @@ class LoopMaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
