@@ -16,7 +16,6 @@ first sweep directory):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from repopt.io import write_text
+from repopt.io import read_json, write_text
 from repopt.plots import pyplot, save_png
 
 log = logging.getLogger("pipelines.compare")
@@ -46,13 +45,6 @@ def find_jobs(root: Path) -> list[Path]:
 
 def _natural_key(path: Path, root: Path):
     return [int(part) if part.isdigit() else part for part in path.relative_to(root).parts]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -79,7 +71,7 @@ def read_job(job: Path) -> dict:
         key, value = _parse_override(text)
         if key != "sweep":
             row[key] = value
-    metrics = _read_json(job / "metrics.json")
+    metrics = read_json(job / "metrics.json")
     if metrics is None:
         row["status"] = "incomplete"  # killed before it wrote anything: pre-empted or crashed hard
         return row
@@ -97,19 +89,19 @@ def read_job(job: Path) -> dict:
             scales_sha256=metrics.get("scales_sha256"), target_status=target.get("status"),
         )
         for stage in ("hs", "target"):
-            stage_metrics = _read_json(job / stage / "metrics.json") or {}
+            stage_metrics = read_json(job / stage / "metrics.json") or {}
             if stage_metrics.get("status") == "diverged":
                 row["status"] = "diverged"
                 row["failed_stage"] = stage
                 row["diverged_step"] = stage_metrics.get("diverged_step")
-        quant = _read_json(job / "target" / "quant.json")
+        quant = read_json(job / "target" / "quant.json")
     else:  # a single-stage run (python -m hypersearch / target_train -m ...)
         stage = metrics.get("stage")
         key = "hs" if stage == "hypersearch" else "target"
         row.update({f"{key}_top1": metrics.get("top1"), f"{key}_top5": metrics.get("top5"), f"{key}_loss": metrics.get("loss"),
                     "wall_seconds": metrics.get("wall_seconds"), "diverged_step": metrics.get("diverged_step"),
                     "scales_sha256": metrics.get("scales_sha256") or (metrics.get("scales") or {}).get("sha256")})
-        quant = _read_json(job / "quant.json")
+        quant = read_json(job / "quant.json")
     if quant:
         row.update(fp32_top1=quant.get("fp32_top1"), int8_top1=quant.get("int8_top1"), int8_top1_drop=quant.get("top1_drop"))
     return row
@@ -145,9 +137,14 @@ def common_overrides(frame: pd.DataFrame) -> list[str]:
     return sorted(shared)
 
 
+def setting_keys(frame: pd.DataFrame) -> list[str]:
+    """The override columns that tell settings apart (seeds are repeats of one setting)."""
+    return [k for k in override_columns(frame) if k not in SEED_KEYS]
+
+
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per setting: metrics as mean ± std over jobs that differ only in seed."""
-    keys = [k for k in override_columns(frame) if k not in SEED_KEYS]
+    keys = setting_keys(frame)
     frame = frame.copy()
     if not keys:
         frame["setting"] = "(defaults)"
@@ -270,7 +267,7 @@ def compare(dirs: list[Path], out: Path | None = None, plots: bool = True) -> pd
     if frame.empty:
         raise FileNotFoundError(f"no job directories (with .hydra/) under {', '.join(map(str, dirs))}")
     out = Path(out) if out else dirs[0]
-    keys = [k for k in override_columns(frame) if k not in SEED_KEYS]
+    keys = setting_keys(frame)
     table = aggregate(frame)
     write_text(out / "comparison.csv", frame.to_csv(index=False))
     write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame)))

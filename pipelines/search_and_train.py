@@ -21,8 +21,7 @@ from omegaconf import DictConfig
 
 from hypersearch.app import train_hypersearch
 from repopt.app import run_app
-from repopt.engine import Interrupted
-from repopt.errors import ConfigError, DivergenceError, RepOptError
+from repopt.errors import ConfigError, RepOptError, status_of
 from repopt.io import write_json
 from target_train.app import train_target
 from target_train.export import export_run
@@ -52,8 +51,7 @@ def _run_stage(name: str, run: Callable[[], dict], result_file: Path, summary: d
         result_file.parent.mkdir(parents=True, exist_ok=True)
         return run()
     except RepOptError as exc:
-        status = "diverged" if isinstance(exc, DivergenceError) else "interrupted" if isinstance(exc, Interrupted) else "failed"
-        summary.update(status=status, failed_stage=name, error=str(exc))
+        summary.update(status=status_of(exc), failed_stage=name, error=str(exc))
         raise
     finally:
         summary["wall_seconds"][name] = time.perf_counter() - t0

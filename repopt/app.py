@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -26,8 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import to_typed
-from .errors import ConfigError, DivergenceError, RepOptError
-from .io import write_json
+from .errors import ConfigError, Interrupted, RepOptError, status_of
+from .io import read_json, write_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,12 +66,7 @@ def _record_failure(run_dir: Path | None, status: str, message: str) -> None:
     if run_dir is None or not run_dir.is_dir():
         return
     metrics_path = run_dir / "metrics.json"
-    previous = {}
-    if metrics_path.exists():
-        try:
-            previous = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {}
+    previous = read_json(metrics_path) or {}
     if previous.get("status") in ("completed", "diverged", "interrupted"):
         return  # the trainer already wrote the precise status, or an earlier run's result stands
     write_json(metrics_path, {**previous, "status": status, "error": message})
@@ -80,29 +74,37 @@ def _record_failure(run_dir: Path | None, status: str, message: str) -> None:
 
 def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], dict]) -> dict | None:
     """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions."""
-    run_dir: Path | None = None
+    run_dirs: list[Path] = []  # the run directory, once it exists: failures are recorded there
+
+    def body() -> dict:
+        run_dirs.append(prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run"))
+        return task(to_typed(cfg, schema), run_dirs[0])
+
+    return run_guarded(body, lambda: run_dirs[0] if run_dirs else None)
+
+
+def run_guarded(body: Callable[[], dict], run_dir: Callable[[], Path | None] = lambda: None) -> dict | None:
+    """The command-line conventions of every app: a project error is one clear line and exit code 1
+    (in a multirun, a failed job's result); Ctrl-C or a stop signal exits 130; a bug keeps its
+    traceback. The failure is recorded in ``run_dir()/metrics.json`` when there is one."""
     try:
-        run_dir = prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run")
-        typed = to_typed(cfg, schema)
-        return task(typed, run_dir)
+        return body()
     except KeyboardInterrupt:
-        _record_failure(run_dir, "interrupted", "interrupted by the user")
+        _record_failure(run_dir(), "interrupted", "interrupted by the user")
         log.error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except RepOptError as exc:
-        from .engine.trainer import Interrupted
-
         if isinstance(exc, Interrupted):
             log.warning(str(exc))
             sys.exit(EXIT_INTERRUPTED)
-        _record_failure(run_dir, "diverged" if isinstance(exc, DivergenceError) else "failed", str(exc))
+        _record_failure(run_dir(), status_of(exc), str(exc))
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
         if is_multirun():
             return {"status": "failed", "error": str(exc)}
         sys.exit(EXIT_FAILED)
     except Exception as exc:  # a bug: keep the traceback, record the failure
-        _record_failure(run_dir, "failed", f"{type(exc).__name__}: {exc}")
+        _record_failure(run_dir(), "failed", f"{type(exc).__name__}: {exc}")
         if is_multirun():
             log.error("job failed:\n%s", traceback.format_exc())
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

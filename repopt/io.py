@@ -61,6 +61,14 @@ def write_json(path, data: dict) -> None:
     write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path) -> Any:
+    """The file's JSON, or None when it is missing, unreadable or not JSON (a run that died early)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def torch_save(obj, path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

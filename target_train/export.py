@@ -26,9 +26,7 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
-from repopt.app import is_multirun
+from repopt.app import run_guarded
 from repopt.arch import ArchSpec
 from repopt.config import DataConfig, register_schema, to_typed
 from repopt.data import build_data
@@ -55,7 +53,6 @@ log = logging.getLogger("target_train.export")
 
 MAX_REL_DIFF = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
-EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 class ExportError(RepOptError, RuntimeError):
@@ -436,22 +433,7 @@ def format_table(r: dict) -> str:
 
 def run_export_app(cfg: DictConfig) -> dict | None:
     """The project's command-line conventions: bad input -> one clear line and exit code 1."""
-    try:
-        return export_run(to_typed(cfg, ExportConfig))
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
-    except RepOptError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
-        if is_multirun():
-            return {"status": "failed", "error": str(exc)}
-        sys.exit(EXIT_FAILED)
-    except Exception as exc:
-        if is_multirun():
-            log.error("job failed:\n%s", traceback.format_exc())
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-        raise
+    return run_guarded(lambda: export_run(to_typed(cfg, ExportConfig)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="export")

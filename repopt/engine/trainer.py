@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import TrainConfig
-from ..errors import CheckpointError, DivergenceError, RepOptError
+from ..errors import CheckpointError, DivergenceError, Interrupted
 from ..io import write_json, write_text
 from .checkpoint import load_checkpoint, save_checkpoint
 from .runtime import Runtime
@@ -66,10 +66,6 @@ def steps_per_epoch(cfg: TrainConfig, data) -> int:
     """Optimizer steps in one epoch: the train batches, capped by ``max_steps_per_epoch``."""
     n = len(data.train)
     return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
-
-
-class Interrupted(RepOptError):
-    """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
 
 
 @dataclass
