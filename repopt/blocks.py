@@ -36,6 +36,19 @@ def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
     return kernel
 
 
+def fuse_branches(w3: torch.Tensor, s_conv: torch.Tensor, w1: torch.Tensor, s_1x1: torch.Tensor,
+                  s_id: torch.Tensor | None = None) -> torch.Tensor:
+    """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the one 3x3 kernel a CSLA block's branches sum to.
+
+    Scales are per output channel. The identity adds s_id onto the kernel centres of the diagonal
+    in place (the kernel is a fresh tensor), instead of building a dense C x C x 3 x 3 identity.
+    """
+    w = w3 * s_conv.view(-1, 1, 1, 1) + F.pad(w1 * s_1x1.view(-1, 1, 1, 1), [1, 1, 1, 1])
+    if s_id is not None:
+        w[:, :, 1, 1].diagonal().add_(s_id)
+    return w
+
+
 class CSLABlock(nn.Module):
     """3x3 conv*s_conv + 1x1 conv*s_1x1 (+ x*s_id) -> BN -> ReLU.
 
@@ -69,12 +82,8 @@ class CSLABlock(nn.Module):
 
     def fused_kernel(self) -> torch.Tensor:
         """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the equivalent single 3x3 kernel."""
-        w = self.conv.weight * self.scale_conv.weight.view(-1, 1, 1, 1)
-        w = w + F.pad(self.conv_1x1.weight * self.scale_1x1.weight.view(-1, 1, 1, 1), [1, 1, 1, 1])
-        if self.has_identity:
-            eye = identity_kernel(w.shape[0], w.dtype, w.device)
-            w = w + eye * self.scale_identity.weight.view(-1, 1, 1, 1)
-        return w
+        return fuse_branches(self.conv.weight, self.scale_conv.weight, self.conv_1x1.weight, self.scale_1x1.weight,
+                             self.scale_identity.weight if self.has_identity else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_forward:

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from repopt.blocks import TargetBlock, identity_kernel
+from repopt.blocks import TargetBlock, fuse_branches
 from repopt.scales import validate_scales
 from repopt.vgg import RepOptVGG
 
@@ -28,15 +27,13 @@ def reinitialize(model: RepOptVGG, scales: Mapping[str, torch.Tensor], use_ident
     for spec, block in model.blocks():
         if not isinstance(block, TargetBlock):
             raise TypeError(f"reinitialize needs a target model, {spec.name} is a {type(block).__name__}")
-        conv = block.conv
-        w3 = conv.weight
+        w3 = block.conv.weight
         one_by_one = nn.Conv2d(spec.in_channels, spec.out_channels, 1, bias=False, device=w3.device, dtype=w3.dtype)
-        s_conv = scales[f"{spec.name}.scale_conv.weight"].to(w3).view(-1, 1, 1, 1)
-        s_1x1 = scales[f"{spec.name}.scale_1x1.weight"].to(w3).view(-1, 1, 1, 1)
-        fused = w3 * s_conv + F.pad(one_by_one.weight, [1, 1, 1, 1]) * s_1x1
+        s_id = None
         if spec.has_identity:
-            s_id = scales[f"{spec.name}.scale_identity.weight"].to(w3).view(-1, 1, 1, 1)
-            eye = identity_kernel(spec.out_channels, w3.dtype, w3.device)
-            fused = fused + eye * (s_id if use_identity_scales else 1.0)
-        conv.weight.copy_(fused)
+            s_id = scales[f"{spec.name}.scale_identity.weight"].to(w3)
+            if not use_identity_scales:
+                s_id = torch.ones_like(s_id)
+        w3.copy_(fuse_branches(w3, scales[f"{spec.name}.scale_conv.weight"].to(w3), one_by_one.weight,
+                               scales[f"{spec.name}.scale_1x1.weight"].to(w3), s_id))
     return model
