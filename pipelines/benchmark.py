@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,13 @@ from pathlib import Path
 import torch
 
 from pipelines.bench import hs_epoch, loader, opt_step, train_step
-from pipelines.bench.common import SECTIONS, DataSources, Settings, cpu_busy_fraction, machine_info, parse_data
+from pipelines.bench.common import (SECTIONS, DataSources, Settings, cpu_busy_fraction, load_average, machine_info,
+                                    parse_data)
 from pipelines.bench.report import evaluate_targets, format_table
 from repopt.arch import arch_names, get_arch
 from repopt.engine.runtime import resolve_device
 from repopt.errors import ConfigError
+from repopt.io import write_text
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -208,10 +209,7 @@ def run_benchmark(settings: Settings) -> dict:
             result["sections"][name] = runners[name]()
             result["sections"][name]["section_seconds"] = time.perf_counter() - t
     result["meta"]["total_seconds"] = time.perf_counter() - t0
-    try:
-        result["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        result["meta"]["load_average_end"] = None
+    result["meta"]["load_average_end"] = load_average()
     result["meta"]["other_cpu_busy_end"] = cpu_busy_fraction()
     result["meta"]["warnings"] = busy_warnings(result["meta"], settings)
     result["targets"] = evaluate_targets(result)
@@ -257,8 +255,7 @@ def _main(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2, default=str)
     if args.out:
         out = Path(args.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write_text(out, text + "\n")
         log.info("results written to %s", out)
     table = format_table(result)
     if args.json:

@@ -40,27 +40,27 @@ def require_onnxruntime():
 
 
 # ---------------------------------------------------------------------------- settings
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the kernel reports (Linux); empty where unknown."""
+def _cpuinfo_field(*prefixes: str) -> Optional[str]:
+    """The value of the first /proc/cpuinfo line starting with one of ``prefixes`` (Linux); None where absent."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(prefixes):
+                    return line.split(":", 1)[1]
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (Linux); empty where unknown."""
+    flags = _cpuinfo_field("flags", "Features")
+    return set() if flags is None else set(flags.split())
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo_field("model name")
+    return name.strip() if name is not None else platform.processor() or platform.machine()
 
 
 def has_vnni(flags: Optional[set[str]] = None) -> Optional[bool]:

@@ -18,7 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from repopt.arch import ArchSpec, get_arch
+from repopt.arch import ArchSpec
+from repopt.engine.runtime import Runtime
+from repopt.setup import place as _place
+from target_train.quantize import cpu_name
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -62,9 +65,9 @@ class Settings:
         return d
 
 
-def arch_spec(name: str) -> ArchSpec:
-    """An architecture with the ImageNet strides (2,2,2,2,2): the paper's setting, also on 32 px HS."""
-    return get_arch(name)
+def place(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """``repopt.setup.place``: ``model`` on the run's device, channels_last when the run trains in it."""
+    return _place(model, Runtime(settings.device, torch.bfloat16 if settings.amp else None, settings.channels_last))
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -113,6 +116,18 @@ def time_rounds(calls: dict, device: torch.device, repeats: int, warmup: int) ->
         for key, (fn, before) in calls.items():
             out[key].append(time_one(fn, device, before))
     return out
+
+
+def timing_note(device: torch.device, what: str) -> str:
+    """How the ``what`` (models, variants) of a section interleaved in rounds were timed."""
+    how = "CUDA events, synchronized before each step" if device.type == "cuda" else "time.perf_counter per step"
+    return f"{how}; {what} interleaved round by round"
+
+
+def ratio(rows: dict, a: str, b: str, field: str = "ms") -> Optional[float]:
+    """``rows[a][field] / rows[b][field]``, None where either row or value is missing or zero."""
+    va, vb = rows.get(a, {}).get(field), rows.get(b, {}).get(field)
+    return va / vb if va and vb else None
 
 
 def summarize_ms(samples: list[float]) -> dict:
@@ -226,38 +241,32 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------ machine facts
-def cpu_model() -> str:
+def load_average() -> Optional[list[float]]:
+    """The 1, 5 and 15 min load averages (rounded), None where the OS has none."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
 
 
 def machine_info(device: torch.device) -> dict:
     import torchvision
 
-    info = {
+    cpu = cpu_name()
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})",
+        "load_average_start": load_average(),
+        "other_cpu_busy_start": cpu_busy_fraction(),
     }
-    try:
-        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        info["load_average_start"] = None
-    info["other_cpu_busy_start"] = cpu_busy_fraction()
-    return info
 
 
 def cpu_busy_fraction(interval: float = 0.5) -> Optional[float]:

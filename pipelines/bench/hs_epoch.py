@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from hypersearch.model import build_hs_model
-from repopt.optim import param_groups, plain_optimizer
+from repopt.arch import get_arch
+from target_train import build_optimizer
 
-from .common import DataSources, Settings, Stopwatch, arch_spec, free_memory
+from .common import DataSources, Settings, Stopwatch, free_memory, place
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -28,15 +29,12 @@ BASE_LR, WD, MOMENTUM = 0.1, 4e-5, 0.9
 REFERENCE_IMAGES = 50_000  # one CIFAR training epoch
 
 
-def _one_variant(label: str, mode, arch, bundle, settings: Settings) -> dict:
+def _one_variant(label: str, mode, arch, bundle, lr: float, settings: Settings) -> dict:
     device = settings.device
     torch.manual_seed(settings.seed)
-    model = build_hs_model(arch, bundle.num_classes, mode="hs", fused_forward=True).to(device)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(build_hs_model(arch, bundle.num_classes, mode="hs", fused_forward=True), settings)
     model.train()
-    lr = BASE_LR * settings.hs_batch / 256
-    optimizer = plain_optimizer(param_groups(model, WD), "sgd", lr, momentum=MOMENTUM, nesterov=True)
+    optimizer = build_optimizer(model, "sgd", lr, WD, momentum=MOMENTUM, nesterov=True)
     forward = model
     if mode is not None:
         forward = torch.compile(model, mode=None if mode == "default" else mode)
@@ -61,7 +59,7 @@ def _one_variant(label: str, mode, arch, bundle, settings: Settings) -> dict:
         for x, y in bundle.train.epoch(1):
             losses.append(step(x, y))
     images = steps_per_epoch * settings.hs_batch
-    last_loss = float(torch.stack(losses).float()[-1]) if losses else float("nan")
+    last_loss = float(losses[-1]) if losses else float("nan")
     row = {
         "key": label, "label": f"HS epoch, {label}", "unit": "s/epoch", "value": epoch.seconds,
         "images": images, "images_per_s": images / epoch.seconds,
@@ -77,7 +75,8 @@ def _one_variant(label: str, mode, arch, bundle, settings: Settings) -> dict:
 def run(settings: Settings, sources: DataSources) -> dict:
     device = settings.device
     bundle = sources.bundle()
-    arch = arch_spec(settings.hs_arch)
+    arch = get_arch(settings.hs_arch)
+    lr = BASE_LR * settings.hs_batch / 256
     variants: list[tuple[str, object]] = [("eager", None)]
     notes: list[str] = []
     if settings.compile:
@@ -87,7 +86,7 @@ def run(settings: Settings, sources: DataSources) -> dict:
     rows = []
     for label, mode in variants:
         try:
-            rows.append(_one_variant(label, mode, arch, bundle, settings))
+            rows.append(_one_variant(label, mode, arch, bundle, lr, settings))
         except Exception as exc:  # noqa: BLE001 - a failing compile mode is reported, the others still run
             msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             notes.append(f"{label} failed: {type(exc).__name__}: {msg}")
@@ -104,7 +103,7 @@ def run(settings: Settings, sources: DataSources) -> dict:
         "title": f"HS epoch {arch.name} 32px batch {settings.hs_batch}",
         "settings": {"arch": arch.name, "strides": list(arch.strides), "data": settings.data,
                      "images": int(bundle.train.num_samples), "batch": settings.hs_batch, "drop_last": True,
-                     "steps_per_epoch": len(bundle.train), "lr": BASE_LR * settings.hs_batch / 256, "momentum": MOMENTUM,
+                     "steps_per_epoch": len(bundle.train), "lr": lr, "momentum": MOMENTUM,
                      "nesterov": True, "weight_decay": WD, "amp": "bf16" if settings.amp else "off",
                      "channels_last": settings.channels_last, "compile_modes": [m for _, m in variants if m]},
         "rows": rows,

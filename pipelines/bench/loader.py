@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .common import DataSources, Settings, Stopwatch, free_memory
+from .common import DataSources, Settings, Stopwatch, free_memory, parse_data
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -109,5 +109,5 @@ def run(settings: Settings, sources: DataSources) -> dict:
             "device_over_repopt_dataloader": dev / rows["repopt_dataloader"]["value"],
         },
         "notes": ["with an image folder, loader=dataloader decodes the JPEG files in its workers (PIL) while the other "
-                  "two start from the decoded uint8 images"] if sources.config().name == "imagefolder" else [],
+                  "two start from the decoded uint8 images"] if parse_data(settings.data)[0] == "cifar10-jpeg" else [],
     }

@@ -13,10 +13,11 @@ import logging
 
 import torch
 
+from repopt.arch import get_arch
 from repopt.optim import param_groups
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
-from .common import Settings, arch_spec, free_memory, random_scales, summarize_ms, time_rounds
+from .common import Settings, free_memory, random_scales, ratio, summarize_ms, time_rounds, timing_note
 from .reference import LoopMaskedAdamW, LoopMaskedSGD
 
 log = logging.getLogger("repopt.benchmark")
@@ -51,15 +52,9 @@ def _adamw_variants():
     ]
 
 
-def _ratio(rows: dict, a: str, b: str):
-    if a in rows and b in rows and rows[a].get("ms") and rows[b].get("ms"):
-        return rows[a]["ms"] / rows[b]["ms"]
-    return None
-
-
 def run(settings: Settings) -> dict:
     device = settings.device
-    arch = arch_spec(settings.opt_arch)
+    arch = get_arch(settings.opt_arch)
     torch.manual_seed(settings.seed)
     model = build_target_model(arch, settings.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,7 +71,7 @@ def run(settings: Settings) -> dict:
     rows: dict[str, dict] = {}
     notes: list[str] = []
     plan = [("sgd", SGD_WD, v) for v in _sgd_variants()] + [("adamw", ADAMW_WD, v) for v in _adamw_variants()]
-    optimizers, calls, meta = {}, {}, {}
+    calls, meta = {}, {}
     opt = None
     for rule, wd, (key, label, factory, mutates) in plan:
         try:  # construct and take the first (untimed) step: some fused kernels only refuse a device there
@@ -88,7 +83,6 @@ def run(settings: Settings) -> dict:
             continue
         finally:
             restore()
-        optimizers[key] = opt
         calls[key] = (opt.step, restore if mutates else None)
         meta[key] = (label, rule)
     del opt
@@ -99,26 +93,25 @@ def run(settings: Settings) -> dict:
         rows[key]["value"] = rows[key]["ms"]
         log.info("opt: %-34s %9.3f ms/step (median of %d)", label, rows[key]["ms"], len(ms))
     restore()
-    del optimizers, calls
+    del calls
     n_params = sum(p.numel() for p in params)
     if "sgd_fused" in rows:
         gb_s = FUSED_SGD_BYTES_PER_WEIGHT * n_params / (rows["sgd_fused"]["ms"] * 1e6)
         notes.append(f"torch fused SGD moves {FUSED_SGD_BYTES_PER_WEIGHT} bytes per fp32 weight (reads p, g, buf; writes p, buf): "
                      f"{gb_s:,.0f} GB/s effective. A masked step moves at least as much, so loop / torch fused SGD "
                      "bounds loop / RepOptSGD when the device is bandwidth-bound.")
-    free_memory(device)
     ratios = {
-        "repopt_sgd_over_sgd_foreach": _ratio(rows, "repopt_sgd_foreach", "sgd_foreach"),
-        "repopt_sgd_over_sgd_fused": _ratio(rows, "repopt_sgd_fused", "sgd_fused"),
-        "loop_over_repopt_sgd_foreach": _ratio(rows, "loop_sgd", "repopt_sgd_foreach"),
-        "loop_over_repopt_sgd_fused": _ratio(rows, "loop_sgd", "repopt_sgd_fused"),
-        "repopt_sgd_compiled_over_sgd_fused": _ratio(rows, "repopt_sgd_compiled", "sgd_fused"),
-        "loop_over_repopt_sgd_compiled": _ratio(rows, "loop_sgd", "repopt_sgd_compiled"),
+        "repopt_sgd_over_sgd_foreach": ratio(rows, "repopt_sgd_foreach", "sgd_foreach"),
+        "repopt_sgd_over_sgd_fused": ratio(rows, "repopt_sgd_fused", "sgd_fused"),
+        "loop_over_repopt_sgd_foreach": ratio(rows, "loop_sgd", "repopt_sgd_foreach"),
+        "loop_over_repopt_sgd_fused": ratio(rows, "loop_sgd", "repopt_sgd_fused"),
+        "repopt_sgd_compiled_over_sgd_fused": ratio(rows, "repopt_sgd_compiled", "sgd_fused"),
+        "loop_over_repopt_sgd_compiled": ratio(rows, "loop_sgd", "repopt_sgd_compiled"),
         # the ceiling of loop / RepOptSGD: torch's fused SGD does the same memory traffic minus the mask
-        "loop_over_sgd_fused": _ratio(rows, "loop_sgd", "sgd_fused"),
-        "repopt_adamw_over_adamw_foreach": _ratio(rows, "repopt_adamw", "adamw_foreach"),
-        "repopt_adamw_over_adamw_fused": _ratio(rows, "repopt_adamw", "adamw_fused"),
-        "loop_over_repopt_adamw": _ratio(rows, "loop_adamw", "repopt_adamw"),
+        "loop_over_sgd_fused": ratio(rows, "loop_sgd", "sgd_fused"),
+        "repopt_adamw_over_adamw_foreach": ratio(rows, "repopt_adamw", "adamw_foreach"),
+        "repopt_adamw_over_adamw_fused": ratio(rows, "repopt_adamw", "adamw_fused"),
+        "loop_over_repopt_adamw": ratio(rows, "loop_adamw", "repopt_adamw"),
     }
     n_masked = len(masks["sgd"])
     result = {
@@ -128,8 +121,7 @@ def run(settings: Settings) -> dict:
             "num_params": n_params, "num_tensors": len(params), "num_masked_tensors": n_masked,
             "steps": settings.steps, "warmup": settings.warmup,
             "sgd": {**SGD_ARGS, "weight_decay": SGD_WD}, "adamw": {**ADAMW_ARGS, "weight_decay": ADAMW_WD},
-            "timing": ("CUDA events, synchronized before each step" if device.type == "cuda" else "time.perf_counter per step")
-            + "; variants interleaved round by round",
+            "timing": timing_note(device, "variants"),
         },
         "rows": list(rows.values()),
         "ratios": ratios,

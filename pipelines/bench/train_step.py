@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from hypersearch.model import build_hs_model
-from repopt.optim import param_groups, plain_optimizer
+from repopt.arch import get_arch
 from target_train import build_optimizer, build_repopt, build_repvgg_model, build_target_model
 
-from .common import PeakMemory, Settings, arch_spec, free_memory, random_scales, summarize_ms, time_rounds
+from .common import (PeakMemory, Settings, free_memory, place, random_scales, ratio, summarize_ms, time_rounds,
+                     timing_note)
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -30,36 +31,32 @@ LR, WD = 0.1, 4e-5
 
 def _variants(arch, settings: Settings):
     """(key, label, build() -> (model, optimizer))."""
-    device, cl = settings.device, settings.channels_last
-
-    def place(model):
-        model = model.to(device)
-        return model.to(memory_format=torch.channels_last) if cl else model
 
     def target():
-        model = place(build_target_model(arch, settings.num_classes))
+        model = place(build_target_model(arch, settings.num_classes), settings)
         return model, build_repopt(model, random_scales(arch, settings.seed), "sgd", lr=LR, weight_decay=WD)
 
-    def repvgg():
-        model = place(build_repvgg_model(arch, settings.num_classes))
-        return model, build_optimizer(model, "sgd", LR, WD)
+    def plain(build_model):
+        def build():
+            model = place(build_model(), settings)
+            return model, build_optimizer(model, "sgd", LR, WD)
+        return build
 
     def hs(fused):
-        def build():
-            model = place(build_hs_model(arch, settings.num_classes, mode="hs", fused_forward=fused))
-            return model, plain_optimizer(param_groups(model, WD), "sgd", LR)
-        return build
+        return plain(lambda: build_hs_model(arch, settings.num_classes, mode="hs", fused_forward=fused))
 
     return [
         ("target", "RepOpt-VGG target + RepOptSGD", target),
-        ("repvgg", "RepVGG (multi-branch) + SGD", repvgg),
+        ("repvgg", "RepVGG (multi-branch) + SGD", plain(lambda: build_repvgg_model(arch, settings.num_classes))),
         ("hs_unfused", "HS/CSLA, fused_forward=False + SGD", hs(False)),
         ("hs_fused", "HS/CSLA, fused_forward=True + SGD", hs(True)),
     ]
 
 
 def make_step(model, optimizer, x, y, settings: Settings):
+    """One training step; ``step.last["loss"]`` is the loss of its latest call."""
     amp = settings.amp
+    last = {}
 
     def step():
         with torch.autocast(settings.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -67,14 +64,16 @@ def make_step(model, optimizer, x, y, settings: Settings):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        last["loss"] = loss
         return loss
 
+    step.last = last
     return step
 
 
 def run(settings: Settings) -> dict:
     device = settings.device
-    arch = arch_spec(settings.train_arch)
+    arch = get_arch(settings.train_arch)
     g = torch.Generator().manual_seed(settings.seed)
     x = torch.randn(settings.batch, 3, settings.resolution, settings.resolution, generator=g).to(device)
     if settings.channels_last:
@@ -101,41 +100,34 @@ def run(settings: Settings) -> dict:
         step = make_step(model, optimizer, x, y, settings)
         for _ in range(max(settings.warmup, 1)):
             step()
-        rows[key] = {"key": key, "label": label, "unit": "img/s", "peak_mem_mib": probe.stop(), "mem_kind": probe.kind}
+        rows[key] = {"key": key, "label": label, "unit": "img/s", "value": None, "peak_mem_mib": probe.stop(),
+                     "mem_kind": probe.kind}
         live[key] = (model, optimizer)
         calls[key] = (step, None)
     # time: interleaved rounds, one step of every model per round
     samples = time_rounds(calls, device, settings.steps, 0)
     for key, ms in samples.items():
         summary = summarize_ms(ms)
-        loss = float(calls[key][0]().detach())
+        loss = float(calls[key][0].last["loss"].detach())  # the last timed step's
         rows[key].update(value=settings.batch / (summary["ms"] / 1e3), **summary, loss_finite=math.isfinite(loss))
         peak = rows[key]["peak_mem_mib"]
         log.info("train: %-36s %9.1f img/s  %8.1f ms/step  peak %s MiB", rows[key]["label"], rows[key]["value"],
                  summary["ms"], "n/a" if peak is None else f"{peak:.0f}")
     del live, calls, samples, model, optimizer, step
     free_memory(device)
-    rows = {k: {"key": r["key"], "label": r["label"], "unit": r["unit"], "value": r["value"],
-                **{f: v for f, v in r.items() if f not in ("key", "label", "unit", "value")}} for k, r in rows.items()}
-
-    def ratio(a, b, field):
-        va, vb = rows[a].get(field), rows[b].get(field)
-        return va / vb if va and vb else None
-
     return {
         "title": f"training step {arch.name} {settings.resolution}px batch {settings.batch}",
         "settings": {
             "arch": arch.name, "resolution": settings.resolution, "batch": settings.batch, "num_classes": settings.num_classes,
             "steps": settings.steps, "warmup": settings.warmup, "amp": "bf16" if settings.amp else "off",
             "channels_last": settings.channels_last, "lr": LR, "weight_decay": WD, "memory": probe.kind,
-            "timing": ("CUDA events, synchronized before each step" if device.type == "cuda" else "time.perf_counter per step")
-            + "; models interleaved round by round",
+            "timing": timing_note(device, "models"),
         },
         "rows": list(rows.values()),
         "ratios": {
-            "target_over_repvgg_img_s": ratio("target", "repvgg", "value"),
-            "target_over_repvgg_peak_mem": ratio("target", "repvgg", "peak_mem_mib"),
-            "hs_fused_over_hs_unfused_img_s": ratio("hs_fused", "hs_unfused", "value"),
+            "target_over_repvgg_img_s": ratio(rows, "target", "repvgg", "value"),
+            "target_over_repvgg_peak_mem": ratio(rows, "target", "repvgg", "peak_mem_mib"),
+            "hs_fused_over_hs_unfused_img_s": ratio(rows, "hs_fused", "hs_unfused", "value"),
         },
         "notes": [] if device.type == "cuda" else [
             "CPU memory is the rise of the process's peak RSS while the model was built and trained: it includes "
