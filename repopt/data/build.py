@@ -62,17 +62,13 @@ def build_data(
     stored = int(splits.train_images.shape[-1])
     common = dict(mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
     if cfg.loader == "dataloader":
-        train = LoaderBatches(
+        train, test = _loader_pair(
+            cfg, device,
             TensorImages(splits.train_images, splits.train_labels),
             small_transforms(True, stored, train_size, cfg.crop_padding, cfg.hflip),
-            device, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last,
-            num_workers=cfg.num_workers, **common,
-        )
-        test = LoaderBatches(
             TensorImages(splits.test_images, splits.test_labels),
             small_transforms(False, stored, cfg.image_size, 0, False),
-            device, batch_size=cfg.eval_batch_size, train=False, drop_last=False,
-            num_workers=cfg.num_workers, **common,
+            **common,
         )
     else:
         train = TensorBatches(
@@ -84,9 +80,20 @@ def build_data(
             drop_last=False, out_size=cfg.image_size, **common,
         )
     return DataBundle(
-        name=cfg.name, num_classes=len(splits.class_names), image_size=cfg.image_size,
-        class_names=list(splits.class_names), train=train, test=test, mean=tuple(mean), std=tuple(std),
+        name=cfg.name, num_classes=len(splits.class_names), class_names=list(splits.class_names),
+        train=train, test=test, mean=tuple(mean), std=tuple(std),
     )
+
+
+def _loader_pair(cfg: DataConfig, device: torch.device, train_base, train_transform, test_base, test_transform, *,
+                 mean, std, seed: int, rank: int, world_size: int) -> tuple[LoaderBatches, LoaderBatches]:
+    """The worker-DataLoader train stream (shuffled, augmented, global batch) and test stream (eval batch)."""
+    common = dict(mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
+    train = LoaderBatches(train_base, train_transform, device, batch_size=cfg.batch_size, train=True,
+                          drop_last=cfg.drop_last, num_workers=cfg.num_workers, **common)
+    test = LoaderBatches(test_base, test_transform, device, batch_size=cfg.eval_batch_size, train=False,
+                         drop_last=False, num_workers=cfg.num_workers, **common)
+    return train, test
 
 
 def _validate(cfg: DataConfig, rank: int, world_size: int, train_transform_size: Optional[int]) -> None:
@@ -191,19 +198,16 @@ def _folder_loader(cfg: DataConfig, device: torch.device, seed: int, rank: int, 
         bases.append(ds if keep is None else Subset(ds, keep.tolist()))
     _check_batch(cfg, len(bases[0]))
     mean, std = IMAGENET_STATS
-    common = dict(mean=mean, std=std, seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
-    train = LoaderBatches(
+    train, test = _loader_pair(
+        cfg, device,
         bases[0],
         folder_transforms(True, train_size, padding=cfg.crop_padding, hflip=cfg.hflip,
                           random_resized_crop=cfg.random_resized_crop),
-        device, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **common,
-    )
-    test = LoaderBatches(
         bases[1],
         folder_transforms(False, cfg.image_size, padding=0, hflip=False, random_resized_crop=False),
-        device, batch_size=cfg.eval_batch_size, train=False, drop_last=False, **common,
+        mean=mean, std=std, seed=seed, rank=rank, world_size=world_size,
     )
     return DataBundle(
-        name=cfg.name, num_classes=len(train_split.classes), image_size=cfg.image_size,
-        class_names=list(train_split.classes), train=train, test=test, mean=mean, std=std,
+        name=cfg.name, num_classes=len(train_split.classes), class_names=list(train_split.classes),
+        train=train, test=test, mean=mean, std=std,
     )

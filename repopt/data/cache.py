@@ -6,13 +6,13 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..config import DataConfig
+from ..io import torch_save
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,11 @@ def save(name: str, payload: dict, dirs: Sequence[Path]) -> Optional[Path]:
     """Write ``payload`` to the first writable folder (temp file + rename); None if none is writable."""
     payload = dict(payload, format=FORMAT)
     for d in dirs:
-        tmp = None
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / name)
-            tmp = None
+            torch_save(payload, d / name)
             log.info("cached decoded images in %s", d / name)
             return d / name
         except OSError as exc:
             log.info("cannot write the image cache in %s (%s); trying the next place", d, exc)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
     log.warning("could not write the decoded-image cache anywhere (%s)", ", ".join(map(str, dirs)))
     return None

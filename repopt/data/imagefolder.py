@@ -30,9 +30,14 @@ class FolderSplit:
     labels: list[int]
 
 
+def data_root(cfg: DataConfig) -> Path:
+    """``data.root`` with ``~`` expanded, as an absolute path."""
+    return Path(os.path.expanduser(cfg.root)).absolute()
+
+
 def find_splits(cfg: DataConfig) -> tuple[Path, Path, Path]:
     """``(root, train_dir, test_dir)``: ``train/`` plus ``val/`` when present, else ``test/``."""
-    root = Path(os.path.expanduser(cfg.root)).absolute()
+    root = data_root(cfg)
     if not root.is_dir():
         raise DataError(
             f"data.root {root} does not exist (data=imagefolder); point data.root at a folder with "

@@ -8,9 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ..errors import DataError
 from .augment import normalizer, to_float
-from .seeding import AUGMENT_STREAM, epoch_permutation, mix_seed, num_batches, shard_bounds
+from .seeding import AUGMENT_STREAM, batch_shards, check_start, epoch_permutation, mix_seed, num_batches
 
 _MASK63 = (1 << 63) - 1
 
@@ -78,10 +77,7 @@ class EpochBatchSampler:
     def set_epoch(self, epoch: int, start: int) -> None:
         perm = epoch_permutation(self.n, self.seed, epoch, self.shuffle).tolist()
         self.batches = []
-        for b in range(start, self.total()):
-            lo = b * self.batch_size
-            size = min(self.batch_size, self.n - lo)
-            r0, r1 = shard_bounds(size, self.rank, self.world_size)
+        for b, lo, r0, r1 in batch_shards(self.n, self.batch_size, start, self.total(), self.rank, self.world_size):
             base = mix_seed(self.seed, epoch, AUGMENT_STREAM, b) if self.seeded else None
             self.batches.append([(perm[lo + j], None if base is None else (base + j) & _MASK63) for j in range(r0, r1)])
 
@@ -118,10 +114,8 @@ class LoaderBatches:
     ):
         self.device = torch.device(device)
         self.num_samples = len(base)
-        self.batch_size = batch_size
-        self.drop_last = drop_last and train
         self.sampler = EpochBatchSampler(
-            self.num_samples, batch_size, drop_last=self.drop_last, shuffle=train, seeded=train,
+            self.num_samples, batch_size, drop_last=drop_last and train, shuffle=train, seeded=train,
             seed=seed, rank=rank, world_size=world_size,
         )
         workers = max(int(num_workers), 0)
@@ -139,9 +133,7 @@ class LoaderBatches:
         return self.sampler.total()
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        total = len(self)
-        if not 0 <= start <= total:
-            raise DataError(f"start batch {start} is outside this epoch's 0..{total} batches")
+        check_start(start, len(self))
         self.sampler.set_epoch(epoch, start)
         return self._iterate()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
+
+from ..errors import DataError
 
 _MASK64 = (1 << 64) - 1
 
@@ -47,3 +51,19 @@ def shard_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def check_start(start: int, total: int) -> None:
+    """Refuse a start batch outside ``0..total`` (``total`` itself is an empty rest of the epoch)."""
+    if not 0 <= start <= total:
+        raise DataError(f"start batch {start} is outside this epoch's 0..{total} batches")
+
+
+def batch_shards(n: int, batch_size: int, start: int, total: int, rank: int,
+                 world_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(b, lo, r0, r1)`` for batches ``start..total-1`` of ``n`` samples: global batch ``b`` begins at
+    sample ``lo`` of the epoch order and this rank keeps its positions ``[r0, r1)`` of it."""
+    for b in range(start, total):
+        lo = b * batch_size
+        r0, r1 = shard_bounds(min(batch_size, n - lo), rank, world_size)
+        yield b, lo, r0, r1

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import DataError
 from .augment import crop_flip, crop_params, normalizer, to_float
-from .seeding import AUGMENT_STREAM, epoch_permutation, generator, num_batches, shard_bounds
+from .seeding import AUGMENT_STREAM, batch_shards, check_start, epoch_permutation, generator, num_batches
 
 
 class TensorBatches:
@@ -48,7 +48,6 @@ class TensorBatches:
         self.num_samples = int(images.shape[0])
         self.batch_size = int(batch_size)
         self.augment = augment
-        self.shuffle = augment
         self.drop_last = drop_last and augment
         self.seed = int(seed)
         self.padding = int(padding) if augment else 0
@@ -62,8 +61,7 @@ class TensorBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         total = len(self)
-        if not 0 <= start <= total:
-            raise DataError(f"start batch {start} is outside this epoch's 0..{total} batches")
+        check_start(start, total)
         return self._iterate(epoch, start, total)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -73,17 +71,14 @@ class TensorBatches:
         return tensor.to(self.device)
 
     def _iterate(self, epoch: int, start: int, total: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = self._to_device(epoch_permutation(self.num_samples, self.seed, epoch, self.shuffle))
+        perm = self._to_device(epoch_permutation(self.num_samples, self.seed, epoch, self.augment))
         augment = self.augment and (self.padding > 0 or self.hflip)
         if augment and start < total:  # the epoch's crop/flip draws, each batch from its own generator, copied once
             all_params = self._to_device(torch.cat([
                 crop_params(min(self.batch_size, self.num_samples - b * self.batch_size), self.padding, self.hflip,
                             generator(self.seed, epoch, AUGMENT_STREAM, b))
                 for b in range(start, total)], dim=1))
-        for b in range(start, total):
-            lo = b * self.batch_size
-            size = min(self.batch_size, self.num_samples - lo)
-            r0, r1 = shard_bounds(size, self.rank, self.world_size)
+        for b, lo, r0, r1 in batch_shards(self.num_samples, self.batch_size, start, total, self.rank, self.world_size):
             idx = perm[lo + r0 : lo + r1]
             x = self.images.index_select(0, idx)
             if augment:

@@ -22,6 +22,7 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 
 from ..config import DataConfig
 from ..errors import DataError
+from .imagefolder import data_root
 from .stats import CIFAR10_STATS, CIFAR100_STATS, FASHIONMNIST_STATS
 from .types import TensorSplits
 
@@ -62,10 +63,6 @@ def _unverified(cls: type) -> type:
     return type(f"Unverified{cls.__name__}", (cls,), {"_check_integrity": _check_integrity, "meta": meta})
 
 
-def _root(cfg: DataConfig) -> Path:
-    return Path(os.path.expanduser(cfg.root)).absolute()
-
-
 def _extract(archive: Path, dest: Path) -> None:
     log.info("extracting %s into %s", archive, dest)
     try:
@@ -99,7 +96,7 @@ def load_cifar(name: str, cfg: DataConfig) -> TensorSplits:
     # The checksums (when asked for) are checked here once; torchvision's parser then reads the
     # files without hashing them again for each split.
     cls = _unverified(base)
-    root = _root(cfg)
+    root = data_root(cfg)
     folder, archive = root / base.base_folder, root / base.filename
     state = _cifar_state(base, root, cfg.verify_checksums)
     if state != "ok" and archive.is_file():
@@ -175,7 +172,7 @@ def _fmnist_raw(root: Path) -> Path:
 def load_fashionmnist(cfg: DataConfig) -> TensorSplits:
     spec = _SPECS["fashionmnist"]
     cls = datasets.FashionMNIST
-    root = _root(cfg)
+    root = data_root(cfg)
     raw = _fmnist_raw(root)
     resources = [(raw / f, raw / f[: -len(".gz")], md5) for f, md5 in cls.resources]
     missing = [(gz, plain, md5) for gz, plain, md5 in resources if not plain.is_file()]

@@ -32,7 +32,6 @@ class DataBundle:
 
     name: str
     num_classes: int
-    image_size: int
     class_names: list[str]
     train: Batches
     test: Batches
