@@ -31,9 +31,8 @@ log = logging.getLogger("hypersearch")
 def set_constant_init(model, value: float = 1.0) -> None:
     """The ``scale_init=constant`` ablation: every scale starts at ``value``."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.split(".")[-2].startswith("scale_"):
-                param.fill_(value)
+        for param in model.scale_parameters().values():
+            param.fill_(value)
 
 
 def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from repopt.errors import ConfigError
-
 from repopt.arch import ArchSpec
-from repopt.blocks import CSLABlock
-from repopt.vgg import RepOptVGG
+from repopt.errors import ConfigError
+from repopt.vgg import RepOptVGG, unwrap
 
 
 def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fused_forward: bool = False) -> RepOptVGG:
@@ -21,15 +19,7 @@ def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fus
 
 def extract_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """The learned scales as detached float32 CPU tensors under the official key names."""
-    model = getattr(model, "module", model)  # DDP / compile wrappers
-    model = getattr(model, "_orig_mod", model)
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CSLABlock):
-            for kind in ("scale_conv", "scale_1x1", "scale_identity"):
-                layer = getattr(module, kind, None)
-                if layer is not None:
-                    out[f"{name}.{kind}.weight"] = layer.weight.detach().to("cpu", torch.float32).clone()
-    if not out:
+    model = unwrap(model)
+    if not isinstance(model, RepOptVGG) or model.mode not in ("hs", "csla"):
         raise ValueError("extract_scales: the model has no CSLA blocks (build it with build_hs_model)")
-    return out
+    return {key: p.detach().to("cpu", torch.float32).clone() for key, p in model.scale_parameters().items()}

@@ -11,6 +11,12 @@ from .errors import ConfigError
 MODES = ("hs", "csla", "target", "repvgg", "deploy")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Module:
     if mode in ("hs", "csla"):
         return CSLABlock(spec, mode, fused_forward=fused_forward)
@@ -46,6 +52,12 @@ class RepOptVGG(nn.Module):
         """(BlockSpec, module) pairs in network order."""
         modules = dict(self.named_modules())
         return [(spec, modules[spec.name]) for spec in self.arch.blocks]
+
+    def scale_parameters(self) -> dict[str, nn.Parameter]:
+        """The CSLA branch scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""
+        if self.mode not in ("hs", "csla"):
+            raise ConfigError(f"a {self.mode!r} model has no branch scales; build it with mode='hs' or 'csla'")
+        return {key: self.get_parameter(key) for key in self.arch.scale_shapes()}
 
     def forward(self, x):
         for stage in (self.stage0, self.stage1, self.stage2, self.stage3, self.stage4):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repopt.blocks import CSLABlock, DeployBlock, RepVGGBlock, TargetBlock, identity_kernel
-from repopt.vgg import RepOptVGG
+from repopt.vgg import RepOptVGG, unwrap
 
 
 def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +48,7 @@ def fold_block(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def fuse(model: RepOptVGG) -> RepOptVGG:
     """A new ``mode="deploy"`` model, in eval mode, computing what ``model`` computes in eval mode."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     ref = next(model.parameters())
     deployed = RepOptVGG(model.arch, model.num_classes, mode="deploy").to(device=ref.device, dtype=ref.dtype)
     target_blocks = dict(deployed.blocks())

@@ -63,11 +63,9 @@ def paired_models(arch, num_classes: int, scales, dtype, seed: int):
     """A CSLA model with the given scales and a target model holding its fused kernels."""
     torch.manual_seed(seed)
     csla = build_hs_model(arch, num_classes, mode="csla").to(dtype)
-    for name, module in csla.named_modules():
-        for kind in ("scale_conv", "scale_1x1", "scale_identity"):
-            layer = getattr(module, kind, None)
-            if layer is not None and isinstance(layer, torch.nn.Module) and f"{name}.{kind}.weight" in scales:
-                layer.weight.copy_(scales[f"{name}.{kind}.weight"].to(dtype))
+    for key, param in csla.scale_parameters().items():
+        if key in scales:
+            param.copy_(scales[key].to(dtype))
     # non-trivial BN affine params so that BN is exercised
     for module in csla.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
