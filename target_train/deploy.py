@@ -11,37 +11,39 @@ The batch dimension is dynamic.
 
 from __future__ import annotations
 
-import io
+import copy
 from pathlib import Path
 
 import torch
 
+from repopt.errors import ConfigError
 from repopt.io import atomic_path
+from repopt.vgg import unwrap
 
 from .fuse import fuse
 
+MAX_REL_DIFF = 1e-4  # a deployed or exported model must reproduce the trained one's logits to this
 
-def export_deployed(model, path: Path, image_size: int, example_batch: int = 2) -> dict:
-    """Fold ``model`` on the CPU in fp32, export it, reload it and compare logits with ``model``."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    was_training = model.training
-    model.eval()
-    cpu_model = _cpu_copy(model)
+
+def rel_diff(out, ref) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def export_deployed(model, path: Path, image_size: int) -> dict:
+    """Fold a CPU fp32 copy of ``model``, export it, reload it and check its logits against the copy's."""
+    cpu_model = copy.deepcopy(unwrap(model)).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
     deployed = fuse(cpu_model)
-    x = torch.randn(max(example_batch, 2), 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(deployed, (x,), dynamic_shapes={"x": {0: batch}})
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-    reloaded = load_deployed(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)
     with torch.no_grad():
-        reference = cpu_model(x)
-        out = reloaded(x)
-    model.train(was_training)
-    diff = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+        diff = rel_diff(load_deployed(path)(x), cpu_model(x))
+    if not diff <= MAX_REL_DIFF:
+        raise ConfigError(f"deploy.pt does not reproduce the trained model (max rel diff {diff:.2e})")
     return {"deploy_file": str(path), "deploy_max_rel_diff": diff}
 
 
@@ -49,10 +51,3 @@ def load_deployed(path) -> torch.nn.Module:
     """Load a ``deploy.pt`` written by ``export_deployed``."""
     with open(path, "rb") as f:
         return torch.export.load(f).module()
-
-
-def _cpu_copy(model):
-    import copy
-
-    clone = copy.deepcopy(model).to("cpu", torch.float32)
-    return clone.to(memory_format=torch.contiguous_format).eval()

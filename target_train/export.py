@@ -47,11 +47,11 @@ from repopt.io import sha256_file, write_json
 from repopt.vgg import RepOptVGG
 
 from . import quantize as q
+from .deploy import MAX_REL_DIFF, rel_diff
 from .fuse import fuse
 
 log = logging.getLogger("target_train.export")
 
-MAX_REL_DIFF = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -244,11 +244,6 @@ def onnx_opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def rel_diff(out, ref) -> float:
-    out, ref = torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def node_types(path: Path) -> dict[str, int]:
