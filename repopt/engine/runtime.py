@@ -38,6 +38,14 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def autocast(self):
+        """The run's mixed precision for a forward pass (a no-op context without AMP)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def input_format(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch in the memory format the model was placed in."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def describe(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..errors import CheckpointError, DivergenceError, Interrupted
-from ..io import write_json, write_text
+from ..io import atomic_path, write_json, write_text
 from .checkpoint import load_checkpoint, save_checkpoint
 from .runtime import Runtime
 
@@ -119,10 +120,8 @@ def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> d
     top5 = torch.zeros((), device=runtime.device, dtype=torch.float64)
     count = 0
     for x, y in batches.epoch(0):
-        if runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None):
-            logits = model(x)
+        with runtime.autocast():
+            logits = model(runtime.input_format(x))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.topk(k, dim=1).indices
@@ -197,6 +196,13 @@ class Trainer:
             save_checkpoint(self.run_dir / name, self.checkpoint_state())
         self.runtime.barrier()
 
+    def copy_last(self, name: str) -> None:
+        """``last.pt`` as just saved, under another name (byte for byte: no second serialization)."""
+        if self.runtime.is_main:
+            with atomic_path(self.run_dir / name) as tmp:
+                shutil.copyfile(self.last_path, tmp)
+        self.runtime.barrier()
+
     def restore(self, path: Path | None = None) -> bool:
         """Load ``last.pt`` (if present) into model/optimizer/scheduler/run state; True if resumed."""
         path = path or self.last_path
@@ -262,10 +268,8 @@ class Trainer:
         try:
             for step in range(st.step_in_epoch, self.steps_per_epoch):
                 x, y = next(batches)
-                if rt.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
-                    logits = model(x)
+                with rt.autocast():
+                    logits = model(rt.input_format(x))
                     loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 if self.scaler is not None:
@@ -371,7 +375,7 @@ class Trainer:
             self.write_history()
         self.save()
         if self.write_best and improved:
-            self.save("best.pt")
+            self.copy_last("best.pt")
         log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f  (%.1f s, %.0f img/s)", epoch + 1, self.cfg.epochs,
                  row["train_loss"], row["test_top1"], row["test_top5"], seconds, row["images_per_sec"])
         return row
