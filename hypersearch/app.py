@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from repopt.app import run_app
 from repopt.arch import get_arch
-from repopt.config import HSConfig, to_plain
+from repopt.blocks import CSLA_MODES
+from repopt.config import HSConfig
 from repopt.errors import ConfigError
 from repopt.io import sha256_file
 from repopt.optim import param_groups, plain_optimizer
@@ -37,7 +38,7 @@ def set_constant_init(model, value: float = 1.0) -> None:
 
 def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:
     arch = get_arch(cfg.arch.name, cfg.arch.strides)
-    if cfg.mode not in ("hs", "csla"):
+    if cfg.mode not in CSLA_MODES:  # before the data is loaded
         raise ConfigError(f"mode={cfg.mode!r}: choose hs or csla")
     if cfg.scale_init not in ("paper", "constant"):
         raise ConfigError(f"scale_init={cfg.scale_init!r}: choose paper or constant")
@@ -61,7 +62,7 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:
     metadata = {
         "arch": arch.to_dict(), "source_run": str(run_dir), "dataset": data.name, "num_classes": data.num_classes,
         "hs_top1": metrics["top1"], "hs_top5": metrics["top5"], "epochs": metrics["epochs"], "mode": cfg.mode,
-        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": to_plain(cfg),
+        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": trainer.checkpoint_extra["config"],
     }
     path = export_scales(run_dir, scales, metadata)
     log.info("scales written to %s (HS top-1 %.2f)", path, metrics["top1"])

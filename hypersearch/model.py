@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from repopt.arch import ArchSpec
+from repopt.blocks import CSLA_MODES
 from repopt.errors import ConfigError
 from repopt.vgg import RepOptVGG, unwrap
 
 
 def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fused_forward: bool = False) -> RepOptVGG:
     """A CSLA network: ``mode="hs"`` learns every scale, ``"csla"`` only the identity scales."""
-    if mode not in ("hs", "csla"):
+    if mode not in CSLA_MODES:
         raise ConfigError(f"build_hs_model mode must be 'hs' or 'csla', got {mode!r}")
     return RepOptVGG(arch, num_classes, mode=mode, fused_forward=fused_forward)
 
@@ -20,6 +21,6 @@ def build_hs_model(arch: ArchSpec | str, num_classes: int, mode: str = "hs", fus
 def extract_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """The learned scales as detached float32 CPU tensors under the official key names."""
     model = unwrap(model)
-    if not isinstance(model, RepOptVGG) or model.mode not in ("hs", "csla"):
+    if not isinstance(model, RepOptVGG) or model.mode not in CSLA_MODES:
         raise ValueError("extract_scales: the model has no CSLA blocks (build it with build_hs_model)")
     return {key: p.detach().to("cpu", torch.float32).clone() for key, p in model.scale_parameters().items()}

@@ -16,6 +16,8 @@ from torch import nn
 from .arch import BlockSpec
 from .errors import ConfigError
 
+CSLA_MODES = ("hs", "csla")  # hs: every scale learns; csla: only the identity scales learn
+
 
 class ScaleLayer(nn.Module):
     """A per-channel multiplier (the official ``ScaleLayer`` without bias)."""
@@ -60,7 +62,7 @@ class CSLABlock(nn.Module):
 
     def __init__(self, spec: BlockSpec, mode: str = "hs", fused_forward: bool = False):
         super().__init__()
-        if mode not in ("hs", "csla"):
+        if mode not in CSLA_MODES:
             raise ConfigError(f"CSLABlock mode must be 'hs' or 'csla', got {mode!r}")
         self.stride = spec.stride
         self.fused_forward = fused_forward

@@ -125,8 +125,6 @@ def to_typed(cfg: DictConfig | dict, schema: type[T]) -> T:
 
 def to_plain(cfg: Any) -> dict:
     """A JSON-able dict of a typed or OmegaConf config (for metadata and checkpoints)."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .arch import ArchSpec, BlockSpec, get_arch
-from .blocks import CSLABlock, DeployBlock, RepVGGBlock, TargetBlock
+from .blocks import CSLA_MODES, CSLABlock, DeployBlock, RepVGGBlock, TargetBlock
 from .errors import ConfigError
 
 MODES = ("hs", "csla", "target", "repvgg", "deploy")
@@ -18,7 +18,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Module:
-    if mode in ("hs", "csla"):
+    if mode in CSLA_MODES:
         return CSLABlock(spec, mode, fused_forward=fused_forward)
     if mode == "target":
         return TargetBlock(spec)
@@ -55,7 +55,7 @@ class RepOptVGG(nn.Module):
 
     def scale_parameters(self) -> dict[str, nn.Parameter]:
         """The CSLA branch scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""
-        if self.mode not in ("hs", "csla"):
+        if self.mode not in CSLA_MODES:
             raise ConfigError(f"a {self.mode!r} model has no branch scales; build it with mode='hs' or 'csla'")
         return {key: self.get_parameter(key) for key in self.arch.scale_shapes()}
 
