@@ -95,6 +95,24 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     assert torch.equal(loaded["stage0.scale_conv.weight"], random_scales("tiny", 2)["stage0.scale_conv.weight"])
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_umask_mode_of_a_plain_write(tmp_path, umask):
+    """Artifacts are as readable as a file written with open(): not the owner-only mode of a temp file."""
+    from repopt.io import write_text
+
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        write_text(tmp_path / "atomic.txt", "x")
+        save_scales(tmp_path / SCALES_FILENAME, random_scales("tiny", 1))
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == expected
+    assert (tmp_path / SCALES_FILENAME).stat().st_mode & 0o777 == expected
+
+
 def test_failed_save_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     folder = tmp_path / "run"
     old = random_scales("tiny", 1)
