@@ -85,6 +85,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _record_epoch_checkpoints(patch, then=None) -> dict:
+    """Patch Trainer._end_epoch to record last.pt's sha256 after each epoch (then call ``then(trainer)``)."""
+    saved = {}
+    original_end = Trainer._end_epoch
+
+    def end_epoch(self, epoch):
+        row = original_end(self, epoch)
+        saved[epoch] = _sha256(self.last_path)
+        if then is not None:
+            then(self)
+        return row
+
+    patch.setattr(Trainer, "_end_epoch", end_epoch)
+    return saved
+
+
 def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
 
@@ -273,16 +289,8 @@ def test_second_sigint_aborts_at_once_and_keeps_the_epoch_checkpoint(in_tmp, mon
     """A second SIGINT aborts without waiting for the step boundary: exit 130, status interrupted,
     ``last.pt`` is the one written at the end of epoch 1 (untouched), and ``resume=true`` continues from it."""
     run_dir = in_tmp / "run"
-    saved = {}
-    original_end = Trainer._end_epoch
-
-    def end_epoch(self, epoch):
-        row = original_end(self, epoch)
-        saved[epoch] = _sha256(self.last_path)
-        return row
-
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_end_epoch", end_epoch)
+        saved = _record_epoch_checkpoints(m)
         _send_at(m, TINY_STEPS + 1, signal.SIGINT, signal.SIGINT)
         run_hydra(hs_main, TINY + [f"hydra.run.dir={run_dir}"], expect_exit=130)
     metrics = read_json(run_dir / "metrics.json")
@@ -635,19 +643,13 @@ def test_divergence_in_epoch_2_keeps_the_epoch_1_checkpoint(in_tmp, monkeypatch)
     as ``optim.lr=1e30`` would; 1e9 this late in the cosine schedule only gives huge, finite losses).
     Exit 1, status diverged at a step of epoch 2, and last.pt is still the epoch-1 checkpoint, byte for byte, with finite weights; ``resume=true`` (sane lr) continues from it."""
     run_dir = in_tmp / "run"
-    saved = {}
-    original_end = Trainer._end_epoch
-
-    def end_epoch(self, epoch):
-        row = original_end(self, epoch)
-        saved[epoch] = _sha256(self.last_path)
-        self.scheduler.base_lrs = [1e30 for _ in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
+    def explode_lr(trainer):
+        trainer.scheduler.base_lrs = [1e30 for _ in trainer.scheduler.base_lrs]
+        for group in trainer.optimizer.param_groups:
             group["lr"] = 1e30
-        return row
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_end_epoch", end_epoch)
+        saved = _record_epoch_checkpoints(m, then=explode_lr)
         run_hydra(hs_main, TINY + [f"hydra.run.dir={run_dir}"], expect_exit=1)
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "diverged", metrics
