@@ -1,4 +1,4 @@
-"""The block kinds of the family, one per mode (DESIGN.md, "The model family").
+"""The block kinds of the family, one per mode (docs/design.md, "The model family").
 
 All of them keep the official key layout so that scale files, checkpoints and folded weights
 line up by name: ``conv``/``scale_conv``/``conv_1x1``/``scale_1x1``/``scale_identity``/``bn`` for

@@ -1,4 +1,4 @@
-"""The gradient masks ("grad mults") of the RepOptimizers (DESIGN.md, "The math").
+"""The gradient masks ("grad mults") of the RepOptimizers (docs/design.md, "The math").
 
 rule="sgd"   (power 2): M = s_conv^2 everywhere, + s_1x1^2 at the kernel centre,
                         + 1 on the centre of the identity diagonal.

@@ -1,4 +1,4 @@
-"""The central claim: CSLA + plain optimizer == target + RepOptimizer (DESIGN.md, "The math")."""
+"""The central claim: CSLA + plain optimizer == target + RepOptimizer (docs/design.md, "The math")."""
 
 import pytest
 import torch

@@ -27,7 +27,7 @@ def signed_scales(arch, seed) -> dict[str, torch.Tensor]:
 
 
 def reference_mask(spec, scales, rule) -> torch.Tensor:
-    """Element by element, in Python floats (float64): the DESIGN.md formula, no tensor ops."""
+    """Element by element, in Python floats (float64): the formula of docs/design.md, "The math", no tensor ops."""
     s_conv = scales[f"{spec.name}.scale_conv.weight"].tolist()
     s_1x1 = scales[f"{spec.name}.scale_1x1.weight"].tolist()
     f = (lambda v: v * v) if rule == "sgd" else abs
@@ -177,7 +177,7 @@ def test_reinit_zero_branches_leaves_identity(name, strides, use_identity_scales
 
 
 def _replay_reinit(model, scales, rng_state, w3, use_identity_scales=True):
-    """The expected weights: the same RNG calls reinitialize makes, then the DESIGN.md formula."""
+    """The expected weights: the same RNG calls reinitialize makes, then the formula of docs/design.md, "The math"."""
     torch.set_rng_state(rng_state)
     expected = {}
     for spec in model.arch.blocks:

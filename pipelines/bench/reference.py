@@ -1,7 +1,7 @@
 """Per-parameter Python-loop optimizers with gradient masks: the baselines of the ``opt`` section.
 
 ``LoopMaskedSGD`` performs the official RepOptimizer SGD step op for op (the "official
-per-parameter-loop optimizer" of DESIGN.md's performance table): one Python iteration and a
+per-parameter-loop optimizer" of docs/design.md, "Performance"): one Python iteration and a
 handful of out-of-place kernels per parameter, including its in-place weight decay on the
 gradients of unmasked parameters. ``LoopMaskedAdamW`` is the same style for AdamW. Both compute
 what ``RepOptSGD`` / ``RepOptAdamW`` compute, which ``tests/test_benchmark.py`` checks, so the

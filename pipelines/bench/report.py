@@ -1,4 +1,4 @@
-"""The project's performance targets (DESIGN.md, "Performance") and the printed table."""
+"""The project's performance targets (docs/design.md, "Performance") and the printed table."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def format_table(result: dict) -> str:
         for note in sec.get("notes", []):
             lines.append(f"  note: {note}")
     lines.append("")
-    lines.append("== targets (DESIGN.md, Performance) ==")
+    lines.append('== targets (docs/design.md, "Performance") ==')
     width = max((len(t["label"]) for t in result["targets"]), default=0)
     for t in result["targets"]:
         lines.append(f"  {t['label']:<{width}} {_fmt(t['value']):>8}  goal {t['goal']:<7} {t['status']:<5} {t['note']}")
