@@ -16,13 +16,11 @@ from omegaconf import DictConfig
 
 from repopt.app import run_app
 from repopt.arch import get_arch
-from repopt.blocks import CSLA_MODES
-from repopt.config import HSConfig
-from repopt.errors import ConfigError
-from repopt.io import sha256_file
 from repopt.optim import param_groups, plain_optimizer
+from repopt.results import StageMetrics, Status
 from repopt.setup import make_trainer, place, scaled_lr, start
 
+from .config import HSConfig
 from .export import export_scales
 from .model import build_hs_model, extract_scales
 
@@ -36,12 +34,8 @@ def set_constant_init(model, value: float = 1.0) -> None:
             param.fill_(value)
 
 
-def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:
+def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     arch = get_arch(cfg.arch.name, cfg.arch.strides)
-    if cfg.mode not in CSLA_MODES:  # before the data is loaded
-        raise ConfigError(f"mode={cfg.mode!r}: choose hs or csla")
-    if cfg.scale_init not in ("paper", "constant"):
-        raise ConfigError(f"scale_init={cfg.scale_init!r}: choose paper or constant")
     runtime, data = start(cfg)
     model = build_hs_model(arch, data.num_classes, mode=cfg.mode, fused_forward=cfg.fused_forward)
     if cfg.scale_init == "constant":
@@ -61,12 +55,12 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> dict:
     scales = extract_scales(model)
     metadata = {
         "arch": arch.to_dict(), "source_run": str(run_dir), "dataset": data.name, "num_classes": data.num_classes,
-        "hs_top1": metrics["top1"], "hs_top5": metrics["top5"], "epochs": metrics["epochs"], "mode": cfg.mode,
+        "hs_top1": metrics.top1, "hs_top5": metrics.top5, "epochs": metrics.epochs, "mode": cfg.mode,
         "scale_init": cfg.scale_init, "seed": cfg.seed, "config": trainer.checkpoint_extra["config"],
     }
-    path = export_scales(run_dir, scales, metadata)
-    log.info("scales written to %s (HS top-1 %.2f)", path, metrics["top1"])
-    return trainer.write_metrics("completed", scales_file=str(path), scales_sha256=sha256_file(path))
+    written = export_scales(run_dir, scales, metadata)
+    log.info("scales written to %s (HS top-1 %.2f)", written.path, metrics.top1)
+    return trainer.write_metrics(Status.COMPLETED, scales_file=str(written.path), scales_sha256=written.sha256)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="hypersearch")

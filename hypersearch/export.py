@@ -10,7 +10,7 @@ import torch
 
 from repopt.io import write_text
 from repopt.plots import pyplot, save_png
-from repopt.scales import SCALES_FILENAME, save_scales
+from repopt.scales import SCALES_FILENAME, ScalesFile, save_scales
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ def plot_scales(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     save_png(fig, path)
 
 
-def export_scales(run_dir: Path, scales: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """``scales.safetensors`` + ``scales.csv`` + ``scales.png`` in the run directory."""
-    path = save_scales(run_dir / SCALES_FILENAME, scales, metadata)
+def export_scales(run_dir: Path, scales: dict[str, torch.Tensor], metadata: dict) -> ScalesFile:
+    """``scales.safetensors`` + ``scales.csv`` + ``scales.png`` in the run directory; returns the file written."""
+    written = save_scales(run_dir / SCALES_FILENAME, scales, metadata)
     summary = scales_summary(scales)
     write_text(run_dir / "scales.csv", summary.to_csv(index=False))
     try:
         plot_scales(summary, run_dir / "scales.png", f"{metadata.get('arch', {}).get('name', '')} learned scales")
     except Exception as exc:  # a plot is a convenience; never lose the scales over it
         log.warning("could not draw scales.png: %s", exc)
-    return path
+    return written

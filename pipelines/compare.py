@@ -16,20 +16,102 @@ first sweep directory):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import yaml
 
 from repopt.io import read_json, write_text
 from repopt.plots import pyplot, save_png
+from repopt.results import JobMetrics, StageMetrics, Status, from_dict, read_result
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
-METRIC_COLUMNS = ["hs_top1", "target_top1", "target_top5", "target_loss", "int8_top1", "int8_top1_drop", "wall_seconds"]
+INCOMPLETE = "incomplete"  # a job killed before it wrote any result: pre-empted or crashed hard
+
+
+def _metric():
+    """A numeric column, aggregated as mean ± std over seeds."""
+    return field(default=None, metadata={"metric": True})
+
+
+@dataclass
+class JobRow:
+    """The result columns of one job in ``comparison.csv``, read from its typed results; every other
+    column of the frame is one of the job's overrides."""
+
+    status: str = INCOMPLETE  # a Status value, or "incomplete"
+    error: Optional[str] = None
+    failed_stage: Optional[str] = None
+    diverged_step: Optional[int] = None
+    variant: Optional[str] = None
+    hs_top1: Optional[float] = _metric()
+    hs_top5: Optional[float] = None
+    hs_loss: Optional[float] = None
+    target_top1: Optional[float] = _metric()
+    target_top5: Optional[float] = _metric()
+    target_loss: Optional[float] = _metric()
+    target_status: Optional[str] = None
+    hs_seconds: Optional[float] = None
+    target_seconds: Optional[float] = None
+    wall_seconds: Optional[float] = _metric()
+    hs_scales_sha256: Optional[str] = None
+    scales_sha256: Optional[str] = None
+    fp32_top1: Optional[float] = None
+    int8_top1: Optional[float] = _metric()
+    int8_top1_drop: Optional[float] = _metric()
+
+    @classmethod
+    def of_job(cls, m: JobMetrics, job: Path) -> "JobRow":
+        """A pipeline job: both stages, and the stage that diverged if one did."""
+        hs, target = m.hs or StageMetrics(), m.target or StageMetrics()
+        row = cls(status=m.status.value, error=m.error, failed_stage=m.failed_stage, variant=m.variant,
+                  hs_top1=hs.top1, hs_top5=hs.top5, target_top1=target.top1, target_top5=target.top5,
+                  target_loss=target.loss, target_status=m.target.status.value if m.target else None,
+                  hs_seconds=m.wall_seconds.get("hs"), target_seconds=m.wall_seconds.get("target"),
+                  wall_seconds=m.wall_seconds.get("total"), hs_scales_sha256=m.hs_scales_sha256,
+                  scales_sha256=m.scales_sha256)
+        for stage in ("hs", "target"):
+            result = read_result(job / stage / "metrics.json", StageMetrics)
+            if result is not None and result.status == Status.DIVERGED:
+                row.status, row.failed_stage, row.diverged_step = Status.DIVERGED.value, stage, result.diverged_step
+        return row.with_quant(job / "target" / "quant.json")
+
+    @classmethod
+    def of_stage(cls, m: StageMetrics, job: Path) -> "JobRow":
+        """A single-stage run (``python -m hypersearch -m ...`` or ``target_train -m ...``)."""
+        key = "hs" if m.stage == "hypersearch" else "target"
+        row = cls(status=m.status.value, error=m.error, wall_seconds=m.wall_seconds, diverged_step=m.diverged_step,
+                  scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
+                  **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
+        return row.with_quant(job / "quant.json")
+
+    def with_quant(self, path: Path) -> "JobRow":
+        quant = read_json(path)
+        if quant:
+            self.fp32_top1, self.int8_top1, self.int8_top1_drop = (quant.get("fp32_top1"), quant.get("int8_top1"),
+                                                                  quant.get("top1_drop"))
+        return self
+
+
+ROW_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRow))
+METRIC_COLUMNS = [f.name for f in dataclasses.fields(JobRow) if f.metadata.get("metric")]
+
+
+def read_result_row(job: Path) -> JobRow:
+    """The job's ``metrics.json`` through its type: a pipeline job's ``JobMetrics`` or a stage's ``StageMetrics``."""
+    data = read_json(job / "metrics.json")
+    if not isinstance(data, dict):
+        return JobRow()
+    if "variant" in data:
+        return JobRow.of_job(from_dict(JobMetrics, data), job)
+    return JobRow.of_stage(from_dict(StageMetrics, data), job)
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -71,39 +153,8 @@ def read_job(job: Path) -> dict:
         key, value = _parse_override(text)
         if key != "sweep":
             row[key] = value
-    metrics = read_json(job / "metrics.json")
-    if metrics is None:
-        row["status"] = "incomplete"  # killed before it wrote anything: pre-empted or crashed hard
-        return row
-    row["status"] = metrics.get("status", "unknown")
-    row["error"] = metrics.get("error")
-    row["failed_stage"] = metrics.get("failed_stage")
-    if "target" in metrics or "hs" in metrics or metrics.get("variant"):
-        hs, target = metrics.get("hs") or {}, metrics.get("target") or {}
-        wall = metrics.get("wall_seconds") or {}
-        row.update(
-            variant=metrics.get("variant"),
-            hs_top1=hs.get("top1"), hs_top5=hs.get("top5"), target_top1=target.get("top1"), target_top5=target.get("top5"),
-            target_loss=target.get("loss"), hs_seconds=wall.get("hs"), target_seconds=wall.get("target"),
-            wall_seconds=wall.get("total"), hs_scales_sha256=metrics.get("hs_scales_sha256"),
-            scales_sha256=metrics.get("scales_sha256"), target_status=target.get("status"),
-        )
-        for stage in ("hs", "target"):
-            stage_metrics = read_json(job / stage / "metrics.json") or {}
-            if stage_metrics.get("status") == "diverged":
-                row["status"] = "diverged"
-                row["failed_stage"] = stage
-                row["diverged_step"] = stage_metrics.get("diverged_step")
-        quant = read_json(job / "target" / "quant.json")
-    else:  # a single-stage run (python -m hypersearch / target_train -m ...)
-        stage = metrics.get("stage")
-        key = "hs" if stage == "hypersearch" else "target"
-        row.update({f"{key}_top1": metrics.get("top1"), f"{key}_top5": metrics.get("top5"), f"{key}_loss": metrics.get("loss"),
-                    "wall_seconds": metrics.get("wall_seconds"), "diverged_step": metrics.get("diverged_step"),
-                    "scales_sha256": metrics.get("scales_sha256") or (metrics.get("scales") or {}).get("sha256")})
-        quant = read_json(job / "quant.json")
-    if quant:
-        row.update(fp32_top1=quant.get("fp32_top1"), int8_top1=quant.get("int8_top1"), int8_top1_drop=quant.get("top1_drop"))
+    results = dataclasses.asdict(read_result_row(job))
+    row.update({k: v for k, v in results.items() if v is not None or k not in row})  # an unknown result keeps the override
     return row
 
 
@@ -118,9 +169,7 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
     """The swept keys: override columns whose values differ between jobs (seeds last)."""
-    skip = {"job", "overrides", "status", "error", "failed_stage", "diverged_step", "variant", "target_status",
-            "hs_scales_sha256", "scales_sha256", "fp32_top1", "hs_top5", "hs_seconds", "target_seconds", "hs_loss"}
-    skip |= set(METRIC_COLUMNS)
+    skip = {"job", "overrides", *ROW_COLUMNS}
     keys = [c for c in frame.columns if c not in skip and frame[c].astype("string").nunique(dropna=False) > 1]
     if "variant" in frame and frame["variant"].nunique(dropna=True) > 1:
         keys = ["variant"] + keys
@@ -155,7 +204,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     for values, group in frame.groupby(keys, sort=False, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
         row = dict(zip(keys, values))
-        ok = group[group["status"] == "completed"]
+        ok = group[group["status"] == Status.COMPLETED.value]
         statuses = group["status"].value_counts()
         row["status"] = ", ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in statuses.items())
         row["n"] = len(ok)
@@ -164,7 +213,7 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
                 values_ok = ok[column].dropna() if column in ok else pd.Series(dtype=float)
                 row[column] = _mean_std(values_ok)
                 row[f"{column}_mean"] = float(values_ok.mean()) if len(values_ok) else math.nan
-        failed = group[group["status"] != "completed"]
+        failed = group[group["status"] != Status.COMPLETED.value]
         if len(failed) and "error" in failed:
             errors = failed["error"].dropna()
             step = failed["diverged_step"].dropna() if "diverged_step" in failed else []

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from repopt.config import HSConfig, TargetConfig, register_schema
+from hypersearch.config import HSConfig
+from repopt.config import Checked, register_schema
+from target_train.config import TargetConfig
 from target_train.export import ExportConfig
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
@@ -20,7 +22,7 @@ VARIANTS = {
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Checked):
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
     variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)

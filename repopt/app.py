@@ -11,25 +11,24 @@
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import to_typed
-from .errors import ConfigError, Interrupted, RepOptError, status_of
-from .io import read_json, write_json
+from .errors import ConfigError, Interrupted, RepOptError
+from .results import Result, StageMetrics, Status, record_failure, status_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
@@ -56,55 +55,48 @@ def prepare_run_dir(path: str | Path) -> Path:
     return run_dir
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _record_failure(run_dir: Path | None, status: str, message: str) -> None:
-    if run_dir is None or not run_dir.is_dir():
-        return
-    metrics_path = run_dir / "metrics.json"
-    previous = read_json(metrics_path) or {}
-    if previous.get("status") in ("completed", "diverged", "interrupted"):
-        return  # the trainer already wrote the precise status, or an earlier run's result stands
-    write_json(metrics_path, {**previous, "status": status, "error": message})
-
-
-def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], dict]) -> dict | None:
-    """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions."""
+def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
+            result_type: type[Result] = StageMetrics) -> Result | dict | None:
+    """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions; a failure
+    is recorded in ``run_dir/metrics.json`` as a ``result_type``."""
     run_dirs: list[Path] = []  # the run directory, once it exists: failures are recorded there
 
     def body() -> dict:
         run_dirs.append(prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run"))
         return task(to_typed(cfg, schema), run_dirs[0])
 
-    return run_guarded(body, lambda: run_dirs[0] if run_dirs else None)
+    return run_guarded(body, lambda: run_dirs[0] if run_dirs else None, result_type)
 
 
-def run_guarded(body: Callable[[], dict], run_dir: Callable[[], Path | None] = lambda: None) -> dict | None:
+def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lambda: None,
+                result_type: type[Result] = StageMetrics) -> R | dict | None:
     """The command-line conventions of every app: a project error is one clear line and exit code 1
     (in a multirun, a failed job's result); Ctrl-C or a stop signal exits 130; a bug keeps its
     traceback. The failure is recorded in ``run_dir()/metrics.json`` when there is one."""
+
+    def record(status: Status, message: str) -> None:
+        folder = run_dir()
+        if folder is not None and folder.is_dir():
+            record_failure(folder / "metrics.json", result_type, status, message)
+
     try:
         return body()
     except KeyboardInterrupt:
-        _record_failure(run_dir(), "interrupted", "interrupted by the user")
+        record(Status.INTERRUPTED, "interrupted by the user")
         log.error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except RepOptError as exc:
         if isinstance(exc, Interrupted):
             log.warning(str(exc))
             sys.exit(EXIT_INTERRUPTED)
-        _record_failure(run_dir(), status_of(exc), str(exc))
+        record(status_of(exc), str(exc))
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
         if is_multirun():
             return {"status": "failed", "error": str(exc)}
         sys.exit(EXIT_FAILED)
     except Exception as exc:  # a bug: keep the traceback, record the failure
-        _record_failure(run_dir(), "failed", f"{type(exc).__name__}: {exc}")
+        record(Status.FAILED, f"{type(exc).__name__}: {exc}")
         if is_multirun():
             log.error("job failed:\n%s", traceback.format_exc())
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

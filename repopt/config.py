@@ -1,14 +1,16 @@
-"""Typed configuration: the schema behind the YAML files in ``conf/``.
+"""Typed configuration shared by both stages: the schema behind the groups in ``conf/``.
 
-Apps merge Hydra's composed config onto these dataclasses (``to_typed``), so a misspelt key or a
-value of the wrong type is a clear error before anything runs, and code reads attributes, not
-string keys.
+Apps merge Hydra's composed config onto these dataclasses (``to_typed``), so a misspelt key, a
+value of the wrong type or an out-of-range number is one clear error naming the key before
+anything runs, and code reads attributes, not string keys. Each stage owns its own schema
+(``hypersearch.config.HSConfig``, ``target_train.config.TargetConfig``); this module holds
+what they share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -16,14 +18,30 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise the one-line error for a setting outside its range: ``optim.lr=-1: must be > 0``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {rule}; set it on the command line ({key}=...) or in the config")
+
+
+class Checked:
+    """A config node that validates its values. ``check(prefix)`` names keys as the user types them."""
+
+    def check(self, prefix: str = "") -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Checked):
+                value.check(f"{prefix}{f.name}.")
+
+
 @dataclass
-class ArchConfig:
+class ArchConfig(Checked):
     name: str = "B1"
     strides: Optional[list[int]] = None  # five stage strides; null = ImageNet strides (2,2,2,2,2)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     name: str = "cifar100"  # cifar100 | cifar10 | imagefolder | fashionmnist | synthetic
     root: str = "~/.cache/repopt/data"  # where the data set lives (or is downloaded to)
     download: bool = True  # torchvision download when the files are absent (needs network)
@@ -44,9 +62,19 @@ class DataConfig:
     synthetic_test_size: int = 256
     drop_last: bool = True  # static shapes for compile / CUDA graphs
 
+    def check(self, prefix: str = "") -> None:
+        for key in ("image_size", "batch_size", "eval_batch_size", "synthetic_train_size", "synthetic_test_size"):
+            require(getattr(self, key) >= 1, prefix + key, getattr(self, key), ">= 1")
+        require(self.synthetic_num_classes >= 2, prefix + "synthetic_num_classes", self.synthetic_num_classes, ">= 2")
+        require(self.num_workers >= 0, prefix + "num_workers", self.num_workers, ">= 0")
+        require(self.crop_padding >= 0, prefix + "crop_padding", self.crop_padding, ">= 0")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, prefix + key, value, ">= 1 or null (all images)")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # at base_batch_size; scaled linearly by batch_size / base_batch_size
     base_batch_size: int = 256
@@ -59,18 +87,38 @@ class OptimConfig:
     fused: Optional[bool] = None  # SGD only; null: fused kernel where torch has one
     compile_step: bool = False  # stage two, RepOptSGD: torch.compile mask+decay+momentum+step into one pass
 
+    def check(self, prefix: str = "") -> None:
+        require(self.lr > 0, prefix + "lr", self.lr, "> 0")
+        require(self.base_batch_size >= 1, prefix + "base_batch_size", self.base_batch_size, ">= 1")
+        require(0 <= self.momentum < 1, prefix + "momentum", self.momentum, "in [0, 1)")
+        require(self.weight_decay >= 0, prefix + "weight_decay", self.weight_decay, ">= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), prefix + "betas", self.betas,
+                "two numbers in [0, 1)")
+        require(self.eps > 0, prefix + "eps", self.eps, "> 0")
+
 
 @dataclass
-class SchedConfig:
+class SchedConfig(Checked):
     name: str = "warmup_cosine"  # warmup_cosine | constant
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.0  # lr at step 0 = factor * lr (linear warm-up)
     min_lr: float = 0.0  # cosine floor
 
+    def check(self, prefix: str = "") -> None:
+        require(self.warmup_epochs >= 0, prefix + "warmup_epochs", self.warmup_epochs, ">= 0")
+        require(0 <= self.warmup_start_factor <= 1, prefix + "warmup_start_factor", self.warmup_start_factor, "in [0, 1]")
+        require(self.min_lr >= 0, prefix + "min_lr", self.min_lr, ">= 0")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """Fields every training app shares (stage one and stage two)."""
+
+    # Settings that shape the training trajectory: a resumed run must use the ones that started it.
+    # A stage schema extends this with its own fields.
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = (
+        "epochs", "seed", "label_smoothing", "grad_clip", "arch", "optim", "sched", "data.name", "data.batch_size",
+        "data.image_size", "data.train_subset", "data.crop_padding", "data.hflip", "max_steps_per_epoch")
 
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -80,9 +128,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    compile: str = "false"  # torch.compile the training model: true | false | auto (on CUDA only)
+    compile: Optional[bool] = False  # torch.compile the training model; null = auto (on CUDA only)
     compile_mode: Optional[str] = "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    channels_last: str = "auto"  # auto (on CUDA) | true | false
+    channels_last: Optional[bool] = None  # channels_last memory format; null = auto (on CUDA)
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default
     resume: bool = False  # continue from last.pt in the run directory
@@ -91,36 +139,30 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (smoke tests, benchmarks)
     run_dir: Optional[str] = None  # null: Hydra's output directory
 
-
-@dataclass
-class HSConfig(TrainConfig):
-    """Stage one: Hyper-Search."""
-
-    mode: str = "hs"  # hs (all scales learn) | csla (only identity scales learn)
-    scale_init: str = "paper"  # paper: sqrt(2/i) per block index | constant: every scale 1
-    fused_forward: bool = True  # one 3x3 conv per block with the summed kernel (same function, faster)
-
-
-@dataclass
-class TargetConfig(TrainConfig):
-    """Stage two: target training."""
-
-    model: str = "target"  # target (RepOpt-VGG) | repvgg (structural re-param baseline)
-    scales: Optional[str] = "official:B1"  # file | stage-one run dir | official:B1 | none | init
-    use_identity_scales: bool = True  # re-init with the searched s_id (false: identity weight 1)
-    deploy: bool = True  # write deploy.pt (folded conv+ReLU, loads without this package)
+    def check(self, prefix: str = "") -> None:
+        super().check(prefix)
+        require(self.epochs >= 1, prefix + "epochs", self.epochs, ">= 1")
+        require(self.sched.warmup_epochs <= self.epochs, prefix + "sched.warmup_epochs", self.sched.warmup_epochs,
+                f"<= epochs ({self.epochs}): the warm-up must end within the run")
+        require(0 <= self.label_smoothing < 1, prefix + "label_smoothing", self.label_smoothing, "in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip > 0, prefix + "grad_clip", self.grad_clip, "> 0 or null (off)")
+        require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, prefix + "max_steps_per_epoch",
+                self.max_steps_per_epoch, ">= 1 or null (whole epochs)")
 
 
 T = TypeVar("T")
 
 
 def to_typed(cfg: DictConfig | dict, schema: type[T]) -> T:
-    """Validate ``cfg`` against a dataclass schema and return the typed object."""
+    """Validate ``cfg`` against a dataclass schema (types, then ranges) and return the typed object."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid configuration: {exc}".replace("\n", " | ")) from None
+    if isinstance(typed, Checked):
+        typed.check()
+    return typed  # type: ignore[return-value]
 
 
 def to_plain(cfg: Any) -> dict:
@@ -134,10 +176,7 @@ def register_schema(name: str, node: type) -> None:
     Every schema key is then overridable from the command line without ``+`` and type-checked
     by Hydra itself.
     """
+    assert is_dataclass(node)
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=name, node=node)
-
-
-register_schema("hypersearch_schema", HSConfig)
-register_schema("target_train_schema", TargetConfig)

@@ -36,11 +36,3 @@ class DivergenceError(RepOptError, FloatingPointError):
 class Interrupted(RepOptError):
     """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
 
-
-def status_of(exc: BaseException) -> str:
-    """The ``status`` a run's metrics record for the error that ended it."""
-    if isinstance(exc, DivergenceError):
-        return "diverged"
-    if isinstance(exc, Interrupted):
-        return "interrupted"
-    return "failed"

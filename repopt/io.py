@@ -91,14 +91,15 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with every failure turned into ``error`` naming ``path``.
+def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_location="cpu", data=None):
+    """``torch.load(weights_only=True)`` of ``path`` (or of ``data``, a file object of its bytes already
+    read) with every failure turned into ``error`` naming ``path``.
 
     A file that needs more than tensors and plain containers is refused without running it;
     damaged input (torch's readers raise struct.error, AssertionError, ...) is reported as such.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path if data is None else data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise error(f"{path}: refused to load: the {what} needs more than tensors and plain containers to unpickle, "
                     f"and loading it could run code ({str(exc).splitlines()[0]})") from None

@@ -12,8 +12,13 @@ from .errors import ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    """Decay conv/linear weights and identity scales; not BN, biases or the other 1-D scales."""
+def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
+    """Decay conv/linear weights and identity scales; not BN, biases or the other 1-D scales.
+
+    As the official ``set_weight_decay``: without ``weight_decay`` the decay group carries no
+    ``weight_decay`` key, so the optimizer's own ``weight_decay=`` applies to it; the no-decay
+    group always says 0.0.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -22,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
             decay.append(param)
         else:
             no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay} if weight_decay is None else {"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups

@@ -1,16 +1,22 @@
-"""The scales file: the one hand-off between stage one and stage two (DESIGN.md, "The scales file").
+"""The scales file: the one hand-off between stage one and stage two (docs/design.md, "The scales file").
 
 Ours is ``scales.safetensors``: float32 (C_out,) tensors under the official key names, with
 provenance in the header metadata. Also accepted on load: the official released ``.pth`` files,
 an official HS checkpoint (a dict with a ``model`` key), a stage-one run directory, and the
 ``official:B1`` shorthand for the copies shipped with this package. Loading never unpickles
 arbitrary objects, and validation against the architecture is strict.
+
+Both directions go through ``ScalesFile``: ``save_scales`` returns the one it wrote and
+``read_scales`` the one it read, each with the sha256 of exactly those bytes (one write, one read).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -18,7 +24,8 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .arch import ArchSpec, get_arch
 from .errors import ScalesError
@@ -40,53 +47,41 @@ def official_scales_path(name: str) -> Path:
     return Path(str(resources.files("repopt") / "official_scales" / f"RepOpt-VGG-{name}-scales.pth"))
 
 
+@dataclass(frozen=True)
+class ScalesFile:
+    """One scales file as written or read: where it is, its tensors, the sha256 of its bytes, its metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
 def resolve_scales_path(source: str | Path) -> Path:
-    """Turn a user's ``scales=`` value (file, run directory, ``official:X``) into a file path."""
+    """Turn a user's ``scales=`` value (file, stage-one run directory, ``official:X``) into a file path."""
     text = str(source)
     if text.startswith(OFFICIAL_PREFIX):
         return official_scales_path(text[len(OFFICIAL_PREFIX):])
     path = Path(text).expanduser()
     if path.is_dir():
-        for candidate in (path / SCALES_FILENAME, path / "hs" / SCALES_FILENAME):
-            if candidate.is_file():
-                return candidate
+        candidate = path / SCALES_FILENAME
+        if candidate.is_file():
+            return candidate
         raise ScalesError(
             f"{path} is a directory without {SCALES_FILENAME}: point scales= at a finished stage-one run "
-            f"directory (it writes {SCALES_FILENAME} when training ends) or at a scales file"
+            f"directory (it writes {SCALES_FILENAME} when training ends; in a pipeline job that is <job>/hs) "
+            f"or at a scales file"
         )
     if not path.exists():
         raise ScalesError(f"scales file {path} does not exist: give a scales file, a stage-one run directory or official:B1|B2|L1|L2")
     return path
 
 
-def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None) -> Path:
-    """Write scales as float32 safetensors with provenance metadata (atomically)."""
-    path = Path(path)
-    tensors = {}
-    for key, value in scales.items():
-        if not _SCALE_KEY.search(key) or key.startswith("module."):
-            raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight'")
-        tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat()}
-    meta.update({str(k): v for k, v in (metadata or {}).items()})
-    meta = {k: json.dumps(v, default=str) for k, v in meta.items()}  # every value JSON: types survive
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+def _metadata_entries(meta: Mapping[str, object]) -> dict[str, str]:
+    return {str(k): json.dumps(v, default=str) for k, v in meta.items()}  # every value JSON: types survive
 
 
-def read_metadata(path) -> dict[str, object]:
-    """The provenance header of one of our scales files (JSON values decoded); {} for other formats."""
-    path = resolve_scales_path(path)
-    if not _is_safetensors(path):
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ScalesError(f"{path}: not a readable safetensors file ({exc})") from None
+def _decode_metadata(raw: Mapping[str, str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in raw.items():
         try:
@@ -96,28 +91,68 @@ def read_metadata(path) -> dict[str, object]:
     return out
 
 
-def _is_safetensors(path: Path) -> bool:
+def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None) -> ScalesFile:
+    """Write scales as float32 safetensors with provenance metadata (atomically); return what was written."""
+    path = Path(path)
+    tensors = {}
+    for key, value in scales.items():
+        if not _SCALE_KEY.search(key) or key.startswith("module."):
+            raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight'")
+        tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat()}
+    meta.update({str(k): v for k, v in (metadata or {}).items()})
+    entries = _metadata_entries(meta)
+    data = save_safetensors(tensors, metadata=entries)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return ScalesFile(path, tensors, hashlib.sha256(data).hexdigest(), _decode_metadata(entries))
+
+
+def read_metadata(path) -> dict[str, object]:
+    """The provenance header of one of our scales files (JSON values decoded); {} for other formats."""
+    path = resolve_scales_path(path)
     with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+        head = f.read(8)
+        if not _is_safetensors(head + f.read(1)):
+            return {}
+        f.seek(0)
+        return _safetensors_metadata(f.read(8 + int.from_bytes(head, "little")), path)
 
 
-def _read_raw(path: Path) -> dict:
-    if _is_safetensors(path):
+def _is_safetensors(data: bytes) -> bool:
+    return len(data) >= 9 and data[8:9] == b"{"
+
+
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, object]:
+    """The ``__metadata__`` of a safetensors header (its first 8 bytes give the header's length)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        raw = header.get("__metadata__") or {}
+        if not isinstance(raw, dict):
+            raise ValueError("__metadata__ is not a mapping")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise ScalesError(f"{path}: not a readable safetensors file ({exc})") from None
+    return _decode_metadata(raw)
+
+
+def _parse(data: bytes, path: Path) -> tuple[dict, dict[str, object]]:
+    """The raw entries and the metadata of a scales file's bytes (safetensors, or a weights-only torch file)."""
+    if _is_safetensors(data):
         try:
-            return load_file(str(path))
+            tensors = load_safetensors(data)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ScalesError(f"{path}: damaged safetensors file ({exc}); re-export it from its stage-one run") from None
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        return tensors, _safetensors_metadata(data, path)
+    if not (data.startswith(b"PK") or data[:1] == b"\x80"):
         raise ScalesError(f"{path}: neither a safetensors file nor a torch file; give a scales.safetensors, an official .pth or a run directory")
-    obj = safe_torch_load(path, ScalesError, "torch file", "only dicts of tensors are accepted; re-export the scales")
+    obj = safe_torch_load(path, ScalesError, "torch file", "only dicts of tensors are accepted; re-export the scales",
+                          data=io.BytesIO(data))
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # an official HS checkpoint: take its state dict
     if not isinstance(obj, dict):
         raise ScalesError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return obj
+    return obj, {}
 
 
 def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
@@ -162,14 +197,39 @@ def validate_scales(scales: Mapping[str, torch.Tensor], arch: ArchSpec, source: 
             raise ScalesError(f"{source}: {key} holds non-finite values (NaN or inf); the search that wrote it diverged — re-run it")
 
 
-def load_scales(path, arch: ArchSpec | str) -> dict[str, torch.Tensor]:
-    """Load, validate and return float32 scales for ``arch`` from any accepted source."""
+def read_scales(source, arch: ArchSpec | str) -> ScalesFile:
+    """Read any accepted source once, validate it against ``arch`` and return it with its sha256 and metadata."""
     arch = get_arch(arch)
-    resolved = resolve_scales_path(path)
+    path = resolve_scales_path(source)
     try:
-        raw = _read_raw(resolved)
+        data = path.read_bytes()
     except OSError as exc:
-        raise ScalesError(f"{resolved}: cannot read ({exc})") from None
-    scales = _extract(raw, resolved)
-    validate_scales(scales, arch, source=str(resolved))
-    return {k: scales[k].detach().to(torch.float32).clone() for k in arch.scale_shapes()}
+        raise ScalesError(f"{path}: cannot read ({exc})") from None
+    raw, metadata = _parse(data, path)
+    scales = _extract(raw, path)
+    validate_scales(scales, arch, source=str(path))
+    tensors = {k: scales[k].detach().to(torch.float32).clone() for k in arch.scale_shapes()}
+    return ScalesFile(path, tensors, hashlib.sha256(data).hexdigest(), metadata)
+
+
+def load_scales(source, arch: ArchSpec | str) -> dict[str, torch.Tensor]:
+    """The validated float32 tensors of ``read_scales(source, arch)``."""
+    return read_scales(source, arch).tensors
+
+
+def random_scales(arch: ArchSpec | str, seed: int | torch.Generator = 0, *, low: float = 0.2, high: float = 1.5,
+                  signed: bool = True) -> dict[str, torch.Tensor]:
+    """Scales for ``arch`` with |s| uniform in [low, high] and, with ``signed``, a random sign per channel.
+
+    The equivalence checks, the benchmark and the tests draw their scales here: signed scales
+    are what tells the AdamW rule (|s| per branch) from a wrong one (|sum of s|).
+    """
+    arch = get_arch(arch)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    scales = {}
+    for key, (channels,) in arch.scale_shapes().items():
+        magnitude = low + (high - low) * torch.rand(channels, generator=gen, dtype=torch.float64)
+        sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0).double() if signed else 1.0
+        scales[key] = (magnitude * sign).float()
+    return scales
+

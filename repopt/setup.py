@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .app import seed_everything
 from .config import TrainConfig, to_plain
 from .data import build_data
 from .engine import Runtime, Trainer, build_scheduler, resolve_runtime
 from .engine.sync_bn import sync_batch_norm
 from .engine.trainer import steps_per_epoch
 from .errors import ConfigError
+from .host import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,6 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 def start(cfg: TrainConfig):
     """Resolve the runtime and load the data (pre-flight: device and dataset checked here)."""
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
     runtime = resolve_runtime(cfg)
     seed_everything(cfg.seed)
     data = build_data(cfg.data, runtime.device, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)

@@ -17,21 +17,21 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from repopt.app import run_app, seed_everything
+from repopt.app import run_app
+from repopt.host import seed_everything
+from repopt.results import StageMetrics, Status
 from repopt.arch import get_arch
-from repopt.config import TargetConfig
 from repopt.engine import Trainer
-from repopt.errors import ConfigError
 from repopt.setup import make_trainer, place, scaled_lr, start
 
+from .config import TargetConfig
 from .deploy import export_deployed
 from .model import build_repvgg_model, build_target_model
 from .optim import build_optimizer
 from .reinit import reinitialize
-from .scales_source import ScalesChoice, resolve_scales
+from .scales_source import ScalesChoice, is_unused, resolve_scales
 
 log = logging.getLogger("target_train")
-MODELS = ("target", "repvgg")
 
 
 @dataclass
@@ -46,13 +46,13 @@ class TargetRun:
 
 def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     """Pre-flight checks, then model + re-init + masks + optimizer + trainer (resumed if asked)."""
-    if cfg.model not in MODELS:
-        raise ConfigError(f"model={cfg.model!r}: choose target or repvgg")
     arch = get_arch(cfg.arch.name, cfg.arch.strides)
-    choice = resolve_scales(cfg.scales, arch)  # before the data: a bad scales file fails fast
-    if cfg.model == "repvgg" and choice.scales is not None:
-        log.warning("model=repvgg trains with a plain optimizer: scales=%s is not used", cfg.scales)
+    if cfg.model == "repvgg":  # a plain optimizer: the scales are neither loaded nor validated
+        if not is_unused(cfg.scales):
+            log.warning("model=repvgg trains with a plain optimizer: scales=%s is not used", cfg.scales)
         choice = ScalesChoice("none", None)
+    else:
+        choice = resolve_scales(cfg.scales, arch)  # before the data: a bad scales file fails fast
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)
@@ -78,13 +78,13 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     return TargetRun(trainer, model, optimizer, choice)
 
 
-def train_target(cfg: TargetConfig, run_dir: Path) -> dict:
+def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     run = build_target_run(cfg, run_dir)
     metrics = run.trainer.fit()
     if cfg.deploy and run.trainer.runtime.is_main:
         deploy = export_deployed(run.model, run_dir / "deploy.pt", cfg.data.image_size)
-        metrics = run.trainer.write_metrics("completed", **deploy)
-    log.info("target top-1 %.2f (best %.2f)", metrics["top1"], metrics["best_top1"])
+        metrics = run.trainer.write_metrics(Status.COMPLETED, **deploy)
+    log.info("target top-1 %.2f (best %.2f)", metrics.top1, metrics.best_top1)
     return metrics
 
 

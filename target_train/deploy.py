@@ -18,17 +18,12 @@ import torch
 
 from repopt.errors import ConfigError
 from repopt.io import atomic_path
+from repopt.numerics import rel_diff
 from repopt.vgg import unwrap
 
 from .fuse import fuse
 
 MAX_REL_DIFF = 1e-4  # a deployed or exported model must reproduce the trained one's logits to this
-
-
-def rel_diff(out, ref) -> float:
-    """max |out - ref| / max |ref|, in float64."""
-    out, ref = torch.as_tensor(out, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def export_deployed(model, path: Path, image_size: int) -> dict:

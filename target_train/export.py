@@ -43,11 +43,13 @@ from repopt.config import DataConfig, register_schema, to_typed
 from repopt.data import build_data
 from repopt.engine import load_checkpoint
 from repopt.errors import CheckpointError, ConfigError, DataError, RepOptError
+from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json
+from repopt.numerics import rel_diff
 from repopt.vgg import RepOptVGG
 
 from . import quantize as q
-from .deploy import MAX_REL_DIFF, rel_diff
+from .deploy import MAX_REL_DIFF
 from .fuse import fuse
 
 log = logging.getLogger("target_train.export")
@@ -397,7 +399,7 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
             "model.int8.onnx": {"bytes": int8_path.stat().st_size, "sha256": sha256_file(int8_path)},
         },
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
-        "cpu": q.cpu_name(),
+        "cpu": cpu_name(),
         "threads": cfg.threads,
         "created": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
     }

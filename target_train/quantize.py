@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from repopt.errors import ConfigError
+from repopt.host import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +41,6 @@ def require_onnxruntime():
 
 
 # ---------------------------------------------------------------------------- settings
-def _cpuinfo_field(*prefixes: str) -> Optional[str]:
-    """The value of the first /proc/cpuinfo line starting with one of ``prefixes`` (Linux); None where absent."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(prefixes):
-                    return line.split(":", 1)[1]
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the kernel reports (Linux); empty where unknown."""
-    flags = _cpuinfo_field("flags", "Features")
-    return set() if flags is None else set(flags.split())
-
-
-def cpu_name() -> str:
-    name = _cpuinfo_field("model name")
-    return name.strip() if name is not None else platform.processor() or platform.machine()
-
-
 def has_vnni(flags: Optional[set[str]] = None) -> Optional[bool]:
     """True / False on x86 Linux (AVX-512 VNNI or AVX-VNNI), None where the flags are unknown."""
     flags = cpu_flags() if flags is None else flags

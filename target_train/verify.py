@@ -17,10 +17,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from hypersearch.model import build_hs_model
 from repopt.arch import get_arch
+from repopt.engine import Runtime, TrainStep
+from repopt.numerics import rel_diff
+from repopt.scales import random_scales
 
 from .masks import grad_masks, masks_by_param
 from .model import build_target_model
@@ -41,21 +43,6 @@ class Result:
 
     def passed(self, bound: float) -> bool:
         return max(self.weight_rel_diff, self.logit_rel_diff, self.bn_rel_diff) <= bound
-
-
-def random_scales(arch, generator: torch.Generator, low: float = 0.2, high: float = 1.5) -> dict[str, torch.Tensor]:
-    """Signed scales with |s| in [low, high]: random magnitude and random sign per channel."""
-    scales = {}
-    for key, (channels,) in arch.scale_shapes().items():
-        magnitude = low + (high - low) * torch.rand(channels, generator=generator, dtype=torch.float64)
-        sign = torch.where(torch.rand(channels, generator=generator) < 0.5, -1.0, 1.0).double()
-        scales[key] = (magnitude * sign).float()
-    return scales
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    denom = b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)
-    return float((a - b).abs().max() / denom)
 
 
 @torch.no_grad()
@@ -103,19 +90,19 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
 
     csla.train()
     target.train()
+    runtime = Runtime(torch.device("cpu"), amp_dtype=None, channels_last=False)
+    train_steps = [TrainStep(csla, opt_csla, runtime), TrainStep(target, opt_target, runtime)]  # the trainer's step
     for _ in range(steps):
         x = torch.randn(batch_size, 3, image_size, image_size, generator=gen, dtype=torch.float64).to(dtype)
         y = torch.randint(0, num_classes, (batch_size,), generator=gen)
-        for model, opt in ((csla, opt_csla), (target, opt_target)):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+        for train_step in train_steps:
+            train_step(x, y)
 
     with torch.no_grad():
         blocks = dict(csla.blocks())
-        weight = max(_rel(blocks[s].fused_kernel(), b.conv.weight) for s, b in target.blocks())
+        weight = max(rel_diff(blocks[s].fused_kernel(), b.conv.weight) for s, b in target.blocks())
         bn = max(
-            _rel(t, c)
+            rel_diff(t, c)
             for s, b in target.blocks()
             for t, c in zip(b.bn.state_dict().values(), blocks[s].bn.state_dict().values())
             if t.is_floating_point()
@@ -123,7 +110,7 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
         csla.eval()
         target.eval()
         x = torch.randn(batch_size, 3, image_size, image_size, generator=gen, dtype=torch.float64).to(dtype)
-        logits = _rel(target(x), csla(x))
+        logits = rel_diff(target(x), csla(x))
     return Result(optimizer, str(dtype).replace("torch.", ""), steps, weight, logits, bn)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from repopt.engine.callbacks import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
@@ -22,6 +25,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Small, fast settings every app test starts from.
 TINY = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=128",
         "data.synthetic_test_size=64", "epochs=2", "sched.warmup_epochs=0.5", "progress=off", "device=cpu"]
+TINY_STEPS = 128 // 32  # steps per epoch under TINY
 
 
 def pipeline_overrides() -> list[str]:
@@ -54,6 +58,61 @@ def run_hydra(main, overrides: list[str], expect_exit: int | None = None):
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------ fault injection (the reliability test files)
+
+
+def _env(threads: int = 1) -> dict:
+    """The environment of a child run: unbuffered output and a fixed thread count (the same numerics in
+    every child, and two children fit the two cores of a small machine)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+class _RecordEpochCheckpoints(Callback):
+    """Record last.pt's sha256 after each epoch in ``saved`` (keyed by the 0-based epoch), then call
+    ``then(trainer)``. Attach it with ``repopt.engine.callbacks.active``."""
+
+    def __init__(self, then=None):
+        self.saved: dict[int, str] = {}
+        self.then = then
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        self.saved[row["epoch"] - 1] = _sha256(trainer.last_path)
+        if self.then is not None:
+            self.then(trainer)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """A finished 1-epoch tiny run (its last.pt, scales, metrics) and tiny scales files in two formats.
+
+    Built once per session and shared by the files that damage, overwrite or resume from them (they
+    copy what they change, or write new files beside them)."""
+    from hypersearch.app import main as hs_main
+    from repopt import get_arch, save_scales
+
+    root = tmp_path_factory.mktemp("artifacts")
+    run_dir = root / "run"
+    run_hydra(hs_main, TINY + ["epochs=1", f"hydra.run.dir={run_dir}"])
+    arch = get_arch("tiny")
+    scales_st = save_scales(root / "tiny.safetensors", arch.init_scales(), metadata={"note": "test"}).path
+    scales_pth = root / "tiny.pth"  # the official release format: torch.save of a dict of tensors
+    torch.save(arch.init_scales(), scales_pth)
+    return {
+        "root": root, "run_dir": run_dir, "checkpoint": run_dir / "last.pt", "scales_safetensors": scales_st,
+        "scales_pth": scales_pth,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from repopt.arch import ArchSpec  # noqa: E402
 from repopt.config import DataConfig, to_typed  # noqa: E402
 from repopt.data import build_data  # noqa: E402
 from repopt.engine import load_checkpoint  # noqa: E402
+from repopt.numerics import rel_diff  # noqa: E402
 from repopt.vgg import RepOptVGG  # noqa: E402
 from target_train import export as export_mod  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
@@ -81,11 +82,6 @@ def first_test_batch(ckpt: dict) -> torch.Tensor:
     return x
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-
-
 def ort_logits(path: Path, x: torch.Tensor) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # no spinning thread pool on a shared CPU
@@ -132,10 +128,10 @@ def test_onnx_fp32_logits_equal_pytorch(target_run):
     x = first_test_batch(ckpt)
     with torch.no_grad():
         reference = model(x).numpy()
-    assert rel(ort_logits(target_run / "model.onnx", x), reference) <= 1e-4
+    assert rel_diff(ort_logits(target_run / "model.onnx", x), reference) <= 1e-4
     # the batch axis is dynamic
     assert ort_logits(target_run / "model.onnx", x[:1]).shape == (1, ckpt["num_classes"])
-    assert rel(ort_logits(target_run / "model.onnx", x[:5]), reference[:5]) <= 1e-4
+    assert rel_diff(ort_logits(target_run / "model.onnx", x[:5]), reference[:5]) <= 1e-4
 
 
 def test_int8_model_is_qdq_and_runs(target_run):
@@ -149,7 +145,7 @@ def test_int8_model_is_qdq_and_runs(target_run):
     assert out.shape == (x.shape[0], ckpt["num_classes"]) and np.isfinite(out).all()
     with torch.no_grad():
         reference = model(x).numpy()
-    assert rel(out, reference) < 0.5  # quantized, not garbage
+    assert rel_diff(out, reference) < 0.5  # quantized, not garbage
 
 
 # ---------------------------------------------------------------------------- the repvgg baseline
@@ -164,7 +160,7 @@ def test_repvgg_run_exports_and_quantizes(repvgg_run):
     x = first_test_batch(ckpt)
     with torch.no_grad():
         reference = model(x).numpy()
-    assert rel(ort_logits(repvgg_run / "model.onnx", x), reference) <= 1e-4
+    assert rel_diff(ort_logits(repvgg_run / "model.onnx", x), reference) <= 1e-4
     ops = {n.op_type for n in onnx.load(str(repvgg_run / "model.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # folded: one conv per block in the FP32 graph, no BatchNormalization, no Add of branches
@@ -236,7 +232,7 @@ def test_dynamo_exporter_matches(target_run, tmp_path):
     x = first_test_batch(ckpt)[:7]
     with torch.no_grad():
         reference = model(x).numpy()
-    assert rel(ort_logits(tmp_path / "d.onnx", x), reference) <= 1e-4
+    assert rel_diff(ort_logits(tmp_path / "d.onnx", x), reference) <= 1e-4
     assert export_mod.onnx_opset(tmp_path / "d.onnx") >= 18
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from repopt.arch import get_arch
 from repopt.blocks import DeployBlock
+from repopt.numerics import rel_diff
 from repopt.vgg import RepOptVGG
 from target_train import build_repvgg_model, build_target_model, fuse
 from target_train.fuse import fold_block
@@ -52,10 +53,6 @@ def make_trained_like(mode, strides, dtype, seed=0, arch_name="tiny", fused_forw
     return model
 
 
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.mark.parametrize("strides", STRIDES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
@@ -70,7 +67,7 @@ def test_fused_outputs_equal(mode, strides, dtype, tol):
     assert out.dtype == dtype and out.shape == (5, 10)
     # a non-degenerate comparison: the outputs depend on the input, not only on the biases
     assert (ref - ref.mean(0)).abs().max() > 0.05 * ref.abs().max()
-    assert _rel_err(out, ref) <= tol
+    assert rel_diff(out, ref) <= tol
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,7 +132,7 @@ def test_hs_fused_forward_model_folds():
     model = make_trained_like("hs", (1, 1, 2, 2, 2), torch.float64, seed=5, fused_forward=True).eval()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        assert _rel_err(fuse(model)(x), model(x)) <= 1e-10
+        assert rel_diff(fuse(model)(x), model(x)) <= 1e-10
 
 
 class _DDPLike(nn.Module):
@@ -156,7 +153,7 @@ def test_fuse_wrapped_model(mode):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        assert _rel_err(deployed(x), model(x)) <= 1e-10
+        assert rel_diff(deployed(x), model(x)) <= 1e-10
     # a plain object with a .module attribute works too
     holder = type("Holder", (), {})()
     holder.module = model

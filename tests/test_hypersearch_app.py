@@ -1,14 +1,12 @@
 """Stage one end to end: the Hydra app, its files, multirun, exact resume."""
 
-import signal
-
 import pandas as pd
 import pytest
 import torch
 
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales, read_metadata
-from repopt.engine.trainer import Trainer
+from repopt.engine.callbacks import Callback, active
 from tests.conftest import TINY, read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_cifar100
 
@@ -59,19 +57,18 @@ def test_hypersearch_multirun_two_settings(in_tmp):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def _interrupt_at(monkeypatch, global_step: int):
+class _InterruptAt(Callback):
     """Make the trainer see a SIGTERM right after ``global_step`` (as a real signal would)."""
-    original = Trainer._check_finite
 
-    def check(self, losses, first_step):
-        original(self, losses, first_step)
-        if self.state.global_step == global_step:
-            self._stop.received = signal.SIGTERM
+    def __init__(self, global_step: int):
+        self.global_step = global_step
 
-    monkeypatch.setattr(Trainer, "_check_finite", check)
+    def on_step_end(self, trainer) -> None:
+        if trainer.state.global_step == self.global_step:
+            trainer.request_stop()
 
 
-def test_resume_after_interruption_matches_uninterrupted(in_tmp, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(in_tmp):
     common = TINY + ["epochs=3"]
     run_hydra(hs_main, common + [f"hydra.run.dir={in_tmp / 'full'}"])
     full = read_json(in_tmp / "full" / "metrics.json")
@@ -79,8 +76,7 @@ def test_resume_after_interruption_matches_uninterrupted(in_tmp, monkeypatch):
     steps_per_epoch = 128 // 32
     for name, step in (("end_of_epoch", steps_per_epoch), ("mid_epoch", steps_per_epoch + 2)):
         run_dir = in_tmp / name
-        with monkeypatch.context() as m:
-            _interrupt_at(m, step)
+        with active(_InterruptAt(step)):
             run_hydra(hs_main, common + [f"hydra.run.dir={run_dir}"], expect_exit=130)
         partial = read_json(run_dir / "metrics.json")
         assert partial["status"] == "interrupted" and partial["steps"] == step

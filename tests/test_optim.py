@@ -11,6 +11,7 @@ import torch
 
 from repopt.arch import get_arch
 from repopt.errors import ConfigError
+from repopt.scales import random_scales
 from repopt.vgg import RepOptVGG
 from target_train import (RepOptAdamW, RepOptSGD, build_optimizer, build_repopt, build_target_model, grad_masks,
                           masks_by_param, param_groups, reinitialize)
@@ -477,3 +478,21 @@ def test_build_optimizer_plain_and_errors():
         build_optimizer(model, "lamb", 0.1, 0.0)
     with pytest.raises(ConfigError):
         build_optimizer(RepOptVGG(ARCH, 10, mode="repvgg"), "sgd", 0.1, 0.0, scales=signed_scales())
+
+
+def test_param_groups_without_weight_decay_leave_it_to_the_optimizer():
+    """The official set_weight_decay: the decay group has no key, so ``weight_decay=`` of the optimizer applies."""
+    model = build_target_model(ARCH, 10)
+    groups = param_groups(model)
+    assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == 0.0
+    scales = random_scales(ARCH, 3)
+    masks = masks_by_param(model, grad_masks(model, scales))
+    opt = RepOptSGD(param_groups(model), masks, lr=0.1, weight_decay=1e-3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
+    weight = model.stage0.conv.weight
+    before = weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradient: only the decay moves the weight, by lr * wd * w
+    torch.testing.assert_close(weight.detach(), before * (1 - 0.1 * 1e-3), rtol=1e-6, atol=0)
+    assert torch.equal(model.stage0.bn.weight.detach(), torch.ones_like(model.stage0.bn.weight))  # no decay on BN

@@ -21,6 +21,8 @@ def test_two_setting_multirun_then_compare(in_tmp):
         joined = read_json(sweep / job / "metrics.json")
         assert joined["status"] == "completed"
         assert joined["scales_sha256"] == joined["hs_scales_sha256"] == sha256_file(sweep / job / "hs/scales.safetensors")
+        # stage two read exactly the file stage one reported writing
+        assert joined["target"]["scales"]["path"] == joined["hs"]["scales_file"] == str(sweep / job / "hs" / "scales.safetensors")
         assert set(joined["wall_seconds"]) >= {"hs", "target", "total"}
 
     assert compare_main([str(sweep)]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repopt.config import HSConfig
+from hypersearch.config import HSConfig
 from repopt.engine.runtime import resolve_compile_mode, resolve_runtime
 from repopt.errors import ConfigError
 
@@ -32,7 +32,7 @@ def test_unknown_compile_mode_names_the_choices():
 
 
 def test_runtime_on_cpu_compiles_in_the_default_mode():
-    cfg = HSConfig(device="cpu", compile="true")
+    cfg = HSConfig(device="cpu", compile=True)
     runtime = resolve_runtime(cfg)
     assert runtime.compile and runtime.compile_mode is None and runtime.amp_dtype is None
     assert not resolve_runtime(HSConfig(device="cpu")).compile  # compile is off unless asked for

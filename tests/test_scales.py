@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
+import io
 import math
 import os
 import pickle
@@ -15,7 +17,7 @@ import repopt
 from repopt import load_scales, read_metadata, resolve_scales_path, save_scales
 from repopt.arch import get_arch
 from repopt.errors import ScalesError
-from repopt.scales import SCALES_FILENAME
+from repopt.scales import SCALES_FILENAME, read_scales, random_scales
 from repopt.vgg import RepOptVGG
 
 OFFICIAL_DIR = Path(repopt.__file__).parent / "official_scales"
@@ -24,11 +26,6 @@ OFFICIAL = ("B1", "B2", "L1", "L2")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def random_scales(arch, seed=0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g) for k, shape in get_arch(arch).scale_shapes().items()}
 
 
 def assert_scales_error(excinfo, *needles):
@@ -44,7 +41,7 @@ def test_save_load_roundtrip_with_metadata(tmp_path):
     scales = random_scales("tiny", seed=1)
     arch = get_arch("tiny")
     meta = {"arch": arch.to_dict(), "hs_accuracy": 0.6125, "dataset": "cifar100", "epochs": 3, "source_run": "outputs/run-a"}
-    path = save_scales(tmp_path / SCALES_FILENAME, scales, meta)
+    path = save_scales(tmp_path / SCALES_FILENAME, scales, meta).path
     assert path == tmp_path / SCALES_FILENAME
     loaded = load_scales(path, "tiny")
     assert list(loaded) == list(arch.scale_shapes())
@@ -66,7 +63,7 @@ def test_save_load_roundtrip_with_metadata(tmp_path):
 
 
 def test_metadata_string_values_keep_their_type(tmp_path):
-    path = save_scales(tmp_path / SCALES_FILENAME, random_scales("tiny"), {"run_id": "42", "flag": "true"})
+    path = save_scales(tmp_path / SCALES_FILENAME, random_scales("tiny"), {"run_id": "42", "flag": "true"}).path
     md = read_metadata(path)
     assert md["format_version"] == "1"
     assert md["run_id"] == "42"
@@ -75,7 +72,7 @@ def test_metadata_string_values_keep_their_type(tmp_path):
 
 def test_save_converts_to_float32_and_load_returns_float32(tmp_path):
     scales = {k: v.double() * 3 for k, v in random_scales("tiny", 2).items()}
-    path = save_scales(tmp_path / "s.safetensors", scales)
+    path = save_scales(tmp_path / "s.safetensors", scales).path
     loaded = load_scales(path, "tiny")
     for k, v in scales.items():
         assert loaded[k].dtype == torch.float32
@@ -118,13 +115,13 @@ def test_failed_save_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     old = random_scales("tiny", 1)
     save_scales(folder / SCALES_FILENAME, old)
 
-    import repopt.scales as scales_mod
+    real_write = Path.write_bytes
 
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    def broken_write(self, data):
+        real_write(self, b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(scales_mod, "save_file", broken_save)
+    monkeypatch.setattr(Path, "write_bytes", broken_write)
     with pytest.raises(OSError):
         save_scales(folder / SCALES_FILENAME, random_scales("tiny", 2))
     assert sorted(p.name for p in folder.iterdir()) == [SCALES_FILENAME]
@@ -213,17 +210,46 @@ def test_hs_checkpoint_for_other_arch_is_rejected(tmp_path):
     assert_scales_error(exc, path, "stage3.1.scale_conv.weight", "missing")
 
 
-def test_run_directory_and_pipeline_directory(tmp_path):
+def test_run_directory_resolves_to_its_own_file_only(tmp_path):
+    """A stage-one run directory means its scales file; the core knows no pipeline layout (a pipeline
+    job hands stage two the exact file), so a job directory is a clear error naming <job>/hs."""
     s1, s2 = random_scales("tiny", 5), random_scales("tiny", 6)
     run = tmp_path / "run"
     save_scales(run / SCALES_FILENAME, s1)
     pipeline = tmp_path / "pipeline"
     save_scales(pipeline / "hs" / SCALES_FILENAME, s2)
     assert resolve_scales_path(run) == run / SCALES_FILENAME
-    assert resolve_scales_path(pipeline) == pipeline / "hs" / SCALES_FILENAME
-    a, b = load_scales(run, "tiny"), load_scales(str(pipeline), "tiny")
+    a = load_scales(run, "tiny")
     assert all(torch.equal(a[k], s1[k]) for k in s1)
+    with pytest.raises(ScalesError, match="in a pipeline job that is <job>/hs"):
+        load_scales(pipeline, "tiny")
+    b = load_scales(pipeline / "hs", "tiny")
     assert all(torch.equal(b[k], s2[k]) for k in s2)
+
+
+def test_save_and_read_return_one_object_of_the_bytes(tmp_path, monkeypatch):
+    """save_scales returns what it wrote; read_scales reads the file once and returns the tensors,
+    the sha256 of exactly those bytes and the metadata, from that one read."""
+    written = save_scales(tmp_path / SCALES_FILENAME, random_scales("tiny", 3), {"run_id": 7})
+    assert written.sha256 == hashlib.sha256(written.path.read_bytes()).hexdigest()
+    assert written.metadata["run_id"] == 7 and written.metadata["format"] == "repopt-scales"
+    opened = []
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    for source in (written.path, "official:B1"):
+        opened.clear()
+        read = read_scales(source, "tiny" if source == written.path else "B1")
+        assert len(opened) == 1, opened
+        assert read.sha256 == hashlib.sha256(read.path.read_bytes()).hexdigest()
+    monkeypatch.undo()
+    read = read_scales(tmp_path, "tiny")
+    assert read.sha256 == written.sha256 and read.metadata == written.metadata
+    assert all(torch.equal(read.tensors[k], written.tensors[k]) for k in written.tensors)
 
 
 def test_plain_pth_dict_with_module_prefix(tmp_path):
@@ -260,7 +286,7 @@ def test_extracted_scales_of_hs_model_roundtrip(tmp_path):
             if ".scale_" in n:
                 p.mul_(-1.5)
     scales = extract_scales(model)
-    path = save_scales(tmp_path / SCALES_FILENAME, scales, {"arch": arch.to_dict()})
+    path = save_scales(tmp_path / SCALES_FILENAME, scales, {"arch": arch.to_dict()}).path
     loaded = load_scales(path, arch)
     params = dict(model.named_parameters())
     assert all(torch.equal(loaded[k], params[k].detach()) for k in arch.scale_shapes())
@@ -295,7 +321,7 @@ def _save_raw(path, tensors):
 def test_missing_key(tmp_path):
     s = random_scales("tiny")
     del s["stage2.1.scale_identity.weight"]
-    path = save_scales(tmp_path / SCALES_FILENAME, s)
+    path = save_scales(tmp_path / SCALES_FILENAME, s).path
     with pytest.raises(ScalesError) as exc:
         load_scales(path, "tiny")
     assert_scales_error(exc, path, "stage2.1.scale_identity.weight", "missing")
@@ -304,7 +330,7 @@ def test_missing_key(tmp_path):
 def test_extra_key(tmp_path):
     s = random_scales("tiny")
     s["stage1.0.scale_identity.weight"] = torch.ones(8)  # stage1.0 has stride 2: no identity
-    path = save_scales(tmp_path / SCALES_FILENAME, s)
+    path = save_scales(tmp_path / SCALES_FILENAME, s).path
     with pytest.raises(ScalesError) as exc:
         load_scales(path, "tiny")
     assert_scales_error(exc, path, "stage1.0.scale_identity.weight", "unexpected")
@@ -324,7 +350,7 @@ def test_extra_non_scale_key_in_scales_file(tmp_path):
 def test_wrong_shape(tmp_path):
     s = random_scales("tiny")
     s["stage3.0.scale_1x1.weight"] = torch.ones(33)
-    path = save_scales(tmp_path / SCALES_FILENAME, s)
+    path = save_scales(tmp_path / SCALES_FILENAME, s).path
     with pytest.raises(ScalesError) as exc:
         load_scales(path, "tiny")
     assert_scales_error(exc, path, "stage3.0.scale_1x1.weight", "(33,)", "(32,)")
@@ -334,7 +360,7 @@ def test_wrong_shape(tmp_path):
 def test_non_finite(tmp_path, bad):
     s = random_scales("tiny")
     s["stage4.0.scale_conv.weight"][5] = bad
-    path = save_scales(tmp_path / SCALES_FILENAME, s)
+    path = save_scales(tmp_path / SCALES_FILENAME, s).path
     with pytest.raises(ScalesError) as exc:
         load_scales(path, "tiny")
     assert_scales_error(exc, path, "stage4.0.scale_conv.weight")
@@ -394,7 +420,7 @@ def test_not_a_tensor_file(tmp_path, content):
 
 @pytest.mark.parametrize("keep", [0.5, 0.95, 12 / 1000])
 def test_truncated_safetensors(tmp_path, keep):
-    good = save_scales(tmp_path / "good.safetensors", random_scales("small"))
+    good = save_scales(tmp_path / "good.safetensors", random_scales("small")).path
     data = good.read_bytes()
     path = tmp_path / SCALES_FILENAME
     path.write_bytes(data[: max(10, int(len(data) * keep))])

@@ -9,8 +9,9 @@ import torch
 
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales
-from repopt.app import seed_everything
-from repopt.config import TargetConfig, to_typed
+from repopt.host import seed_everything
+from repopt.config import to_typed
+from target_train.config import TargetConfig
 from repopt.engine import load_checkpoint
 from repopt.io import sha256_file
 from repopt.vgg import RepOptVGG
@@ -67,11 +68,27 @@ def test_repvgg_baseline(tmp_path):
     assert any("rbr_1x1" in k for k in state["model"])
 
 
+def test_repvgg_never_reads_the_default_scales(tmp_path):
+    """``model=repvgg arch=tiny`` used to fail on the default scales=official:B1 (made for B1), which it never uses."""
+    run_dir = tmp_path / "repvgg"
+    metrics = _train(run_dir, "model=repvgg")
+    assert metrics["model"] == "repvgg" and metrics["optimizer"] == "SGD" and metrics["scales"]["kind"] == "none"
+    assert "scales=official:B1 is not used" in (run_dir / "app.log").read_text()
+
+
+def test_repvgg_with_explicit_unused_scales_warns_and_reads_nothing(tmp_path):
+    run_dir = tmp_path / "repvgg"
+    missing = tmp_path / "nowhere" / "scales.safetensors"  # would be an error if it were read
+    metrics = _train(run_dir, "model=repvgg", f"scales={missing}")
+    assert metrics["scales"]["kind"] == "none"
+    assert f"scales={missing} is not used" in (run_dir / "app.log").read_text()
+
+
 def test_official_scales_b1(tmp_path):
     """The shipped official file drives a (one-step) B1 run."""
     run_dir = tmp_path / "official"
     run_hydra(target_main, ["arch=B1", "data=synthetic", "data.batch_size=8", "data.synthetic_train_size=16",
-                            "data.synthetic_test_size=8", "data.image_size=32", "epochs=1", "max_steps_per_epoch=1",
+                            "data.synthetic_test_size=8", "data.image_size=32", "epochs=1", "sched.warmup_epochs=0", "max_steps_per_epoch=1",
                             "progress=off", "device=cpu", "deploy=false", "scales=official:B1", f"hydra.run.dir={run_dir}"])
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "completed" and metrics["scales"]["kind"] == "official"
@@ -104,9 +121,11 @@ def test_deploy_reloads_without_the_project(tmp_path):
 
 
 def test_app_starts_from_the_reinitialized_weights_and_uses_the_masks(tmp_path, hs_run):
-    """With lr=0 the conv weights stay at their start: they must equal the foundation API's re-init."""
+    """One step at lr 0 (the warm-up's first step) leaves the conv weights at their start: they must
+    equal the foundation API's re-init."""
     run_dir = tmp_path / "lr0"
-    run_hydra(target_main, TINY + ["epochs=1", "optim.lr=0", f"scales={hs_run}", "deploy=false", f"hydra.run.dir={run_dir}"])
+    run_hydra(target_main, TINY + ["epochs=1", "sched.warmup_epochs=1", "sched.warmup_start_factor=0", "max_steps_per_epoch=1",
+                                   f"scales={hs_run}", "deploy=false", f"hydra.run.dir={run_dir}"])
     scales = load_scales(hs_run, ARCH)
     seed_everything(0)
     expected = reinitialize(build_target_model(ARCH, 10), scales)
@@ -118,7 +137,7 @@ def test_app_starts_from_the_reinitialized_weights_and_uses_the_masks(tmp_path, 
     # and the optimizer the app builds is the RepOptimizer with exactly those masks
     cfg = to_typed({"arch": {"name": "tiny", "strides": [1, 2, 2, 2, 1]}, "data": {"name": "synthetic", "batch_size": 32,
                     "synthetic_train_size": 128, "synthetic_test_size": 64}, "scales": str(hs_run), "device": "cpu",
-                    "epochs": 1}, TargetConfig)
+                    "epochs": 1, "sched": {"warmup_epochs": 0}}, TargetConfig)
     run = build_target_run(cfg, tmp_path / "inspect")
     assert isinstance(run.optimizer, RepOptSGD)
     names = {id(p): n for n, p in run.model.named_parameters()}

@@ -18,10 +18,9 @@ from typing import Callable, Optional
 
 import torch
 
-from repopt.arch import ArchSpec
 from repopt.engine.runtime import Runtime
 from repopt.setup import place as _place
-from target_train.quantize import cpu_name
+from repopt.host import cpu_name
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -65,9 +64,14 @@ class Settings:
         return d
 
 
+def runtime(settings: Settings) -> Runtime:
+    """The trainer's runtime for the benchmark's device, AMP and memory-format switches."""
+    return Runtime(settings.device, torch.bfloat16 if settings.amp else None, settings.channels_last)
+
+
 def place(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """``repopt.setup.place``: ``model`` on the run's device, channels_last when the run trains in it."""
-    return _place(model, Runtime(settings.device, torch.bfloat16 if settings.amp else None, settings.channels_last))
+    return _place(model, runtime(settings))
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -290,20 +294,6 @@ def cpu_busy_fraction(interval: float = 0.5) -> Optional[float]:
         return None
     total = total1 - total0
     return round(1.0 - (idle1 - idle0) / total, 3) if total > 0 else None
-
-
-# ------------------------------------------------------------------------------------------- scales
-def random_scales(arch: ArchSpec, seed: int, signed: bool = False) -> dict[str, torch.Tensor]:
-    """Scales for timing: the HS init values jittered by +-30 % (random signs with ``signed``)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value in arch.init_scales().items():
-        jitter = 1.0 + 0.3 * (2 * torch.rand(value.shape, generator=g) - 1)
-        s = value * jitter
-        if signed:
-            s = s * torch.where(torch.rand(value.shape, generator=g) < 0.5, -1.0, 1.0)
-        out[key] = s
-    return out
 
 
 # -------------------------------------------------------------------------------------------- data

@@ -15,13 +15,13 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from hypersearch.model import build_hs_model
 from repopt.arch import get_arch
+from repopt.engine import TrainStep
 from target_train import build_optimizer
 
-from .common import DataSources, Settings, Stopwatch, free_memory, place
+from .common import DataSources, Settings, Stopwatch, free_memory, place, runtime
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -39,15 +39,10 @@ def _one_variant(label: str, mode, arch, bundle, lr: float, settings: Settings) 
     if mode is not None:
         forward = torch.compile(model, mode=None if mode == "default" else mode)
 
+    train_step = TrainStep(forward, optimizer, runtime(settings))  # the trainer's step
+
     def step(x, y):
-        if settings.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
-            loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return train_step(x, y)[0]
 
     steps_per_epoch = len(bundle.train)
     warmup = min(max(settings.warmup, 1 if mode is None else 3), steps_per_epoch)

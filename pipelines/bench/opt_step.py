@@ -15,9 +15,10 @@ import torch
 
 from repopt.arch import get_arch
 from repopt.optim import param_groups
+from repopt.scales import random_scales
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
-from .common import Settings, free_memory, random_scales, ratio, summarize_ms, time_rounds, timing_note
+from .common import Settings, free_memory, ratio, summarize_ms, time_rounds, timing_note
 from .reference import LoopMaskedAdamW, LoopMaskedSGD
 
 log = logging.getLogger("repopt.benchmark")
@@ -66,7 +67,7 @@ def run(settings: Settings) -> dict:
     def restore():
         torch._foreach_copy_(grads, saved)
 
-    scales = random_scales(arch, settings.seed)
+    scales = random_scales(arch, settings.seed, signed=False)
     masks = {rule: masks_by_param(model, grad_masks(model, scales, rule=rule)) for rule in ("sgd", "adamw")}
     rows: dict[str, dict] = {}
     notes: list[str] = []

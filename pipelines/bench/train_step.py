@@ -15,13 +15,14 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from hypersearch.model import build_hs_model
 from repopt.arch import get_arch
+from repopt.engine import TrainStep
+from repopt.scales import random_scales
 from target_train import build_optimizer, build_repopt, build_repvgg_model, build_target_model
 
-from .common import (PeakMemory, Settings, free_memory, place, random_scales, ratio, summarize_ms, time_rounds,
+from .common import (PeakMemory, Settings, free_memory, place, ratio, runtime, summarize_ms, time_rounds,
                      timing_note)
 
 log = logging.getLogger("repopt.benchmark")
@@ -34,7 +35,7 @@ def _variants(arch, settings: Settings):
 
     def target():
         model = place(build_target_model(arch, settings.num_classes), settings)
-        return model, build_repopt(model, random_scales(arch, settings.seed), "sgd", lr=LR, weight_decay=WD)
+        return model, build_repopt(model, random_scales(arch, settings.seed, signed=False), "sgd", lr=LR, weight_decay=WD)
 
     def plain(build_model):
         def build():
@@ -54,18 +55,16 @@ def _variants(arch, settings: Settings):
 
 
 def make_step(model, optimizer, x, y, settings: Settings):
-    """One training step; ``step.last["loss"]`` is the loss of its latest call."""
-    amp = settings.amp
+    """One call of the trainer's ``TrainStep`` on a fixed batch; ``step.last["loss"]`` is its latest loss."""
+    train_step = TrainStep(model, optimizer, runtime(settings))
     last = {}
 
     def step():
-        with torch.autocast(settings.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _ = train_step(x, y)
         last["loss"] = loss
         return loss
+
+    step.train_step = train_step
 
     step.last = last
     return step

@@ -95,13 +95,9 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         amp_dtype = AMP_DTYPES[cfg.amp]
     else:
         raise ConfigError(f"amp={cfg.amp!r} is not one of auto, bf16, fp16, off")
-    if cfg.channels_last not in ("auto", "true", "false", True, False):
-        raise ConfigError(f"channels_last={cfg.channels_last!r} is not one of auto, true, false")
-    channels_last = device.type == "cuda" if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
-    compile_flag = str(cfg.compile).lower()
-    if compile_flag not in ("auto", "true", "false"):
-        raise ConfigError(f"compile={cfg.compile!r} is not one of auto, true, false")
-    compile_model = device.type == "cuda" if compile_flag == "auto" else compile_flag == "true"
+    on_cuda = device.type == "cuda"  # what null (auto) means for compile and channels_last
+    channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+    compile_model = on_cuda if cfg.compile is None else cfg.compile
     mode = resolve_compile_mode(cfg.compile_mode, device, world_size, cfg.data.drop_last)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

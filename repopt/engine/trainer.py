@@ -9,6 +9,10 @@ One ``Trainer.fit()`` call runs (or continues) a run inside ``run_dir``:
   exactly what an uninterrupted one would have done;
 * SIGTERM / SIGINT finish the current step, write ``last.pt`` and raise ``Interrupted``;
 * a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint.
+
+The loop keeps only iteration, the run's state and the stop checks: the step itself is
+``TrainStep`` (step.py), the measurements are ``meter.py``, stop signals ``stopping.py`` and the
+hooks for outside code ``callbacks.py``.
 """
 
 from __future__ import annotations
@@ -18,23 +22,26 @@ import math
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..errors import CheckpointError, DivergenceError, Interrupted
-from ..io import atomic_path, write_json, write_text
+from ..io import atomic_path, write_text
+from ..results import StageMetrics, Status, write_result
+from .callbacks import Callback, registered
 from .checkpoint import load_checkpoint, save_checkpoint
+from .meter import EpochMeter, evaluate
 from .runtime import Runtime
+from .step import TrainStep
+from .stopping import StopSignal, agree_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +49,8 @@ HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss
                    "epoch_seconds", "images_per_sec"]
 
 
-# Settings that shape the training trajectory: a resumed run must use the ones that started it.
-RESUME_KEYS = ("epochs", "seed", "label_smoothing", "grad_clip", "mode", "scale_init", "model", "scales", "use_identity_scales",
-               "arch", "optim", "sched", "data.name", "data.batch_size", "data.image_size", "data.train_subset",
-               "data.crop_padding", "data.hflip", "max_steps_per_epoch")
-
-
-def _changed_settings(saved: dict | None, current: dict | None) -> list[str]:
-    """``key: saved -> current`` for every RESUME_KEYS entry that differs (both configs as plain dicts)."""
+def _changed_settings(keys: tuple[str, ...], saved: dict | None, current: dict | None) -> list[str]:
+    """``key: saved -> current`` for every dotted key in ``keys`` that differs (both configs as plain dicts)."""
     if not saved or not current:
         return []
 
@@ -60,7 +61,7 @@ def _changed_settings(saved: dict | None, current: dict | None) -> list[str]:
             cfg = cfg[part]
         return cfg
 
-    return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in RESUME_KEYS if get(saved, k) != get(current, k)]
+    return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in keys if get(saved, k) != get(current, k)]
 
 
 def steps_per_epoch(cfg: TrainConfig, data) -> int:
@@ -86,61 +87,10 @@ class RunState:
     history: list = field(default_factory=list)
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second SIGINT aborts)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("received %s: stopping after the current step and writing last.pt", signal.Signals(signum).name)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> dict[str, float]:
-    """Top-1, top-5 and mean loss over a whole evaluation set."""
-    model.eval()
-    k = min(5, num_classes)
-    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    top1 = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    top5 = torch.zeros((), device=runtime.device, dtype=torch.float64)
-    count = 0
-    for x, y in batches.epoch(0):
-        with runtime.autocast():
-            logits = model(runtime.input_format(x))
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        pred = logits.topk(k, dim=1).indices
-        hits = pred.eq(y.view(-1, 1))
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        count += y.numel()
-    if runtime.distributed:  # each rank evaluated its shard of the test set
-        totals = torch.stack([loss_sum, top1, top5, torch.tensor(float(count), device=runtime.device, dtype=torch.float64)])
-        dist.all_reduce(totals)
-        loss_sum, top1, top5, count = totals[0], totals[1], totals[2], int(totals[3])
-    count = max(count, 1)
-    return {"test_loss": float(loss_sum) / count, "test_top1": 100.0 * float(top1) / count, "test_top5": 100.0 * float(top5) / count}
-
-
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, cfg: TrainConfig,
                  runtime: Runtime, run_dir: Path, *, checkpoint_extra: dict | None = None, write_best: bool = False,
-                 on_epoch_end: Callable[["Trainer", dict], None] | None = None, metrics_extra: dict | None = None):
+                 callbacks: Sequence[Callback] = (), metrics_extra: dict | None = None):
         self.model = model  # the raw module (what checkpoints hold)
         self.optimizer, self.scheduler, self.data, self.cfg, self.runtime = optimizer, scheduler, data, cfg, runtime
         self.run_dir = Path(run_dir)
@@ -150,13 +100,14 @@ class Trainer:
             self.run_dir = Path(shared[0])
         self.checkpoint_extra = checkpoint_extra or {}
         self.write_best = write_best
-        self.on_epoch_end = on_epoch_end
+        self.callbacks = [*callbacks, *registered()]
         self.metrics_extra = metrics_extra or {}
         self.state = RunState()
         self._segment_start = time.perf_counter()
         self._epoch_seconds, self._epoch_images = 0.0, 0  # this process's share of the running epoch
-        self.scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
         self.train_model = self._wrap(model)
+        self.step = TrainStep(self.train_model, optimizer, runtime, label_smoothing=cfg.label_smoothing,
+                              grad_clip=cfg.grad_clip, clip_params=model.parameters())
         self.steps_per_epoch = steps_per_epoch(cfg, data)
 
     # ------------------------------------------------------------------ setup
@@ -180,7 +131,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
             "run": asdict(self.state),
             "rng": torch.get_rng_state(),
             **self.checkpoint_extra,
@@ -215,7 +166,7 @@ class Trainer:
                     f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
                     f"resume with the configuration that wrote it, or start a new run directory"
                 )
-        changed = _changed_settings(state.get("config"), self.checkpoint_extra.get("config"))
+        changed = _changed_settings(self.cfg.RESUME_KEYS, state.get("config"), self.checkpoint_extra.get("config"))
         if changed:
             raise CheckpointError(
                 f"{path}: this run was started with other training settings ({'; '.join(changed)}); resume with the "
@@ -225,8 +176,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+            if self.step.scaler is not None and state.get("scaler"):
+                self.step.scaler.load_state_dict(state["scaler"])
             if "rng" in state:
                 torch.set_rng_state(state["rng"].cpu())
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -252,84 +203,53 @@ class Trainer:
                     else "no checkpoint was written yet")
             raise DivergenceError(f"non-finite loss at step {step}: training diverged; {kept}. Lower optim.lr or check the data", step)
 
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """End the run at the current step boundary, as a stop signal does (``last.pt``, then ``Interrupted``)."""
+        self._stop.received = signum
+
     def _train_epoch(self, epoch: int) -> None:
-        model, opt, rt, st = self.train_model, self.optimizer, self.runtime, self.state
-        model.train()
-        check_every = 1 if rt.device.type == "cpu" else 25
+        rt, st = self.runtime, self.state
+        self.train_model.train()
+        check_every = 1 if rt.device.type == "cpu" else 25  # a GPU syncs for the finite check every 25 steps
         pending: list[torch.Tensor] = []
         pending_first = st.global_step
-        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        correct = torch.zeros((), device=rt.device, dtype=torch.float64)
-        count = 0
-        t0 = time.perf_counter()
+        meter = EpochMeter(rt)
         bar = self._progress(epoch)
         stop = self._stop
         batches = self.data.train.epoch(epoch, start=st.step_in_epoch)
         try:
             for step in range(st.step_in_epoch, self.steps_per_epoch):
                 x, y = next(batches)
-                with rt.autocast():
-                    logits = model(rt.input_format(x))
-                    loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    if self.cfg.grad_clip:
-                        self.scaler.unscale_(opt)
-                        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    if self.cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                    opt.step()
+                loss, logits = self.step(x, y)
                 self.scheduler.step()
-                detached = loss.detach()
-                pending.append(detached)
-                loss_sum += detached.double() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum()
-                count += y.numel()
+                pending.append(loss)
+                meter.add(loss, logits, y)
                 st.global_step += 1
                 st.step_in_epoch = step + 1
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
                 if len(pending) >= check_every or st.step_in_epoch == self.steps_per_epoch or stop.received:
                     self._check_finite(pending, pending_first)
                     pending, pending_first = [], st.global_step
-                    if rt.distributed:  # every rank stops at the same step, or the collectives hang
-                        flag = torch.tensor([0.0 if stop.received is None else float(stop.received)], device=rt.device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        if flag.item() and stop.received is None:
-                            stop.received = int(flag.item())
+                    agree_on_stop(stop, rt)
                 bar.update(1)
                 if stop.received is not None:
                     break
         finally:
             bar.close()
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            elapsed = time.perf_counter() - t0
-            if rt.distributed:  # train loss/accuracy over the global batch
-                totals = torch.stack([loss_sum, correct])
-                dist.all_reduce(totals)
-                loss_sum, correct = totals[0], totals[1]
-                count *= rt.world_size
-            st.train_seconds += elapsed
-            st.images_seen += count
-            st.epoch_loss_sum += float(loss_sum)
-            st.epoch_correct += float(correct)
-            st.epoch_count += count
-            self._epoch_seconds += elapsed
-            self._epoch_images += count
+            meter.close(st)
+            self._epoch_seconds += meter.seconds
+            self._epoch_images += meter.count
 
-    def fit(self) -> dict:
+    def fit(self) -> StageMetrics:
         """Train to ``cfg.epochs``; returns the final metrics (also written to ``metrics.json``)."""
         with StopSignal() as self._stop:
             try:
                 self._loop()
             except DivergenceError as exc:
-                self.write_metrics("diverged", diverged_step=exc.step, error=str(exc))
+                self.write_metrics(Status.DIVERGED, diverged_step=exc.step, error=str(exc))
                 raise
-        return self.write_metrics("completed")
+        return self.write_metrics(Status.COMPLETED)
 
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
@@ -338,15 +258,15 @@ class Trainer:
             self._train_epoch(epoch)
             if self._stop.received is not None and st.step_in_epoch < self.steps_per_epoch:
                 self.save()
-                self.write_metrics("interrupted")
+                self.write_metrics(Status.INTERRUPTED)
                 raise Interrupted(
                     f"stopped by {signal.Signals(self._stop.received).name} at epoch {epoch + 1}, step {st.step_in_epoch}; "
                     f"last.pt written to {self.run_dir}. Continue with resume=true in the same run directory")
             row = self._end_epoch(epoch)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(self, row)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, row)
             if self._stop.received is not None and st.epoch < cfg.epochs:
-                self.write_metrics("interrupted")
+                self.write_metrics(Status.INTERRUPTED)
                 raise Interrupted(f"stopped at the end of epoch {epoch + 1}; last.pt written to {self.run_dir}. Continue with resume=true")
 
     def _end_epoch(self, epoch: int) -> dict:
@@ -386,29 +306,30 @@ class Trainer:
             lines.append(",".join(_fmt(row.get(c)) for c in HISTORY_COLUMNS))
         write_text(self.run_dir / "history.csv", "\n".join(lines) + "\n")
 
-    def write_metrics(self, status: str, **extra) -> dict:
+    def write_metrics(self, status: Status, **extra) -> StageMetrics:
+        """The run's ``metrics.json`` now: the last epoch's test metrics, timing, and the app's
+        fields (``metrics_extra``, then ``extra``; each must be a ``StageMetrics`` field)."""
         st = self.state
         last = st.history[-1] if st.history else {}
-        metrics = {
-            "status": status,
-            "top1": last.get("test_top1"),
-            "top5": last.get("test_top5"),
-            "loss": last.get("test_loss"),
-            "best_top1": st.best_top1 if st.best_top1 >= 0 else None,
-            "epochs": st.epoch,
-            "steps": st.global_step,
-            "wall_seconds": self._wall(),
-            "train_seconds": st.train_seconds,
-            "images_per_sec": st.images_seen / st.train_seconds if st.train_seconds > 0 else None,
-            "device": self.runtime.describe(),
-            "world_size": self.runtime.world_size,
-            "peak_memory_gib": (torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
-                                if self.runtime.device.type == "cuda" else None),
-            **self.metrics_extra,
-            **extra,
-        }
+        metrics = StageMetrics(
+            status=status,
+            top1=last.get("test_top1"),
+            top5=last.get("test_top5"),
+            loss=last.get("test_loss"),
+            best_top1=st.best_top1 if st.best_top1 >= 0 else None,
+            epochs=st.epoch,
+            steps=st.global_step,
+            wall_seconds=self._wall(),
+            train_seconds=st.train_seconds,
+            images_per_sec=st.images_seen / st.train_seconds if st.train_seconds > 0 else None,
+            device=self.runtime.describe(),
+            world_size=self.runtime.world_size,
+            peak_memory_gib=(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
+                             if self.runtime.device.type == "cuda" else None),
+            **{**self.metrics_extra, **extra},
+        )
         if self.runtime.is_main:
-            write_json(self.run_dir / "metrics.json", metrics)
+            write_result(self.run_dir / "metrics.json", metrics)
         return metrics
 
 
