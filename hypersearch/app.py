@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig
 
 from repopt.app import run_app
-from repopt.arch import get_arch
 from repopt.optim import param_groups, plain_optimizer
 from repopt.results import StageMetrics, Status
 from repopt.setup import make_trainer, place, scaled_lr, start
@@ -35,7 +34,7 @@ def set_constant_init(model, value: float = 1.0) -> None:
 
 
 def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
-    arch = get_arch(cfg.arch.name, cfg.arch.strides)
+    arch = cfg.arch.spec()
     runtime, data = start(cfg)
     model = build_hs_model(arch, data.num_classes, mode=cfg.mode, fused_forward=cfg.fused_forward)
     if cfg.scale_init == "constant":
@@ -48,7 +47,8 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     extra = {"stage": "hypersearch", "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
              "mode": cfg.mode}
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
-                           metrics_extra={"stage": "hypersearch", "arch": arch.name, "dataset": data.name})
+                           metrics_extra={"stage": "hypersearch", "arch": arch.name, "arch_spec": arch.to_dict(),
+                                          "depth": arch.depth, "dataset": data.name})
     metrics = trainer.fit()
     if not runtime.is_main:
         return metrics

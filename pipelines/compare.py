@@ -28,8 +28,11 @@ import pandas as pd
 import yaml
 
 from repopt.io import read_json, write_text
-from repopt.plots import pyplot, save_png
+from repopt.errors import ConfigError
 from repopt.results import JobMetrics, StageMetrics, Status, from_dict, read_result
+
+from .compare_plots import plot_comparison, plot_curves, plot_depth, plot_scales
+from .stats import baseline_differences, parse_baseline
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
@@ -51,6 +54,9 @@ class JobRow:
     failed_stage: Optional[str] = None
     diverged_step: Optional[int] = None
     variant: Optional[str] = None
+    arch: Optional[str] = None  # the target's (or the single stage's) architecture ...
+    depth: Optional[int] = None  # ... and its conv layers
+    dataset: Optional[str] = None
     hs_top1: Optional[float] = _metric()
     hs_top5: Optional[float] = None
     hs_loss: Optional[float] = None
@@ -71,7 +77,9 @@ class JobRow:
     def of_job(cls, m: JobMetrics, job: Path) -> "JobRow":
         """A pipeline job: both stages, and the stage that diverged if one did."""
         hs, target = m.hs or StageMetrics(), m.target or StageMetrics()
+        trained = m.target or m.hs or StageMetrics()
         row = cls(status=m.status.value, error=m.error, failed_stage=m.failed_stage, variant=m.variant,
+                  arch=trained.arch, depth=trained.depth, dataset=trained.dataset,
                   hs_top1=hs.top1, hs_top5=hs.top5, target_top1=target.top1, target_top5=target.top5,
                   target_loss=target.loss, target_status=m.target.status.value if m.target else None,
                   hs_seconds=m.wall_seconds.get("hs"), target_seconds=m.wall_seconds.get("target"),
@@ -88,6 +96,7 @@ class JobRow:
         """A single-stage run (``python -m hypersearch -m ...`` or ``target_train -m ...``)."""
         key = "hs" if m.stage == "hypersearch" else "target"
         row = cls(status=m.status.value, error=m.error, wall_seconds=m.wall_seconds, diverged_step=m.diverged_step,
+                  arch=m.arch, depth=m.depth, dataset=m.dataset,
                   scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
                   **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
         return row.with_quant(job / "quant.json")
@@ -186,14 +195,15 @@ def common_overrides(frame: pd.DataFrame) -> list[str]:
     return sorted(shared)
 
 
-def setting_keys(frame: pd.DataFrame) -> list[str]:
-    """The override columns that tell settings apart (seeds are repeats of one setting)."""
-    return [k for k in override_columns(frame) if k not in SEED_KEYS]
+def setting_keys(frame: pd.DataFrame, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The override columns that tell settings apart (seeds are repeats of one setting; ``ignore``
+    names overrides that do not change what is trained, such as ``export``)."""
+    return [k for k in override_columns(frame) if k not in SEED_KEYS and k not in ignore]
 
 
-def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+def aggregate(frame: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
     """One row per setting: metrics as mean ± std over jobs that differ only in seed."""
-    keys = setting_keys(frame)
+    keys = setting_keys(frame) if keys is None else keys
     frame = frame.copy()
     if not keys:
         frame["setting"] = "(defaults)"
@@ -213,6 +223,9 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
                 values_ok = ok[column].dropna() if column in ok else pd.Series(dtype=float)
                 row[column] = _mean_std(values_ok)
                 row[f"{column}_mean"] = float(values_ok.mean()) if len(values_ok) else math.nan
+                row[f"{column}_std"] = float(values_ok.std(ddof=1)) if len(values_ok) > 1 else math.nan
+        depths = group["depth"].dropna() if "depth" in group else []
+        row["depth"] = int(depths.iloc[0]) if len(depths) else None
         failed = group[group["status"] != Status.COMPLETED.value]
         if len(failed) and "error" in failed:
             errors = failed["error"].dropna()
@@ -231,14 +244,53 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
-def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = ()) -> str:
-    columns = keys + ["status"] + [c for c in ("hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop", "wall_seconds")
-                                   if c in table and (table[c] != "—").any()]
+def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None
+                    ) -> str | None:
+    """Target top-1 of each setting minus its reference setting's, with Welch's 95 % interval, as
+    columns of ``table`` (``delta_top1``, ``delta_low``, ``delta_high``, ``delta_text``) and of
+    ``frame`` (each job carries its setting's). Returns the column title, or None without a baseline."""
+    if baseline is None:
+        return None
+    differences = baseline_differences(frame, keys, baseline)
+    values = {k: table[k].astype("string").fillna("") for k in keys}
+    for target, rows in ((table, values), (frame, {k: frame[k].astype("string").fillna("") for k in keys})):
+        settings = list(zip(*(rows[k] for k in keys)))
+        found = [differences.get(tuple(str(v) for v in setting)) for setting in settings]
+        target["delta_top1"] = [d.diff if d else math.nan for d in found]
+        target["delta_low"] = [d.low if d else math.nan for d in found]
+        target["delta_high"] = [d.high if d else math.nan for d in found]
+        target["delta_excludes_0"] = [d.excludes_zero if d else None for d in found]
+        target["delta_text"] = [d.text() if d else "" for d in found]
+    return f"Δ target top-1 vs {baseline[0]}={baseline[1]} [95 % CI]"
+
+
+def default_baseline(frame: pd.DataFrame, keys: list[str]) -> tuple[str, str] | None:
+    """``variant=plain`` when the sweep has a plain row among other variants."""
+    if "variant" in keys and (frame["variant"].astype("string") == "plain").any():
+        return ("variant", "plain")
+    return None
+
+
+def synthetic_banner(frame: pd.DataFrame) -> str | None:
+    """The first line of the comparison when any job trained on synthetic data."""
+    if "dataset" not in frame or not (frame["dataset"] == "synthetic").any():
+        return None
+    return ("**Synthetic data:** these jobs exercise the plumbing and say nothing about the method. For the "
+            "method's effect on real data run `sweep=depth_cpu` and see docs/results/depth_cifar10.md.")
+
+
+def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
+                delta_title: str | None = None, banner: str | None = None) -> str:
+    columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
+                                               "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
+                                   and table[c].notna().any()]
+    if delta_title:
+        columns.insert(columns.index("target_top1") + 1 if "target_top1" in columns else len(columns), "delta_text")
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         columns.append("note")
     titles = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
-              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s"}
-    lines = ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
+              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", "depth": "conv layers", "delta_text": delta_title}
+    lines = ([banner, ""] if banner else []) + ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if common:
         lines += ["Every job: `" + " ".join(common) + "`", ""]
     lines += [
@@ -246,84 +298,38 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
     for _, row in table.iterrows():
         cells = [str(row.get(c, "")) if not (isinstance(row.get(c), float) and math.isnan(row.get(c))) else "" for c in columns]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds.", ""]
+    lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds."]
+    if delta_title:
+        lines.append("Δ: difference of mean target top-1 to the reference setting (same other settings), with Welch's "
+                     "95 % interval; * marks an interval that excludes 0; (n=a vs b) where a side has fewer than 2 seeds.")
+    lines.append("")
     return "\n".join(lines)
 
 
-def _label(row: pd.Series, keys: list[str]) -> str:
-    return ", ".join(f"{k}={row[k]}" for k in keys if str(row.get(k, "")) != "") or "(defaults)"
+def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None,
+            ignore: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Build the per-job frame, write the comparison files, return the per-setting table.
 
-
-def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
-    plt = pyplot()
-    labels = [_label(r, keys) for _, r in table.iterrows()]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4))
-    xs = range(len(labels))
-    width = 0.4
-    for offset, column, name in ((-width / 2, "target_top1_mean", "target top-1"), (width / 2, "hs_top1_mean", "HS top-1")):
-        if column in table:
-            ax.bar([x + offset for x in xs], table[column].fillna(0.0), width, label=name)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("top-1 (%)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple[str, ...], draw, xlabel: str,
-                  ylabel: str) -> bool:
-    """One line per job from the first of ``files`` (relative to the job dir) that exists."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
-    for _, row in frame.iterrows():
-        found = next((Path(row["job"]) / f for f in files if (Path(row["job"]) / f).is_file()), None)
-        if found is not None:
-            xs, ys = draw(pd.read_csv(found))
-            ax.plot(xs, ys, marker="o", ms=3, label=_label(row, keys))
-            drawn = True
-    if drawn:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        save_png(fig, path)
-    else:
-        plt.close(fig)
-    return drawn
-
-
-def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
-    """Mean |scale| per stage for each setting (from the stage-one scales.csv)."""
-    def per_stage(summary):
-        means = summary.groupby("stage")["abs_mean"].mean()
-        return means.index, means.values
-
-    return _plot_per_job(frame, keys, path, ("hs/scales.csv", "scales.csv"), per_stage, "stage", "mean |scale|")
-
-
-def plot_curves(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
-    """Target test top-1 per epoch for each job."""
-    return _plot_per_job(frame, keys, path, ("target/history.csv", "history.csv"),
-                         lambda h: (h["epoch"], h["test_top1"]), "epoch", "test top-1 (%)")
-
-
-def compare(dirs: list[Path], out: Path | None = None, plots: bool = True) -> pd.DataFrame:
-    """Build the per-job frame, write the comparison files, return the per-setting table."""
+    ``baseline`` (``KEY=VALUE``) picks the reference setting of the differences; default: ``variant=plain``
+    when there is a plain row. ``ignore`` names overrides that do not tell settings apart.
+    """
     dirs = [Path(d) for d in dirs]
     frame = collect(dirs)
     if frame.empty:
         raise FileNotFoundError(f"no job directories (with .hydra/) under {', '.join(map(str, dirs))}")
     out = Path(out) if out else dirs[0]
-    keys = setting_keys(frame)
-    table = aggregate(frame)
+    keys = setting_keys(frame, ignore)
+    table = aggregate(frame, keys)
+    reference = parse_baseline(baseline) if baseline else default_baseline(frame, keys)
+    delta_title = add_differences(frame, table, keys, reference) if keys else None
     write_text(out / "comparison.csv", frame.to_csv(index=False))
-    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame)))
+    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame), delta_title,
+                                                  synthetic_banner(frame)))
     if plots:
         plot_comparison(table, keys or ["setting"], out / "comparison.png")
         plot_scales(frame, keys, out / "scales.png")
         plot_curves(frame, keys, out / "curves.png")
+        plot_depth(frame, out / "depth.png")
     return table
 
 
@@ -333,10 +339,17 @@ def main(argv=None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or single job directories)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison files (default: the first dir)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--baseline", default=None, metavar="KEY=VALUE",
+                        help="the reference setting of the differences (default: variant=plain when present); each setting "
+                             "is compared with the one that has the same other values and KEY=VALUE")
+    parser.add_argument("--ignore", default="", metavar="KEYS",
+                        help="comma list of overrides that do not tell settings apart (e.g. export,quant.latency_runs "
+                             "when sweeps of the same settings were run with and without the export step)")
     args = parser.parse_args(argv)
     try:
-        table = compare(args.dirs, args.out, plots=not args.no_plots)
-    except FileNotFoundError as exc:
+        table = compare(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
+                        ignore=tuple(k for k in args.ignore.split(",") if k))
+    except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = args.out or args.dirs[0]

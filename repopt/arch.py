@@ -75,6 +75,11 @@ class ArchSpec:
         return (min(64, int(64 * w[0])), int(64 * w[0]), int(128 * w[1]), int(256 * w[2]), int(512 * w[3]))
 
     @property
+    def depth(self) -> int:
+        """Conv layers of the plain (deployed) network: stage0 plus every block."""
+        return len(self.blocks)
+
+    @property
     def feature_dim(self) -> int:
         return self.stage_widths[-1]
 
@@ -131,6 +136,11 @@ _REGISTRY: dict[str, ArchSpec] = {
     "A0s": ArchSpec("A0s", (2, 4, 8, 1), (0.5, 0.5, 0.5, 1)),
     "small": ArchSpec("small", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5)),
     "tiny": ArchSpec("tiny", (2, 2, 1, 1), (0.125, 0.125, 0.125, 0.125)),
+    # B1's depth at a width a 2-core CPU trains on CIFAR in minutes, and two shallower members:
+    # the depth ablation (conf/sweep/depth_cpu.yaml) of 28, 15 and 6 conv layers.
+    "B1cpu": ArchSpec("B1cpu", (4, 6, 16, 1), (0.25, 0.25, 0.25, 0.5)),
+    "B1cpu_mid": ArchSpec("B1cpu_mid", (2, 3, 8, 1), (0.25, 0.25, 0.25, 0.5)),
+    "B1cpu_shallow": ArchSpec("B1cpu_shallow", (1, 1, 2, 1), (0.25, 0.25, 0.25, 0.5)),
 }
 
 
@@ -138,8 +148,12 @@ def arch_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_arch(name: str | ArchSpec, strides=None) -> ArchSpec:
-    """Look up an architecture by name, optionally with other stage strides."""
+def get_arch(name: str | ArchSpec, strides=None, *, num_blocks=None, width_multiplier=None) -> ArchSpec:
+    """Look up an architecture by name, optionally with other stage strides, depth or widths.
+
+    A member whose depth or widths are overridden is another architecture: its name says so
+    (``B1cpu[num_blocks=1-1-2-1]``), and checkpoints, scales files and results carry its full spec.
+    """
     if isinstance(name, ArchSpec):
         spec = name
     else:
@@ -147,4 +161,13 @@ def get_arch(name: str | ArchSpec, strides=None) -> ArchSpec:
             spec = _REGISTRY[name]
         except KeyError:
             raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+    changed = {}
+    if num_blocks is not None and tuple(num_blocks) != spec.num_blocks:
+        changed["num_blocks"] = tuple(num_blocks)
+    if width_multiplier is not None and tuple(float(w) for w in width_multiplier) != spec.width_multiplier:
+        changed["width_multiplier"] = tuple(float(w) for w in width_multiplier)
+    if changed:
+        label = ",".join(f"{k}={'-'.join(f'{v:g}' for v in vals)}" for k, vals in changed.items())
+        spec = ArchSpec(f"{spec.name}[{label}]", changed.get("num_blocks", spec.num_blocks),
+                        changed.get("width_multiplier", spec.width_multiplier), spec.strides)
     return spec.with_strides(strides) if strides is not None else spec

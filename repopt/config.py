@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .arch import ArchSpec, get_arch
 from .errors import ConfigError
 
 
@@ -36,8 +37,21 @@ class Checked:
 
 @dataclass
 class ArchConfig(Checked):
-    name: str = "B1"
+    name: str = "B1"  # a member of the family (repopt/arch.py); the fields below override its parts
     strides: Optional[list[int]] = None  # five stage strides; null = ImageNet strides (2,2,2,2,2)
+    num_blocks: Optional[list[int]] = None  # blocks in stages 1-4; null = the named member's
+    width_multiplier: Optional[list[float]] = None  # width multipliers of stages 1-4; null = the named member's
+
+    def spec(self) -> ArchSpec:
+        """The architecture this config names, with its overrides (invalid values are a ConfigError)."""
+        return get_arch(self.name, self.strides, num_blocks=self.num_blocks, width_multiplier=self.width_multiplier)
+
+    def check(self, prefix: str = "") -> None:
+        try:
+            self.spec()
+        except ConfigError as exc:
+            stage = prefix.removesuffix("arch.")  # "" in a stage app, "hs." / "target." in the pipeline
+            raise ConfigError(f"{stage}{exc}") from None  # "arch B1[...]: ...", in the pipeline "hs.arch B1[...]: ..."
 
 
 @dataclass

@@ -50,6 +50,8 @@ class StageMetrics:
     status: Status = Status.RUNNING
     stage: Optional[str] = None  # hypersearch | target_train
     arch: Optional[str] = None
+    arch_spec: Optional[dict] = None  # name, num_blocks, width_multiplier, strides
+    depth: Optional[int] = None  # conv layers of the plain network
     dataset: Optional[str] = None
     top1: Optional[float] = None  # test top-1 (%) after the last finished epoch
     top5: Optional[float] = None

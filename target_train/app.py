@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from repopt.app import run_app
 from repopt.host import seed_everything
 from repopt.results import StageMetrics, Status
-from repopt.arch import get_arch
 from repopt.engine import Trainer
 from repopt.setup import make_trainer, place, scaled_lr, start
 
@@ -46,7 +45,7 @@ class TargetRun:
 
 def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     """Pre-flight checks, then model + re-init + masks + optimizer + trainer (resumed if asked)."""
-    arch = get_arch(cfg.arch.name, cfg.arch.strides)
+    arch = cfg.arch.spec()
     if cfg.model == "repvgg":  # a plain optimizer: the scales are neither loaded nor validated
         if not is_unused(cfg.scales):
             log.warning("model=repvgg trains with a plain optimizer: scales=%s is not used", cfg.scales)
@@ -71,7 +70,8 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
              "class_names": data.class_names, "mode": cfg.model}
     if choice.scales is not None:
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
-    metrics_extra = {"stage": "target_train", "arch": arch.name, "dataset": data.name, "model": cfg.model,
+    metrics_extra = {"stage": "target_train", "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth,
+                     "dataset": data.name, "model": cfg.model,
                      "optimizer": type(optimizer).__name__, "scales": choice.describe()}
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            write_best=True, metrics_extra=metrics_extra)

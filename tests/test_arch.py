@@ -270,3 +270,52 @@ def test_stride_geometry():
         for stage in (model.stage0, model.stage1, model.stage2, model.stage3, model.stage4):
             feats = stage(feats)
         assert feats.shape == (1, 64, size, size)
+
+
+# ---------------------------------------------------------------- overrides from the config
+
+def test_overridden_depth_and_width_are_another_architecture():
+    base = get_arch("tiny")
+    deeper = get_arch("tiny", num_blocks=[1, 1, 3, 1], width_multiplier=[0.25, 0.25, 0.25, 0.25])
+    assert deeper.name == "tiny[num_blocks=1-1-3-1,width_multiplier=0.25-0.25-0.25-0.25]"
+    assert deeper.depth == 1 + 6 and deeper.stage_widths == (16, 16, 32, 64, 128) and deeper != base
+    assert get_arch("tiny", num_blocks=list(base.num_blocks)) == base  # no change, no new name
+    assert get_arch("B1cpu").depth == 28 and get_arch("B1cpu_mid").depth == 15 and get_arch("B1cpu_shallow").depth == 6
+
+
+def test_bad_overrides_are_one_clear_line():
+    from hypersearch.config import HSConfig
+    from repopt.config import to_typed
+
+    with pytest.raises(ConfigError, match=r"^arch tiny\[num_blocks=1-2\]: num_blocks must be 4 positive integers"):
+        to_typed({"arch": {"name": "tiny", "num_blocks": [1, 2]}}, HSConfig)
+    with pytest.raises(ConfigError, match=r"^arch tiny\[width_multiplier=0-1-1-1\]: width_multiplier must be 4 positive"):
+        to_typed({"arch": {"name": "tiny", "width_multiplier": [0, 1, 1, 1]}}, HSConfig)
+
+
+def test_overrides_end_to_end_hs_scales_target(tmp_path, capsys):
+    """HS with an overridden depth writes scales with the full spec; the target with the same overrides
+    trains from them; a target of another depth refuses them with the arch it expected."""
+    from hypersearch.app import main as hs_main
+    from repopt.engine import load_checkpoint
+    from repopt.scales import read_metadata
+    from target_train.app import main as target_main
+    from tests.conftest import TINY, read_json, run_hydra
+
+    spec = ["arch.num_blocks=[1,1,2,1]", "arch.width_multiplier=[0.25,0.25,0.25,0.25]"]
+    expected = get_arch("tiny", [1, 2, 2, 2, 1], num_blocks=[1, 1, 2, 1], width_multiplier=[0.25] * 4)
+    hs_dir, target_dir = tmp_path / "hs", tmp_path / "target"
+    run_hydra(hs_main, TINY + spec + ["epochs=1", f"hydra.run.dir={hs_dir}"])
+    assert read_metadata(hs_dir)["arch"] == expected.to_dict()
+    hs = read_json(hs_dir / "metrics.json")
+    assert hs["arch_spec"] == expected.to_dict() and hs["depth"] == 6 and hs["arch"] == expected.name
+    run_hydra(target_main, TINY + spec + ["epochs=1", f"scales={hs_dir}", "deploy=false", f"hydra.run.dir={target_dir}"])
+    target = read_json(target_dir / "metrics.json")
+    assert target["status"] == "completed" and target["scales"]["kind"] == "file" and target["depth"] == 6
+    assert load_checkpoint(target_dir / "last.pt")["arch"] == expected.to_dict()
+    other = tmp_path / "other"
+    run_hydra(target_main, TINY + ["arch.num_blocks=[1,1,3,1]", "arch.width_multiplier=[0.25,0.25,0.25,0.25]",
+                                   "epochs=1", f"scales={hs_dir}", f"hydra.run.dir={other}"], expect_exit=1)
+    err = capsys.readouterr().err
+    assert "does not fit arch tiny[num_blocks=1-1-3-1,width_multiplier=0.25-0.25-0.25-0.25]" in err
+    assert "stage3.2.scale_conv.weight" in err and not (other / "last.pt").exists()

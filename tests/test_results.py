@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -75,3 +76,63 @@ def test_compare_takes_its_columns_from_the_result_types(tmp_path):
     diverged = table[table["hs.epochs"] == "2"].iloc[0]
     assert diverged["status"] == "diverged" and diverged["n"] == 0 and diverged["note"] == "non-finite loss"
     assert frame.loc[2, "failed_stage"] == "hs" and frame.loc[1, "target_top5"] == 64.0
+
+
+def _seed_jobs(tmp_path, values: dict[tuple[str, int], list[float]], dataset: str = "cifar10") -> None:
+    """Pipeline jobs by hand: (variant, depth) -> target top-1 per seed."""
+    n = 0
+    for (variant, depth), tops in values.items():
+        for seed, top1 in enumerate(tops):
+            target = StageMetrics(status=Status.COMPLETED, top1=top1, depth=depth, dataset=dataset, arch=f"d{depth}")
+            _job(tmp_path, str(n), [f"variant={variant}", f"hs.arch.num_blocks=d{depth}", f"hs.seed={seed}"],
+                 JobMetrics(status=Status.COMPLETED, variant=variant, target=target, top1=top1))
+            n += 1
+
+
+def test_differences_to_the_baseline_match_a_hand_computation(tmp_path):
+    _seed_jobs(tmp_path, {("plain", 28): [60.0, 62.0, 61.0], ("searched", 28): [68.0, 70.0, 73.0],
+                          ("plain", 6): [80.0], ("searched", 6): [81.0, 82.0]})
+    table = compare([tmp_path], plots=True)
+    deep = table[(table["variant"] == "searched") & (table["hs.arch.num_blocks"] == "d28")].iloc[0]
+    # by hand: means 70.333 and 61; variances 19/3 and 1; se^2 = 19/9 + 1/3 = 22/9;
+    # Welch df = (22/9)^2 / ((19/9)^2/2 + (1/3)^2/2) = 2.6167; t_0.975(2.6167) = 3.4638
+    se = math.sqrt(22 / 9)
+    half = 3.4638 * se
+    assert deep["delta_top1"] == pytest.approx(70 + 1 / 3 - 61)
+    assert deep["delta_low"] == pytest.approx(70 + 1 / 3 - 61 - half, abs=2e-3)
+    assert deep["delta_high"] == pytest.approx(70 + 1 / 3 - 61 + half, abs=2e-3)
+    assert deep["delta_excludes_0"] and deep["delta_text"].endswith(" *")
+    shallow = table[(table["variant"] == "searched") & (table["hs.arch.num_blocks"] == "d6")].iloc[0]
+    assert shallow["delta_top1"] == pytest.approx(1.5) and math.isnan(shallow["delta_low"])
+    assert shallow["delta_text"] == "+1.50 (n=2 vs 1)"  # compared with plain at the same depth, not across depths
+    plain = table[table["variant"] == "plain"]
+    assert plain["delta_top1"].isna().all()
+    md = (tmp_path / "comparison.md").read_text()
+    assert "Δ target top-1 vs variant=plain [95 % CI]" in md and "+9.33 [+3.92, +14.75] *" in md
+    frame = pd.read_csv(tmp_path / "comparison.csv")
+    assert frame.loc[frame["variant"] == "searched", "delta_top1"].round(3).tolist() == [9.333, 9.333, 9.333, 1.5, 1.5]
+    assert (tmp_path / "depth.png").stat().st_size > 1000 and (tmp_path / "comparison.png").stat().st_size > 1000
+    assert not md.startswith("**Synthetic data")
+
+
+def test_baseline_from_the_command_line_and_a_bad_one(tmp_path, capsys):
+    from pipelines.compare import main as compare_main
+
+    _seed_jobs(tmp_path, {("plain", 28): [60.0, 62.0], ("init", 28): [66.0, 67.0], ("searched", 28): [68.0, 70.0]})
+    assert compare_main([str(tmp_path), "--baseline", "variant=init", "--no-plots"]) == 0
+    assert "Δ target top-1 vs variant=init" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "comparison.csv")
+    assert table.loc[table["variant"] == "searched", "delta_top1"].tolist() == [2.5, 2.5]
+    assert compare_main([str(tmp_path), "--baseline", "depth=3", "--no-plots"]) == 1
+    assert "depth is not a swept setting" in capsys.readouterr().err
+
+
+def test_no_depth_plot_without_several_depths_and_the_synthetic_banner(tmp_path, capsys):
+    from pipelines.compare import main as compare_main
+
+    _seed_jobs(tmp_path, {("plain", 6): [99.0], ("searched", 6): [88.0]}, dataset="synthetic")
+    assert compare_main([str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("**Synthetic data:**") and "say nothing about the method" in first
+    assert (tmp_path / "comparison.md").read_text().splitlines()[0] == first
+    assert not (tmp_path / "depth.png").exists()
