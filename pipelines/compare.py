@@ -54,7 +54,7 @@ class JobRow:
     failed_stage: Optional[str] = None
     diverged_step: Optional[int] = None
     variant: Optional[str] = None
-    arch: Optional[str] = None  # the target's (or the single stage's) architecture ...
+    arch_name: Optional[str] = None  # the target's (or the single stage's) architecture ...
     depth: Optional[int] = None  # ... and its conv layers
     dataset: Optional[str] = None
     hs_top1: Optional[float] = _metric()
@@ -79,7 +79,7 @@ class JobRow:
         hs, target = m.hs or StageMetrics(), m.target or StageMetrics()
         trained = m.target or m.hs or StageMetrics()
         row = cls(status=m.status.value, error=m.error, failed_stage=m.failed_stage, variant=m.variant,
-                  arch=trained.arch, depth=trained.depth, dataset=trained.dataset,
+                  arch_name=trained.arch, depth=trained.depth, dataset=trained.dataset,
                   hs_top1=hs.top1, hs_top5=hs.top5, target_top1=target.top1, target_top5=target.top5,
                   target_loss=target.loss, target_status=m.target.status.value if m.target else None,
                   hs_seconds=m.wall_seconds.get("hs"), target_seconds=m.wall_seconds.get("target"),
@@ -96,7 +96,7 @@ class JobRow:
         """A single-stage run (``python -m hypersearch -m ...`` or ``target_train -m ...``)."""
         key = "hs" if m.stage == "hypersearch" else "target"
         row = cls(status=m.status.value, error=m.error, wall_seconds=m.wall_seconds, diverged_step=m.diverged_step,
-                  arch=m.arch, depth=m.depth, dataset=m.dataset,
+                  arch_name=m.arch, depth=m.depth, dataset=m.dataset,
                   scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
                   **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
         return row.with_quant(job / "quant.json")

@@ -136,3 +136,15 @@ def test_no_depth_plot_without_several_depths_and_the_synthetic_banner(tmp_path,
     assert first.startswith("**Synthetic data:**") and "say nothing about the method" in first
     assert (tmp_path / "comparison.md").read_text().splitlines()[0] == first
     assert not (tmp_path / "depth.png").exists()
+
+
+def test_an_arch_override_stays_a_setting_of_single_stage_sweeps(tmp_path):
+    """``python -m target_train -m arch=tiny,small``: the swept arch is a column of its own, not
+    overwritten by the result's architecture name."""
+    for n, name in enumerate(("tiny", "small")):
+        _job(tmp_path, str(n), [f"arch={name}"], StageMetrics(status=Status.COMPLETED, stage="target_train", arch=name,
+                                                             top1=50.0 + n, depth=7 + n))
+    table = compare([tmp_path], plots=False)
+    assert list(table["arch"]) == ["tiny", "small"] and list(table["depth"]) == [7, 8]
+    frame = pd.read_csv(tmp_path / "comparison.csv")
+    assert list(frame["arch_name"]) == ["tiny", "small"] and list(frame["target_top1"]) == [50.0, 51.0]
