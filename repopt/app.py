@@ -56,12 +56,12 @@ def prepare_run_dir(path: str | Path) -> Path:
 
 
 def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
-            result_type: type[Result] = StageMetrics) -> Result | dict | None:
+            result_type: type[Result] = StageMetrics) -> Result | None:
     """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions; a failure
     is recorded in ``run_dir/metrics.json`` as a ``result_type``."""
     run_dirs: list[Path] = []  # the run directory, once it exists: failures are recorded there
 
-    def body() -> dict:
+    def body() -> Result:
         run_dirs.append(prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run"))
         return task(to_typed(cfg, schema), run_dirs[0])
 
@@ -69,7 +69,7 @@ def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
 
 
 def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lambda: None,
-                result_type: type[Result] = StageMetrics) -> R | dict | None:
+                result_type: type[Result] = StageMetrics) -> R | Result | None:
     """The command-line conventions of every app: a project error is one clear line and exit code 1
     (in a multirun, a failed job's result); Ctrl-C or a stop signal exits 130; a bug keeps its
     traceback. The failure is recorded in ``run_dir()/metrics.json`` when there is one."""
@@ -93,13 +93,13 @@ def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lamb
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
         if is_multirun():
-            return {"status": "failed", "error": str(exc)}
+            return result_type(status=Status.FAILED, error=str(exc))
         sys.exit(EXIT_FAILED)
     except Exception as exc:  # a bug: keep the traceback, record the failure
         record(Status.FAILED, f"{type(exc).__name__}: {exc}")
         if is_multirun():
             log.error("job failed:\n%s", traceback.format_exc())
-            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return result_type(status=Status.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
