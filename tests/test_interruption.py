@@ -85,7 +85,10 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
         assert metrics["status"] == "interrupted", metrics
         state = load_checkpoint(run_dir / "last.pt")
         run = state["run"]
-        assert run["epoch"] in (1, 2) and 0 < run["step_in_epoch"] < SIGNAL_STEPS, run  # mid-epoch, not a boundary
+        # almost always mid-epoch 2; on a loaded machine the signal can also land in the few lines between
+        # epoch 1's last.pt and the stop check at the epoch boundary, a stop there is just as valid (the
+        # in-process tests stop mid-epoch deterministically through a callback)
+        assert run["epoch"] in (1, 2) and 0 <= run["step_in_epoch"] < SIGNAL_STEPS, run
         assert run["global_step"] == run["epoch"] * SIGNAL_STEPS + run["step_in_epoch"] == metrics["steps"]
         assert _all_finite(state["model"].values())
         assert not (run_dir / "scales.safetensors").exists()  # stage one exports only when training ends
