@@ -2,11 +2,11 @@
 
 from .arch import ArchSpec, BlockSpec, arch_names, get_arch
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, RepOptError, ScalesError
-from .scales import load_scales, read_metadata, resolve_scales_path, save_scales, validate_scales
+from .scales import ScalesFile, load_scales, read_metadata, read_scales, resolve_scales_path, save_scales, validate_scales
 from .vgg import RepOptVGG
 
 __all__ = [
     "ArchSpec", "BlockSpec", "arch_names", "get_arch", "RepOptVGG",
-    "load_scales", "save_scales", "read_metadata", "resolve_scales_path", "validate_scales",
+    "ScalesFile", "read_scales", "load_scales", "save_scales", "read_metadata", "resolve_scales_path", "validate_scales",
     "RepOptError", "ConfigError", "ScalesError", "CheckpointError", "DataError", "DivergenceError",
 ]

@@ -9,8 +9,6 @@ import torch
 from repopt.arch import ArchSpec
 from repopt.scales import OFFICIAL_PREFIX, ScalesFile, read_scales
 
-BASELINES = ("none", "init")
-
 
 @dataclass
 class ScalesChoice:
