@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from repopt.app import run_app
 from repopt.optim import param_groups, plain_optimizer
 from repopt.results import StageMetrics, Status
-from repopt.setup import make_trainer, place, scaled_lr, start
+from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from .config import HSConfig
 from .export import export_scales
@@ -44,11 +44,9 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     o = cfg.optim
     optimizer = plain_optimizer(param_groups(model, o.weight_decay), o.name, lr, momentum=o.momentum, nesterov=o.nesterov,
                                 betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused)
-    extra = {"stage": "hypersearch", "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
-             "mode": cfg.mode}
+    extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
-                           metrics_extra={"stage": "hypersearch", "arch": arch.name, "arch_spec": arch.to_dict(),
-                                          "depth": arch.depth, "dataset": data.name})
+                           metrics_extra=metrics_extra)
     metrics = trainer.fit()
     if not runtime.is_main:
         return metrics

@@ -32,7 +32,7 @@ from repopt.errors import ConfigError
 from repopt.results import JobMetrics, StageMetrics, Status, from_dict, read_result
 
 from .compare_plots import plot_comparison, plot_curves, plot_depth, plot_scales
-from .stats import baseline_differences, parse_baseline
+from .stats import as_settings, baseline_differences, parse_baseline
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
@@ -208,8 +208,7 @@ def aggregate(frame: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFram
     if not keys:
         frame["setting"] = "(defaults)"
         keys = ["setting"]
-    for k in keys:
-        frame[k] = frame[k].astype("string").fillna("")
+    frame = as_settings(frame, keys)
     rows = []
     for values, group in frame.groupby(keys, sort=False, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
@@ -252,10 +251,9 @@ def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], b
     if baseline is None:
         return None
     differences = baseline_differences(frame, keys, baseline)
-    values = {k: table[k].astype("string").fillna("") for k in keys}
-    for target, rows in ((table, values), (frame, {k: frame[k].astype("string").fillna("") for k in keys})):
-        settings = list(zip(*(rows[k] for k in keys)))
-        found = [differences.get(tuple(str(v) for v in setting)) for setting in settings]
+    for target in (table, frame):
+        settings = as_settings(target, keys)[keys].itertuples(index=False, name=None)
+        found = [differences.get(tuple(setting)) for setting in settings]
         target["delta_top1"] = [d.diff if d else math.nan for d in found]
         target["delta_low"] = [d.low if d else math.nan for d in found]
         target["delta_high"] = [d.high if d else math.nan for d in found]

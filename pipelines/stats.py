@@ -58,6 +58,11 @@ def welch(a, b, level: float = 0.95) -> Difference:
     return Difference(diff, diff - half, diff + half, n_a, n_b)
 
 
+def as_settings(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``frame`` with its setting columns as text (missing: ""), so settings group and match exactly."""
+    return frame.assign(**{k: frame[k].astype("string").fillna("") for k in keys})
+
+
 def parse_baseline(text: str) -> tuple[str, str]:
     """``variant=plain`` -> ("variant", "plain")."""
     key, sep, value = text.partition("=")
@@ -74,7 +79,7 @@ def baseline_differences(frame: pd.DataFrame, keys: list[str], baseline: tuple[s
     key, value = baseline
     if key not in keys:
         raise ConfigError(f"--baseline {key}={value}: {key} is not a swept setting here (swept: {', '.join(keys) or 'none'})")
-    frame = frame.assign(**{k: frame[k].astype("string").fillna("") for k in keys})  # settings compare as text
+    frame = as_settings(frame, keys)
     done = frame[frame["status"] == "completed"]
     groups = {k if isinstance(k, tuple) else (k,): g[metric] for k, g in done.groupby(keys, sort=False, dropna=False)}
     index = keys.index(key)

@@ -45,6 +45,14 @@ def place(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model
 
 
+def run_records(stage: str, arch, data, mode: str) -> tuple[dict, dict]:
+    """What both stages record about a run: in ``last.pt`` (checked on resume) and in ``metrics.json``."""
+    checkpoint = {"stage": stage, "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
+                  "mode": mode}
+    metrics = {"stage": stage, "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth, "dataset": data.name}
+    return checkpoint, metrics
+
+
 def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float,
                  **kwargs) -> Trainer:
     """Scheduler + trainer; with ``resume=true`` the run continues from ``run_dir/last.pt``."""

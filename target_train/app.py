@@ -21,7 +21,7 @@ from repopt.app import run_app
 from repopt.host import seed_everything
 from repopt.results import StageMetrics, Status
 from repopt.engine import Trainer
-from repopt.setup import make_trainer, place, scaled_lr, start
+from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from .config import TargetConfig
 from .deploy import export_deployed
@@ -66,13 +66,10 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=choice.scales, momentum=o.momentum,
                                 nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused,
                                 compiled=o.compile_step)
-    extra = {"stage": "target_train", "arch": arch.to_dict(), "num_classes": data.num_classes,
-             "class_names": data.class_names, "mode": cfg.model}
+    extra, metrics_extra = run_records("target_train", arch, data, cfg.model)
     if choice.scales is not None:
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
-    metrics_extra = {"stage": "target_train", "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth,
-                     "dataset": data.name, "model": cfg.model,
-                     "optimizer": type(optimizer).__name__, "scales": choice.describe()}
+    metrics_extra.update(model=cfg.model, optimizer=type(optimizer).__name__, scales=choice.describe())
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            write_best=True, metrics_extra=metrics_extra)
     return TargetRun(trainer, model, optimizer, choice)

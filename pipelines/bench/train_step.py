@@ -64,8 +64,6 @@ def make_step(model, optimizer, x, y, settings: Settings):
         last["loss"] = loss
         return loss
 
-    step.train_step = train_step
-
     step.last = last
     return step
 
