@@ -7,22 +7,24 @@ from typing import Optional
 
 from hypersearch.config import HSConfig
 from repopt.config import Checked, register_schema
+from repopt.errors import ConfigError
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
 # baselines of the paper's comparison and need no stage one.
 VARIANTS = {
-    "searched": "RepOpt-VGG with the scales stage one just searched",
-    "plain": "the same plain VGG trained with plain SGD (no re-parameterization)",
-    "init": "RepOpt-VGG with the un-searched HS init constants",
-    "repvgg": "RepVGG: structural re-parameterization (multi-branch training)",
-    "custom": "RepOpt-VGG with target.scales as given (a file, a run dir or official:X)",
+    "searched": "the RepOpt target with the scales stage one just searched",
+    "plain": "the same plain target trained with plain SGD (no re-parameterization)",
+    "init": "the RepOpt target with the un-searched HS init constants",
+    "repvgg": "the structural re-parameterization baseline: RepVGG (family=ghostnet: RepGhostNet, model=rep)",
+    "custom": "the RepOpt target with target.scales as given (a file, a run dir or official:X)",
 }
 
 
 @dataclass
 class PipelineConfig(Checked):
+    family: str = "vgg"  # vgg | ghostnet: both stages' (hs.family and target.family follow it)
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
     variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)
@@ -30,6 +32,14 @@ class PipelineConfig(Checked):
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
     quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
     run_dir: Optional[str] = None
+
+    def check(self, prefix: str = "") -> None:
+        super().check(prefix)
+        for stage in ("hs", "target"):
+            value = getattr(self, stage).family
+            if value != self.family:
+                raise ConfigError(f"{stage}.family={value} differs from family={self.family}: the scales stage one "
+                                  f"searches fit only its own family; set family=... for both stages")
 
 
 register_schema("search_and_train_schema", PipelineConfig)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from hypersearch.app import train_hypersearch
 from repopt.app import run_app
 from repopt.errors import ConfigError, RepOptError
+from repopt.family import get_family
 from repopt.io import read_json
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, status_of, write_result
 from target_train.app import train_target
@@ -79,7 +80,7 @@ def stage_configs(cfg: PipelineConfig):
     elif cfg.variant == "init":
         target = replace(target, scales="init", model="target")
     elif cfg.variant == "repvgg":
-        target = replace(target, scales="none", model="repvgg")
+        target = replace(target, scales="none", model=get_family(target.family).baseline_mode)
     elif not target.scales or str(target.scales).lower() in ("none", "init"):
         raise ConfigError("variant=custom needs target.scales=<file | run dir | official:X>")
     return (hs if cfg.variant == "searched" else None), target

@@ -52,6 +52,7 @@ class ArchSpec:
     num_blocks: tuple[int, int, int, int]
     width_multiplier: tuple[float, float, float, float]
     strides: tuple[int, int, int, int, int] = IMAGENET_STRIDES
+    family = "vgg"
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .arch import ArchSpec, get_arch
 from .errors import ConfigError
+from .family import family_names, family_of, get_family, get_spec
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -37,14 +37,14 @@ class Checked:
 
 @dataclass
 class ArchConfig(Checked):
-    name: str = "B1"  # a member of the family (repopt/arch.py); the fields below override its parts
-    strides: Optional[list[int]] = None  # five stage strides; null = ImageNet strides (2,2,2,2,2)
-    num_blocks: Optional[list[int]] = None  # blocks in stages 1-4; null = the named member's
-    width_multiplier: Optional[list[float]] = None  # width multipliers of stages 1-4; null = the named member's
+    name: str = "B1"  # a member of a family (repopt/arch.py, repopt/ghostnet/arch.py); the fields below override its parts
+    strides: Optional[list[int]] = None  # five strides (stem, then each downsampling stage); null = ImageNet (2,2,2,2,2)
+    num_blocks: Optional[list[int]] = None  # vgg: blocks in stages 1-4; null = the named member's
+    width_multiplier: Optional[list[float]] = None  # vgg: width multipliers of stages 1-4; null = the named member's
 
-    def spec(self) -> ArchSpec:
+    def spec(self):
         """The architecture this config names, with its overrides (invalid values are a ConfigError)."""
-        return get_arch(self.name, self.strides, num_blocks=self.num_blocks, width_multiplier=self.width_multiplier)
+        return get_spec(self.name, self.strides, num_blocks=self.num_blocks, width_multiplier=self.width_multiplier)
 
     def check(self, prefix: str = "") -> None:
         try:
@@ -131,9 +131,10 @@ class TrainConfig(Checked):
     # Settings that shape the training trajectory: a resumed run must use the ones that started it.
     # A stage schema extends this with its own fields.
     RESUME_KEYS: ClassVar[tuple[str, ...]] = (
-        "epochs", "seed", "label_smoothing", "grad_clip", "arch", "optim", "sched", "data.name", "data.batch_size",
+        "epochs", "seed", "label_smoothing", "grad_clip", "family", "arch", "optim", "sched", "data.name", "data.batch_size",
         "data.image_size", "data.train_subset", "data.crop_padding", "data.hflip", "max_steps_per_epoch")
 
+    family: str = "vgg"  # vgg | ghostnet (repopt/family.py); arch must be one of its members
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -154,7 +155,13 @@ class TrainConfig(Checked):
     run_dir: Optional[str] = None  # null: Hydra's output directory
 
     def check(self, prefix: str = "") -> None:
+        require(self.family in family_names(), prefix + "family", self.family, "one of " + ", ".join(family_names()))
         super().check(prefix)
+        arch_family = family_of(self.arch.spec()).name
+        if arch_family != self.family:
+            members = ", ".join(get_family(self.family).arch_names())
+            raise ConfigError(f"{prefix}arch={self.arch.name} is a {arch_family} architecture but {prefix}family={self.family}; "
+                              f"choose one of its members ({members}) or {prefix}family={arch_family}")
         require(self.epochs >= 1, prefix + "epochs", self.epochs, ">= 1")
         require(self.sched.warmup_epochs <= self.epochs, prefix + "sched.warmup_epochs", self.sched.warmup_epochs,
                 f"<= epochs ({self.epochs}): the warm-up must end within the run")

@@ -10,10 +10,16 @@ from torch import nn
 from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
+IDENTITY_SCALES = ("scale_identity.weight", "fusion_scale.weight")  # the weight-decayed 1-D scales
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
     """Decay conv/linear weights and identity scales; not BN, biases or the other 1-D scales.
+
+    The identity scales are VGG's ``scale_identity`` and GhostNet's ``fusion_scale`` (its identity
+    branch). Decaying them is what makes CSLA with weight decay equal the target, whose fused kernel
+    is decayed whole (docs/design.md, "The math"); the official GhostNet grouping leaves the fusion
+    scale undecayed.
 
     As the official ``set_weight_decay``: without ``weight_decay`` the decay group carries no
     ``weight_decay`` key, so the optimizer's own ``weight_decay=`` applies to it; the no-decay
@@ -23,7 +29,7 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[di
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim > 1 or name.endswith("scale_identity.weight"):
+        if param.ndim > 1 or name.endswith(IDENTITY_SCALES):
             decay.append(param)
         else:
             no_decay.append(param)

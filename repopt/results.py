@@ -49,9 +49,10 @@ class StageMetrics:
 
     status: Status = Status.RUNNING
     stage: Optional[str] = None  # hypersearch | target_train
+    family: Optional[str] = None  # vgg | ghostnet
     arch: Optional[str] = None
-    arch_spec: Optional[dict] = None  # name, num_blocks, width_multiplier, strides
-    depth: Optional[int] = None  # conv layers of the plain network
+    arch_spec: Optional[dict] = None  # the architecture's full spec (its to_dict())
+    depth: Optional[int] = None  # conv layers of the plain network (its main path)
     dataset: Optional[str] = None
     top1: Optional[float] = None  # test top-1 (%) after the last finished epoch
     top5: Optional[float] = None

@@ -3,7 +3,8 @@
 Ours is ``scales.safetensors``: float32 (C_out,) tensors under the official key names, with
 provenance in the header metadata. Also accepted on load: the official released ``.pth`` files,
 an official HS checkpoint (a dict with a ``model`` key), a stage-one run directory, and the
-``official:B1`` shorthand for the copies shipped with this package. Loading never unpickles
+``official:B1`` / ``official:ghostnet_0_5x`` shorthand for the copies shipped with this package
+(plain ``official``: the released file of the chosen architecture). Loading never unpickles
 arbitrary objects, and validation against the architecture is strict.
 
 Both directions go through ``ScalesFile``: ``save_scales`` returns the one it wrote and
@@ -27,24 +28,48 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .arch import ArchSpec, get_arch
 from .errors import ScalesError
+from .family import FAMILIES, family_of, get_spec
 from .io import atomic_path, safe_torch_load
 
 FORMAT = "repopt-scales"
 FORMAT_VERSION = "1"
 SCALES_FILENAME = "scales.safetensors"
 OFFICIAL_PREFIX = "official:"
-_SCALE_KEY = re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$")
-_MODEL_KEY = re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$|\.bn\.running_mean$")  # marks a full HS state dict
+# The scale keys of each family (official layouts), and the keys that mark a full HS state dict.
+_FAMILY_KEYS = {
+    "vgg": re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$"),
+    "ghostnet": re.compile(r"(?:^|\.)(blocks\.\d+\.\d+\.ghost[12])\.(fusion_scale|cheap_operation\.1)\.weight$"),
+}
+_MODEL_KEY = re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$|primary_conv\.0\.weight$|running_mean$")
 
 
-def official_scales_path(name: str) -> Path:
-    """Path of a released file shipped with the package (``B1``, ``B2``, ``L1``, ``L2``)."""
-    name = name.upper()
-    if name not in ("B1", "B2", "L1", "L2"):
-        raise ScalesError(f"no official scales for {name!r}; the released files are official:B1, official:B2, official:L1, official:L2")
-    return Path(str(resources.files("repopt") / "official_scales" / f"RepOpt-VGG-{name}-scales.pth"))
+def _is_scale_key(key: str) -> bool:
+    return any(p.search(key) for p in _FAMILY_KEYS.values())
+
+
+def _key_family(keys) -> str | None:
+    """The family whose key layout the given keys follow (None: no scale keys at all)."""
+    counts = {fam: sum(bool(p.search(str(k))) for k in keys) for fam, p in _FAMILY_KEYS.items()}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def official_names() -> list[str]:
+    return [name for fam in FAMILIES.values() for name in fam.official]
+
+
+def official_scales_path(name: str, arch=None) -> Path:
+    """Path of a released file shipped with the package (``B1`` ... ``ghostnet_0_5x``; ``""``: ``arch``'s own)."""
+    if not name and arch is not None:
+        name = get_spec(arch).name
+    by_name = {n.lower(): file for fam in FAMILIES.values() for n, file in fam.official.items()}
+    file = by_name.get(name.lower())
+    if file is None:
+        released = ", ".join(f"official:{n}" for n in official_names())
+        raise ScalesError(f"no official scales for {name!r}; the released files are {released} "
+                          f"(plain `official` takes the one of the chosen arch)")
+    return Path(str(resources.files("repopt") / "official_scales" / file))
 
 
 @dataclass(frozen=True)
@@ -57,9 +82,12 @@ class ScalesFile:
     metadata: dict[str, object] = field(default_factory=dict)
 
 
-def resolve_scales_path(source: str | Path) -> Path:
-    """Turn a user's ``scales=`` value (file, stage-one run directory, ``official:X``) into a file path."""
+def resolve_scales_path(source: str | Path, arch=None) -> Path:
+    """Turn a user's ``scales=`` value (file, stage-one run directory, ``official:X``, or ``official``
+    for ``arch``'s released file) into a file path."""
     text = str(source)
+    if text == OFFICIAL_PREFIX.rstrip(":") and arch is not None:
+        return official_scales_path("", arch)
     if text.startswith(OFFICIAL_PREFIX):
         return official_scales_path(text[len(OFFICIAL_PREFIX):])
     path = Path(text).expanduser()
@@ -73,7 +101,8 @@ def resolve_scales_path(source: str | Path) -> Path:
             f"or at a scales file"
         )
     if not path.exists():
-        raise ScalesError(f"scales file {path} does not exist: give a scales file, a stage-one run directory or official:B1|B2|L1|L2")
+        raise ScalesError(f"scales file {path} does not exist: give a scales file, a stage-one run directory or "
+                          f"official:{'|'.join(official_names())}")
     return path
 
 
@@ -96,8 +125,9 @@ def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str,
     path = Path(path)
     tensors = {}
     for key, value in scales.items():
-        if not _SCALE_KEY.search(key) or key.startswith("module."):
-            raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight'")
+        if not _is_scale_key(key) or key.startswith("module."):
+            raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight' (vgg) "
+                              f"or 'blocks.6.0.ghost1.fusion_scale.weight' (ghostnet)")
         tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat()}
     meta.update({str(k): v for k, v in (metadata or {}).items()})
@@ -161,7 +191,7 @@ def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     scales = {}
     for key, value in raw.items():
         key = str(key)
-        if full_state_dict and not _SCALE_KEY.search(key):
+        if full_state_dict and not _is_scale_key(key):
             continue
         if not isinstance(value, torch.Tensor):
             raise ScalesError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -171,9 +201,15 @@ def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     return scales
 
 
-def validate_scales(scales: Mapping[str, torch.Tensor], arch: ArchSpec, source: str = "scales") -> None:
+def validate_scales(scales: Mapping[str, torch.Tensor], arch, source: str = "scales") -> None:
     """Strict check against ``arch``: same key set, (C_out,) shapes, finite floating values."""
+    arch = get_spec(arch)
     expected = arch.scale_shapes()
+    found, wanted = _key_family(scales), family_of(arch).name
+    if found is not None and found != wanted:
+        raise ScalesError(f"{source} holds {found} scales, but arch {arch.name} is a {wanted} architecture. "
+                          f"Fix: give a scales file searched for a {wanted} model (or choose family={found} and "
+                          f"a {found} arch)")
     missing = [k for k in expected if k not in scales]
     unexpected = [k for k in scales if k not in expected]
     fix = (
@@ -197,10 +233,10 @@ def validate_scales(scales: Mapping[str, torch.Tensor], arch: ArchSpec, source: 
             raise ScalesError(f"{source}: {key} holds non-finite values (NaN or inf); the search that wrote it diverged — re-run it")
 
 
-def read_scales(source, arch: ArchSpec | str) -> ScalesFile:
+def read_scales(source, arch) -> ScalesFile:
     """Read any accepted source once, validate it against ``arch`` and return it with its sha256 and metadata."""
-    arch = get_arch(arch)
-    path = resolve_scales_path(source)
+    arch = get_spec(arch)
+    path = resolve_scales_path(source, arch)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -212,19 +248,19 @@ def read_scales(source, arch: ArchSpec | str) -> ScalesFile:
     return ScalesFile(path, tensors, hashlib.sha256(data).hexdigest(), metadata)
 
 
-def load_scales(source, arch: ArchSpec | str) -> dict[str, torch.Tensor]:
+def load_scales(source, arch) -> dict[str, torch.Tensor]:
     """The validated float32 tensors of ``read_scales(source, arch)``."""
     return read_scales(source, arch).tensors
 
 
-def random_scales(arch: ArchSpec | str, seed: int | torch.Generator = 0, *, low: float = 0.2, high: float = 1.5,
+def random_scales(arch, seed: int | torch.Generator = 0, *, low: float = 0.2, high: float = 1.5,
                   signed: bool = True) -> dict[str, torch.Tensor]:
     """Scales for ``arch`` with |s| uniform in [low, high] and, with ``signed``, a random sign per channel.
 
     The equivalence checks, the benchmark and the tests draw their scales here: signed scales
     are what tells the AdamW rule (|s| per branch) from a wrong one (|sum of s|).
     """
-    arch = get_arch(arch)
+    arch = get_spec(arch)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     scales = {}
     for key, (channels,) in arch.scale_shapes().items():

@@ -14,6 +14,7 @@ from .engine import Runtime, Trainer, build_scheduler, resolve_runtime
 from .engine.sync_bn import sync_batch_norm
 from .engine.trainer import steps_per_epoch
 from .errors import ConfigError
+from .family import family_of
 from .host import seed_everything
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def run_records(stage: str, arch, data, mode: str) -> tuple[dict, dict]:
     """What both stages record about a run: in ``last.pt`` (checked on resume) and in ``metrics.json``."""
     checkpoint = {"stage": stage, "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
                   "mode": mode}
-    metrics = {"stage": stage, "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth, "dataset": data.name}
+    metrics = {"stage": stage, "family": family_of(arch).name, "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth, "dataset": data.name}
     return checkpoint, metrics
 
 

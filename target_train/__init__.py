@@ -1,12 +1,11 @@
-"""Stage two: train the straight-through RepOpt-VGG with the RepOptimizer built from a scales file."""
+"""Stage two: train the straight-through target of any family with the RepOptimizer built from a scales file."""
 
-from .fuse import fuse
-from .masks import grad_masks, masks_by_param
-from .model import build_repvgg_model, build_target_model
+from .handler import fuse, grad_masks, handler_for, reinitialize
+from .masks import masks_by_param
+from .model import build_baseline_model, build_repvgg_model, build_target_model
 from .optim import RepOptAdamW, RepOptSGD, build_optimizer, build_repopt, param_groups
-from .reinit import reinitialize
 
 __all__ = [
-    "build_target_model", "build_repvgg_model", "reinitialize", "grad_masks", "masks_by_param",
+    "build_target_model", "build_baseline_model", "build_repvgg_model", "handler_for", "reinitialize", "grad_masks", "masks_by_param",
     "param_groups", "RepOptSGD", "RepOptAdamW", "build_optimizer", "build_repopt", "fuse",
 ]

@@ -1,8 +1,9 @@
 """The stage-two app: ``python -m target_train`` (console script ``repopt-target-train``).
 
-Loads the scales (``scales=`` file | stage-one run dir | ``official:B1`` | ``none`` | ``init``),
-re-initializes the plain VGG from them, builds the grad masks and trains with the RepOptimizer
-(``model=repvgg`` trains the structural re-param baseline instead). Writes into the run
+Loads the scales (``scales=`` file | stage-one run dir | ``official`` | ``official:B1`` | ``none`` |
+``init``), re-initializes the target of the chosen family (``family=vgg|ghostnet``) from them, builds
+the grad masks and trains with the RepOptimizer (``model=repvgg`` / ``model=rep`` trains the family's
+structural re-param baseline instead). Writes into the run
 directory: ``.hydra/``, ``metrics.json``, ``history.csv``, ``last.pt``, ``best.pt`` and
 ``deploy.pt`` (the folded conv+ReLU model as a torch.export program).
 """
@@ -25,9 +26,9 @@ from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from .config import TargetConfig
 from .deploy import export_deployed
-from .model import build_repvgg_model, build_target_model
+from .handler import reinitialize
+from .model import build_baseline_model, build_target_model
 from .optim import build_optimizer
-from .reinit import reinitialize
 from .scales_source import ScalesChoice, is_unused, resolve_scales
 
 log = logging.getLogger("target_train")
@@ -46,9 +47,9 @@ class TargetRun:
 def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     """Pre-flight checks, then model + re-init + masks + optimizer + trainer (resumed if asked)."""
     arch = cfg.arch.spec()
-    if cfg.model == "repvgg":  # a plain optimizer: the scales are neither loaded nor validated
+    if cfg.model != "target":  # the baseline: a plain optimizer, the scales are neither loaded nor validated
         if not is_unused(cfg.scales):
-            log.warning("model=repvgg trains with a plain optimizer: scales=%s is not used", cfg.scales)
+            log.warning("model=%s trains with a plain optimizer: scales=%s is not used", cfg.model, cfg.scales)
         choice = ScalesChoice("none", None)
     else:
         choice = resolve_scales(cfg.scales, arch)  # before the data: a bad scales file fails fast
@@ -56,7 +57,7 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)
     seed_everything(cfg.seed)
-    build = build_repvgg_model if cfg.model == "repvgg" else build_target_model
+    build = build_target_model if cfg.model == "target" else build_baseline_model
     model = build(arch, data.num_classes)
     if choice.scales is not None:
         reinitialize(model, choice.scales, use_identity_scales=cfg.use_identity_scales)

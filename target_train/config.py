@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from repopt.config import TrainConfig, register_schema, require
+from repopt.errors import ConfigError
+from repopt.family import FAMILIES, get_family
 
-MODELS = ("target", "repvgg")
+MODELS = ("target", *(f.baseline_mode for f in FAMILIES.values()))  # target, or a family's baseline
 
 
 @dataclass
@@ -16,14 +18,18 @@ class TargetConfig(TrainConfig):
 
     RESUME_KEYS: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_KEYS + ("model", "scales", "use_identity_scales")
 
-    model: str = "target"  # target (RepOpt-VGG) | repvgg (structural re-param baseline)
-    scales: Optional[str] = "official:B1"  # file | stage-one run dir | official:B1 | none | init
+    model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | rep (ghostnet baseline, RepGhostNet)
+    scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init
     use_identity_scales: bool = True  # re-init with the searched s_id (false: identity weight 1)
     deploy: bool = True  # write deploy.pt (folded conv+ReLU, loads without this package)
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
         require(self.model in MODELS, prefix + "model", self.model, "one of " + ", ".join(MODELS))
+        baseline = get_family(self.family).baseline_mode
+        if self.model not in ("target", baseline):
+            raise ConfigError(f"{prefix}model={self.model} is not a {self.family} model; the {self.family} baseline is "
+                              f"{prefix}model={baseline} (or {prefix}model=target)")
 
 
 register_schema("target_train_schema", TargetConfig)

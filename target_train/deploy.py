@@ -21,7 +21,7 @@ from repopt.io import atomic_path
 from repopt.numerics import rel_diff
 from repopt.vgg import unwrap
 
-from .fuse import fuse
+from .handler import fuse
 
 MAX_REL_DIFF = 1e-4  # a deployed or exported model must reproduce the trained one's logits to this
 

@@ -1,9 +1,9 @@
 """``python -m target_train.export run=<stage-two run dir>`` (console script ``repopt-export``).
 
-Deployment check of a trained stage-two run (``model=target`` or ``model=repvgg``):
+Deployment check of a trained stage-two run (``model=target`` or the baseline, ``repvgg`` / ``rep``):
 
 1. load ``best.pt`` (or ``last.pt``) safely, rebuild the model and fold it into the plain
-   conv+ReLU VGG (``fuse``);
+   conv+ReLU network (``fuse``, the family's folding);
 2. export ``model.onnx`` (dynamic batch axis) and check ONNX Runtime's FP32 logits against
    PyTorch's on a real test batch (max relative difference <= 1e-4, else ``OnnxMismatchError``);
 3. static INT8 post-training quantization with ONNX Runtime (QDQ, per-channel int8 weights),
@@ -38,19 +38,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from repopt.app import run_guarded
-from repopt.arch import ArchSpec
 from repopt.config import DataConfig, register_schema, to_typed
 from repopt.data import build_data
 from repopt.engine import load_checkpoint
 from repopt.errors import CheckpointError, ConfigError, DataError, RepOptError
+from repopt.family import build_model, family_of, spec_from_dict
 from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json
 from repopt.numerics import rel_diff
-from repopt.vgg import RepOptVGG
 
 from . import quantize as q
 from .deploy import MAX_REL_DIFF
-from .fuse import fuse
+from .handler import fuse
 
 log = logging.getLogger("target_train.export")
 
@@ -138,7 +137,7 @@ def find_run(cfg: ExportConfig) -> tuple[Path, Path]:
                           f"point run= at a finished stage-two run directory (python -m target_train ...)")
 
 
-def load_model(path: Path) -> tuple[RepOptVGG, dict]:
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild the trained model of a stage-two checkpoint, in eval mode on the CPU."""
     ckpt = load_checkpoint(path, map_location="cpu")
     stage = ckpt.get("stage")
@@ -149,17 +148,21 @@ def load_model(path: Path) -> tuple[RepOptVGG, dict]:
             f"then export that run: run=<the stage-two run directory>"
         )
     mode = ckpt.get("mode")
-    if stage not in (None, "target_train") or mode not in ("target", "repvgg"):
-        raise CheckpointError(f"{path}: not a stage-two checkpoint (stage={stage!r}, mode={mode!r}); "
-                              f"point run= at a run of python -m target_train (model=target or model=repvgg)")
     for key in ("arch", "num_classes"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: the checkpoint has no {key!r} entry; it was not written by python -m target_train")
     try:
-        arch = ArchSpec.from_dict(ckpt["arch"])
-        model = RepOptVGG(arch, int(ckpt["num_classes"]), mode=mode)
+        arch = spec_from_dict(ckpt["arch"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    baseline = family_of(arch).baseline_mode
+    if stage not in (None, "target_train") or mode not in ("target", baseline):
+        raise CheckpointError(f"{path}: not a stage-two checkpoint (stage={stage!r}, mode={mode!r}); "
+                              f"point run= at a run of python -m target_train (model=target or model={baseline})")
+    try:
+        model = build_model(arch, int(ckpt["num_classes"]), mode)
         model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: the weights do not fit the recorded architecture ({str(exc)[:300]})") from None
     return model.eval(), ckpt
 
@@ -259,8 +262,11 @@ def node_types(path: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------- weight statistics
 @torch.no_grad()
-def layer_stats(deployed: RepOptVGG) -> list[dict]:
-    """Weight statistics of every folded 3x3 conv (and the linear head).
+def layer_stats(deployed: torch.nn.Module) -> list[dict]:
+    """Weight statistics of every folded conv (and the linear head), in network order.
+
+    A layer is named by its block (``stage1.0``; a conv inside a block keeps its path) and its
+    kind says the kernel: ``conv3x3``, ``conv1x1``, ``dw3x3`` (depthwise), ``linear``.
 
     ``absmax_over_std`` = max|W| / std(W) over the whole tensor: a per-tensor int8 grid spends its
     255 steps on [-max|W|, max|W|], so the larger this ratio, the fewer steps the bulk of the weights
@@ -268,8 +274,14 @@ def layer_stats(deployed: RepOptVGG) -> list[dict]:
     what per-channel quantization faces.
     """
     rows = []
-    layers = [(spec.name, "conv3x3", block.conv, spec.stride) for spec, block in deployed.blocks()]
-    layers.append(("linear", "linear", deployed.linear, None))
+    layers = []
+    for name, module in deployed.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0]
+            kind = f"dw{k}x{k}" if module.groups > 1 and module.groups == module.in_channels else f"conv{k}x{k}"
+            layers.append((name.removesuffix(".conv"), kind, module, module.stride[0]))
+        elif isinstance(module, torch.nn.Linear):
+            layers.append((name, "linear", module, None))
     for name, kind, module, stride in layers:
         w = module.weight.detach().double()
         flat = w.reshape(w.shape[0], -1)
@@ -296,8 +308,8 @@ def layer_stats(deployed: RepOptVGG) -> list[dict]:
 
 
 def summarize_layers(rows: list[dict]) -> dict:
-    convs = [r["absmax_over_std"] for r in rows if r["kind"] == "conv3x3"]
-    worst = max((r for r in rows if r["kind"] == "conv3x3"), key=lambda r: r["absmax_over_std"])
+    convs = [r["absmax_over_std"] for r in rows if r["kind"] != "linear"]
+    worst = max((r for r in rows if r["kind"] != "linear"), key=lambda r: r["absmax_over_std"])
     t = torch.tensor(convs, dtype=torch.float64)
     return {"conv_absmax_over_std_median": float(t.median()), "conv_absmax_over_std_mean": float(t.mean()),
             "conv_absmax_over_std_max": float(t.max()), "conv_absmax_over_std_worst_layer": worst["name"]}

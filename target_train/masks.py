@@ -1,4 +1,4 @@
-"""The gradient masks ("grad mults") of the RepOptimizers (docs/design.md, "The math").
+"""The gradient masks ("grad mults") of RepOpt-VGG (docs/design.md, "The math"); other families: handler.py.
 
 rule="sgd"   (power 2): M = s_conv^2 everywhere, + s_1x1^2 at the kernel centre,
                         + 1 on the centre of the identity diagonal.
@@ -53,7 +53,7 @@ def grad_masks(model: RepOptVGG, scales: Mapping[str, torch.Tensor], rule: str =
     return masks
 
 
-def masks_by_param(model: RepOptVGG, masks: Mapping[str, torch.Tensor]) -> dict[torch.nn.Parameter, torch.Tensor]:
+def masks_by_param(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Re-key name-keyed masks by Parameter, as the optimizers take them (the official grad_mult_map)."""
     params = dict(model.named_parameters())
     unknown = [n for n in masks if n not in params]

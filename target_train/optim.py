@@ -22,11 +22,10 @@ from torch import nn
 
 from repopt.errors import ConfigError
 from repopt.optim import OPTIMIZERS, closure_loss, param_groups, plain_optimizer, sgd_options
-from repopt.vgg import RepOptVGG
 
-from .masks import grad_masks as make_grad_masks
+from .handler import grad_masks as make_grad_masks
+from .handler import reinitialize
 from .masks import masks_by_param
-from .reinit import reinitialize
 
 
 def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parameter, torch.Tensor]) -> dict:
@@ -205,7 +204,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if scales is None:
         return plain_optimizer(groups, name, lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
                                foreach=foreach, fused=fused)
-    if not isinstance(model, RepOptVGG) or model.mode != "target":
+    if getattr(model, "mode", None) != "target":
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
     masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
     if name == "sgd":
@@ -213,7 +212,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 
-def build_repopt(model: RepOptVGG, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,
+def build_repopt(model: nn.Module, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,
                  weight_decay: float = 4e-5, use_identity_scales: bool = True, **kwargs) -> torch.optim.Optimizer:
     """One call: re-initialize ``model`` from ``scales``, build the masks and the RepOptimizer."""
     reinitialize(model, scales, use_identity_scales=use_identity_scales)

@@ -6,6 +6,7 @@ CSLA kernels, is trained with RepOptSGD / RepOptAdamW on the same batches. After
 CSLA kernels must equal the target's kernels, and the logits must agree.
 
     python -m target_train.verify --arch tiny --steps 20
+    python -m target_train.verify --family ghostnet
 
 is this project's ``check_equivalency.py``. It exits with status 1 if a bound is exceeded.
 """
@@ -14,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from hypersearch.model import build_hs_model
-from repopt.arch import get_arch
+from repopt.family import family_names, family_of, get_spec
 from repopt.engine import Runtime, TrainStep
 from repopt.numerics import rel_diff
 from repopt.scales import random_scales
 
-from .masks import grad_masks, masks_by_param
+from .handler import grad_masks
+from .masks import masks_by_param
 from .model import build_target_model
 from .optim import RepOptAdamW, RepOptSGD, param_groups
 
+SMALL_MEMBER = {"vgg": "tiny", "ghostnet": "ghostnet_tiny"}
 # The bounds the tests prove (max relative difference; see README "Equivalence").
 BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -45,9 +49,17 @@ class Result:
         return max(self.weight_rel_diff, self.logit_rel_diff, self.bn_rel_diff) <= bound
 
 
+def fused_kernels(csla: nn.Module) -> dict[str, torch.Tensor]:
+    """The target parameter each CSLA unit re-parameterizes, and the kernel its branches sum to."""
+    if family_of(csla).name == "ghostnet":
+        return {f"{path}.cheap_operation.0.weight": m.fused_kernel() for path, m in csla.ghost_modules()}
+    return {f"{spec.name}.conv.weight": block.fused_kernel() for spec, block in csla.blocks()}
+
+
 @torch.no_grad()
 def paired_models(arch, num_classes: int, scales, dtype, seed: int):
-    """A CSLA model with the given scales and a target model holding its fused kernels."""
+    """A CSLA model with the given scales and a target model holding its fused kernels (every
+    other parameter and buffer copied by name)."""
     torch.manual_seed(seed)
     csla = build_hs_model(arch, num_classes, mode="csla").to(dtype)
     for key, param in csla.scale_parameters().items():
@@ -59,11 +71,9 @@ def paired_models(arch, num_classes: int, scales, dtype, seed: int):
             module.weight.uniform_(0.5, 1.5)
             module.bias.uniform_(-0.2, 0.2)
     target = build_target_model(arch, num_classes).to(dtype)
-    blocks = dict(csla.blocks())
-    for spec, block in target.blocks():
-        block.conv.weight.copy_(blocks[spec].fused_kernel())
-        block.bn.load_state_dict(blocks[spec].bn.state_dict())
-    target.linear.load_state_dict(csla.linear.state_dict())
+    source = csla.state_dict()
+    state = {k: source[k] for k in target.state_dict()} | fused_kernels(csla)
+    target.load_state_dict(state)
     return csla, target
 
 
@@ -71,8 +81,14 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
                     num_classes: int = 10, image_size: int = 16, batch_size: int = 8, lr: float | None = None,
                     momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-3, eps: float = 1e-16,
                     strides=(1, 2, 1, 2, 2)) -> Result:
-    """Train the CSLA/target pair for ``steps`` steps and report the relative differences."""
-    arch = get_arch(arch, strides=strides)
+    """Train the CSLA/target pair for ``steps`` steps and report the relative differences.
+
+    Any family: ``arch`` names a VGG or a GhostNet member (GhostNet's classifier dropout is
+    switched off, so both models see the same function).
+    """
+    arch = get_spec(arch, strides=strides)
+    if hasattr(arch, "dropout"):
+        arch = replace(arch, dropout=0.0)
     gen = torch.Generator().manual_seed(seed)
     scales = random_scales(arch, gen)
     csla, target = paired_models(arch, num_classes, scales, dtype, seed)
@@ -99,14 +115,12 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
             train_step(x, y)
 
     with torch.no_grad():
-        blocks = dict(csla.blocks())
-        weight = max(rel_diff(blocks[s].fused_kernel(), b.conv.weight) for s, b in target.blocks())
-        bn = max(
-            rel_diff(t, c)
-            for s, b in target.blocks()
-            for t, c in zip(b.bn.state_dict().values(), blocks[s].bn.state_dict().values())
-            if t.is_floating_point()
-        )
+        fused = fused_kernels(csla)
+        current = target.state_dict()
+        weight = max(rel_diff(kernel, current[name]) for name, kernel in fused.items())
+        source = csla.state_dict()
+        bn = max(rel_diff(current[k], source[k]) for k in current
+                 if k not in fused and current[k].is_floating_point() and _is_norm_entry(target, k))
         csla.eval()
         target.eval()
         x = torch.randn(batch_size, 3, image_size, image_size, generator=gen, dtype=torch.float64).to(dtype)
@@ -114,10 +128,16 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
     return Result(optimizer, str(dtype).replace("torch.", ""), steps, weight, logits, bn)
 
 
+def _is_norm_entry(model: nn.Module, key: str) -> bool:
+    return isinstance(model.get_submodule(key.rsplit(".", 1)[0]), nn.BatchNorm2d)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m target_train.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", help="architecture name (default: tiny)")
+    parser.add_argument("--arch", default="tiny", help="architecture name of any family, e.g. tiny, ghostnet_tiny (default: tiny)")
+    parser.add_argument("--family", choices=family_names(), default=None,
+                        help="check this family's small test member (vgg: tiny, ghostnet: ghostnet_tiny) instead of --arch")
     parser.add_argument("--steps", type=int, default=20, help="training steps (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="sgd,adamw", help="comma list of sgd, adamw")
@@ -125,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", type=float, default=1e-16,
                         help="AdamW eps (default 1e-16: the CSLA/target difference is an eps effect, see README)")
     args = parser.parse_args(argv)
+    if args.family is not None:
+        args.arch = SMALL_MEMBER[args.family]
 
     ok = True
     print(f"{'optimizer':<9} {'dtype':<8} {'steps':>5} {'weights':>10} {'logits':>10} {'bn':>10}  bound    verdict")
