@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -15,13 +16,20 @@ from repopt.scales import SCALES_FILENAME, ScalesFile, save_scales
 log = logging.getLogger(__name__)
 
 
+# ``<block>.<kind>.weight``: VGG's stage1.0.scale_conv, GhostNet's blocks.6.0.ghost1.cheap_operation.1
+_KEY = re.compile(r"^(?P<block>.+?)\.(?P<kind>scale_conv|scale_1x1|scale_identity|fusion_scale|cheap_operation\.1)\.weight$")
+_STAGE = re.compile(r"^(?:stage|blocks\.)(\d+)")
+
+
 def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
-    """One row per scale vector: block, stage, kind and the statistics of its values."""
+    """One row per scale vector: block, stage (VGG stage, GhostNet group), kind and the statistics of its values."""
     rows = []
     for key, value in scales.items():
-        block, kind, _ = key.rsplit(".", 2)
+        match = _KEY.match(key)
+        block, kind = (match["block"], match["kind"]) if match else (key.rsplit(".", 1)[0], "scale")
+        stage = _STAGE.match(block)
         rows.append({
-            "key": key, "block": block, "stage": int(block.split(".")[0].removeprefix("stage")), "kind": kind,
+            "key": key, "block": block, "stage": int(stage[1]) if stage else -1, "kind": kind,
             "mean": float(value.mean()), "std": float(value.std()) if value.numel() > 1 else 0.0,
             "min": float(value.min()), "max": float(value.max()), "abs_mean": float(value.abs().mean()),
             "negative_fraction": float((value < 0).float().mean()),

@@ -34,12 +34,12 @@ class PipelineConfig(Checked):
     run_dir: Optional[str] = None
 
     def check(self, prefix: str = "") -> None:
-        super().check(prefix)
         for stage in ("hs", "target"):
             value = getattr(self, stage).family
             if value != self.family:
                 raise ConfigError(f"{stage}.family={value} differs from family={self.family}: the scales stage one "
                                   f"searches fit only its own family; set family=... for both stages")
+        super().check(prefix)
 
 
 register_schema("search_and_train_schema", PipelineConfig)

@@ -32,8 +32,24 @@ from .model import build_target_model
 from .optim import RepOptAdamW, RepOptSGD, param_groups
 
 SMALL_MEMBER = {"vgg": "tiny", "ghostnet": "ghostnet_tiny"}
-# The bounds the tests prove (max relative difference; see README "Equivalence").
+# The bounds the tests prove (max relative difference; see README "Equivalence"), for VGG ...
 BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5}
+# ... and for GhostNet, by (optimizer, dtype). SGD in float64 is exact as for VGG. AdamW is run
+# with eps=1e-12 (DEFAULT_EPS): GhostNet has parameters whose true gradient is exactly zero (a BN
+# bias followed by a 1x1 conv and another batch-statistics BN, as in the conv shortcut), and with
+# eps -> 0 Adam turns their rounding noise into full steps that differ between the two twins;
+# at eps=1e-12 the kernels agree to ~1e-10 (the eps effect, linear in eps) and everything to 1e-6.
+# float32 is reported, not bounded: the small maps' BNs amplify float32 rounding step after step
+# (1e-7 after one step, 1e-3..1e-1 after twenty), while float64 stays at 1e-12.
+GHOSTNET_BOUNDS = {("sgd", torch.float64): 1e-10, ("adamw", torch.float64): 1e-6}
+DEFAULT_EPS = {"vgg": 1e-16, "ghostnet": 1e-12}
+
+
+def bound_for(arch, optimizer: str, dtype) -> float | None:
+    """The bound the equivalence must meet for ``arch``'s family (None: reported, not bounded)."""
+    if family_of(get_spec(arch)).name == "ghostnet":
+        return GHOSTNET_BOUNDS.get((optimizer, dtype))
+    return BOUNDS[dtype]
 
 
 @dataclass
@@ -41,9 +57,9 @@ class Result:
     optimizer: str
     dtype: str
     steps: int
-    weight_rel_diff: float  # max over blocks of max|W_csla - W_target| / max|W_target|
+    weight_rel_diff: float  # max over re-parameterized convs of max|W_csla - W_target| / max|W_target|
     logit_rel_diff: float  # eval-mode logits on a held-out batch
-    bn_rel_diff: float  # BN affine params and running stats
+    bn_rel_diff: float  # BN affine params and running stats (every BN of the target)
 
     def passed(self, bound: float) -> bool:
         return max(self.weight_rel_diff, self.logit_rel_diff, self.bn_rel_diff) <= bound
@@ -142,8 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="sgd,adamw", help="comma list of sgd, adamw")
     parser.add_argument("--dtypes", default="float64,float32", help="comma list of float64, float32")
-    parser.add_argument("--eps", type=float, default=1e-16,
-                        help="AdamW eps (default 1e-16: the CSLA/target difference is an eps effect, see README)")
+    parser.add_argument("--eps", type=float, default=None,
+                        help="AdamW eps (default: 1e-16 for vgg, 1e-12 for ghostnet; the CSLA/target difference is an "
+                             "eps effect, see README)")
     args = parser.parse_args(argv)
     if args.family is not None:
         args.arch = SMALL_MEMBER[args.family]
@@ -153,12 +170,13 @@ def main(argv=None) -> int:
     for name in args.optimizers.split(","):
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            r = run_equivalence(args.arch, name, args.steps, dtype, seed=args.seed, eps=args.eps)
-            bound = BOUNDS[dtype]
-            verdict = "ok" if r.passed(bound) else "FAIL"
-            ok &= r.passed(bound)
+            eps = DEFAULT_EPS[family_of(get_spec(args.arch)).name] if args.eps is None else args.eps
+            r = run_equivalence(args.arch, name, args.steps, dtype, seed=args.seed, eps=eps)
+            bound = bound_for(args.arch, name, dtype)
+            verdict = "(reported)" if bound is None else "ok" if r.passed(bound) else "FAIL"
+            ok &= bound is None or r.passed(bound)
             print(f"{name:<9} {r.dtype:<8} {r.steps:>5} {r.weight_rel_diff:>10.2e} {r.logit_rel_diff:>10.2e} "
-                  f"{r.bn_rel_diff:>10.2e}  {bound:.0e}  {verdict}")
+                  f"{r.bn_rel_diff:>10.2e}  {'—' if bound is None else f'{bound:.0e}':>5}  {verdict}")
     return 0 if ok else 1
 
 

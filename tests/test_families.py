@@ -1,0 +1,109 @@
+"""family=vgg|ghostnet through the configs, both stage apps, the pipeline, export and compare."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import pipelines.config  # noqa: F401  (registers the pipeline schema)
+from hypersearch.config import HSConfig
+from pipelines.compare import compare
+from pipelines.config import PipelineConfig
+from pipelines.search_and_train import main as pipeline_main
+from repopt.config import to_typed
+from repopt.engine import load_checkpoint
+from repopt.errors import ConfigError
+from repopt.family import build_model, spec_from_dict
+from repopt.scales import read_scales
+from target_train.config import TargetConfig
+from tests.conftest import pipeline_overrides, read_json, run_hydra
+
+
+def _compose(name, overrides=()):
+    with initialize_config_module("conf", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_family_chooses_its_default_member_in_every_app():
+    hs = to_typed(_compose("hypersearch", ["family=ghostnet"]), HSConfig)
+    target = to_typed(_compose("target_train", ["family=ghostnet"]), TargetConfig)
+    job = to_typed(_compose("search_and_train", ["family=ghostnet"]), PipelineConfig)
+    assert (hs.family, hs.arch.name) == ("ghostnet", "ghostnet_0_5x")
+    assert (target.family, target.arch.name, target.scales) == ("ghostnet", "ghostnet_0_5x", "official")
+    assert (job.hs.family, job.target.family, job.hs.arch.name, job.target.arch.name) == \
+        ("ghostnet", "ghostnet", "ghostnet_0_5x", "ghostnet_0_5x")
+    assert to_typed(_compose("target_train"), TargetConfig).arch.name == "B1"  # vgg stays the default
+    assert read_scales(target.scales, target.arch.spec()).path.name == "RepOptGhostNet_0_5x_scales.pth"
+    swept = to_typed(_compose("search_and_train", ["sweep=families_cpu", "family=ghostnet"]), PipelineConfig)
+    assert swept.hs.arch.name == swept.target.arch.name == "ghostnet_0_25x"
+
+
+@pytest.mark.parametrize("app,overrides,needle", [
+    ("target_train", ["family=ghostnet", "arch=B1"], "arch=B1 is a vgg architecture but family=ghostnet"),
+    ("target_train", ["family=ghostnet", "model=repvgg"], "the ghostnet baseline is model=rep"),
+    ("target_train", ["model=rep"], "the vgg baseline is model=repvgg"),
+    ("hypersearch", ["family=ghostnet", "arch.num_blocks=[1,1,1,1]"], "apply to the vgg family only"),
+    ("search_and_train", ["family=ghostnet", "hs.family=vgg"], "hs.family=vgg differs from family=ghostnet"),
+])
+def test_mismatched_family_settings_are_one_clear_error(app, overrides, needle):
+    schema = {"target_train": TargetConfig, "hypersearch": HSConfig, "search_and_train": PipelineConfig}[app]
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        to_typed(_compose(app, overrides), schema)
+
+
+def test_unknown_family_is_named():
+    with pytest.raises(ConfigError, match="family='resnet': must be one of vgg, ghostnet"):
+        to_typed({"family": "resnet"}, HSConfig)
+
+
+def _ghostnet_overrides() -> list[str]:
+    swap = {"arch@hs.arch=tiny": "arch@hs.arch=ghostnet_tiny", "arch@target.arch=tiny": "arch@target.arch=ghostnet_tiny",
+            "target.deploy=false": "target.deploy=true"}
+    return ["family=ghostnet"] + [swap.get(o, o) for o in pipeline_overrides()]
+
+
+def test_ghostnet_pipeline_end_to_end(in_tmp):
+    """HS -> scales -> target -> deploy.pt (loads without the project) -> ONNX/INT8, and the RepGhostNet
+    baseline, as two jobs of one sweep that compare lists by family and variant."""
+    sweep = in_tmp / "sweep"
+    run_hydra(pipeline_main, ["-m"] + _ghostnet_overrides() + [
+        "variant=searched,repvgg", "export=true", "quant.calibration_images=32", "quant.latency_runs=2",
+        f"hydra.sweep.dir={sweep}"])
+    searched, baseline = sweep / "0", sweep / "1"
+    job = read_json(searched / "metrics.json")
+    assert job["status"] == "completed" and job["hs"]["family"] == job["target"]["family"] == "ghostnet"
+    assert job["hs_scales_sha256"] == job["scales_sha256"]
+    scales = read_scales(searched / "hs", "ghostnet_tiny").tensors
+    assert all(".ghost" in k for k in scales) and len(scales) == 4 * len(spec_from_dict(job["target"]["arch_spec"]).bottlenecks)
+    assert job["target"]["optimizer"] == "RepOptSGD" and job["quant"]["int8_top1"] is not None
+    assert (searched / "target" / "model.int8.onnx").is_file()
+    base = read_json(baseline / "metrics.json")
+    assert base["status"] == "completed" and base["target"]["model"] == "rep" and base["target"]["optimizer"] == "SGD"
+
+    ckpt = load_checkpoint(searched / "target" / "last.pt")
+    model = build_model(spec_from_dict(ckpt["arch"]), ckpt["num_classes"], "target")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, in_tmp / "x.pt")
+    with torch.no_grad():
+        expected = model(x)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        with open({str(searched / 'target' / 'deploy.pt')!r}, "rb") as f:
+            m = torch.export.load(f).module()
+        out = m(torch.load({str(in_tmp / 'x.pt')!r}))
+        assert not any(name.split(".")[0] in ("repopt", "target_train", "hypersearch", "pipelines") for name in sys.modules)
+        torch.save(out, {str(in_tmp / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-I", "-c", script], check=True, cwd=in_tmp, timeout=120)
+    out = torch.load(in_tmp / "out.pt").detach()
+    assert float((out - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+    table = compare([sweep], plots=False)
+    assert sorted(table["variant"]) == ["repvgg", "searched"]
