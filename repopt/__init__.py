@@ -1,4 +1,4 @@
-"""Shared core of the RepOpt pipeline: architecture specs, the model family, the scales-file contract."""
+"""Shared core of the RepOpt pipeline: the model families and their specs, the scales-file contract."""
 
 from .arch import ArchSpec, BlockSpec, arch_names, get_arch
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, RepOptError, ScalesError
@@ -7,6 +7,7 @@ from .vgg import RepOptVGG
 
 __all__ = [
     "ArchSpec", "BlockSpec", "arch_names", "get_arch", "RepOptVGG",
+    "FAMILIES", "get_family", "family_of", "get_spec", "spec_from_dict", "build_model",
     "ScalesFile", "read_scales", "load_scales", "save_scales", "read_metadata", "resolve_scales_path", "validate_scales",
     "RepOptError", "ConfigError", "ScalesError", "CheckpointError", "DataError", "DivergenceError",
 ]
