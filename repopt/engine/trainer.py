@@ -8,7 +8,8 @@ One ``Trainer.fit()`` call runs (or continues) a run inside ``run_dir``:
   the data order and augmentation are functions of (seed, epoch, batch), so a resumed run replays
   exactly what an uninterrupted one would have done;
 * SIGTERM / SIGINT finish the current step, write ``last.pt`` and raise ``Interrupted``;
-* a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint.
+* a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint;
+* optional: mixup / CutMix of each training batch (``mix``, repopt/data/mix.py).
 
 The loop keeps only iteration, the run's state and the stop checks: the step itself is
 ``TrainStep`` (step.py), the measurements are ``meter.py``, stop signals ``stopping.py`` and the
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..data.mix import BatchMix
 from ..errors import CheckpointError, DivergenceError, Interrupted
 from ..io import atomic_path, write_text
 from ..results import StageMetrics, Status, write_result
@@ -105,6 +107,7 @@ class Trainer:
         self.state = RunState()
         self._segment_start = time.perf_counter()
         self._epoch_seconds, self._epoch_images = 0.0, 0  # this process's share of the running epoch
+        self.mix = BatchMix.build(cfg.mix, data.num_classes, cfg.seed)
         self.train_model = self._wrap(model)
         self.step = TrainStep(self.train_model, optimizer, runtime, label_smoothing=cfg.label_smoothing,
                               grad_clip=cfg.grad_clip, clip_params=model.parameters())
@@ -220,6 +223,8 @@ class Trainer:
         try:
             for step in range(st.step_in_epoch, self.steps_per_epoch):
                 x, y = next(batches)
+                if self.mix is not None:
+                    x, y = self.mix(x, y, epoch, step)  # soft labels (N, classes)
                 loss, logits = self.step(x, y)
                 self.scheduler.step()
                 pending.append(loss)
