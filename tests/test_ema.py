@@ -1,17 +1,15 @@
-"""The EMA of the weights (``ema.*``): the average itself, exact resume, and what a run delivers
-(best.pt and deploy.pt hold the EMA's weights when it is chosen)."""
+"""The EMA of the weights (``ema.*``): the average itself and what a run delivers (best.pt and
+deploy.pt hold the EMA's weights when it is chosen). Exact resume: test_ema_resume.py."""
 
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 import torch
 import torch.nn.functional as F
 
 from repopt import get_arch
 from repopt.config import EMAConfig, to_plain
 from repopt.engine import load_checkpoint
-from repopt.engine.callbacks import Callback, active
 from repopt.engine.ema import WeightEMA
 from repopt.engine.trainer import _changed_settings
 from repopt.vgg import RepOptVGG
@@ -21,7 +19,6 @@ from target_train.deploy import load_deployed
 from tests.conftest import TINY, TINY_STEPS, read_json, run_hydra
 
 ARCH = get_arch("tiny", [1, 2, 2, 2, 1])
-TIMING = ["epoch_seconds", "images_per_sec"]
 
 
 def _inner(ema_state: dict) -> dict:
@@ -79,62 +76,6 @@ def test_ema_averages_the_module_inside_a_wrapper():
     ema.step(1)
     assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), model.parameters()))
     assert EMAConfig().enabled is False and WeightEMA.build(EMAConfig(), model) is None
-
-
-class _StopAt(Callback):
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.global_step:
-            trainer.request_stop()
-
-
-# every=3 does not divide the 4 steps of an epoch, so the resumed segment's updates fall at other positions
-EMA_MIX = ["scales=init", "deploy=false", "ema.enabled=true", "ema.decay=0.8", "ema.every=3",
-           "mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0", "mix.switch_prob=0.5"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: the same run without a stop."""
-    run_dir = tmp_path_factory.mktemp("ema") / "full"
-    run_hydra(target_main, TINY + EMA_MIX + [f"hydra.run.dir={run_dir}"])
-    return run_dir
-
-
-@pytest.mark.parametrize("stop_at", [TINY_STEPS, TINY_STEPS + 1], ids=["after-epoch-1", "mid-epoch-2"])
-def test_resume_replays_the_ema_and_the_mixing_exactly(tmp_path, uninterrupted, stop_at):
-    full, part = uninterrupted, tmp_path / "part"
-    with active(_StopAt(stop_at)):
-        run_hydra(target_main, TINY + EMA_MIX + [f"hydra.run.dir={part}"], expect_exit=130)
-    stopped = load_checkpoint(part / "last.pt")
-    assert stopped["run"]["global_step"] == stop_at and stopped["ema"]["n_averaged"] == stop_at // 3
-    run_hydra(target_main, TINY + EMA_MIX + ["resume=true", f"hydra.run.dir={part}"])
-
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
-    assert a["ema"].keys() == b["ema"].keys() and int(a["ema"]["n_averaged"]) == 2 * TINY_STEPS // 3
-    for key in a["ema"]:
-        assert torch.equal(a["ema"][key], b["ema"][key]), key
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    history = [pd.read_csv(d / "history.csv").drop(columns=TIMING) for d in (full, part)]
-    pd.testing.assert_frame_equal(*history)
-    assert {"ema_test_loss", "ema_test_top1", "ema_test_top5"} <= set(history[0].columns)
-    done, ref = read_json(part / "metrics.json"), read_json(full / "metrics.json")
-    for key in ("top1", "loss", "best_top1", "ema_top1", "ema_top5", "ema_loss", "ema_best_top1", "steps"):
-        assert done[key] == ref[key], key
-    assert ref["delivered"] == "ema" and ref["ema_top1"] == history[0]["ema_test_top1"].iloc[-1]
-    # the EMA is not the trained model (the comparison is not vacuous)
-    assert any(not torch.equal(a["model"][k], _inner(a["ema"])[k]) for k in a["model"])
-
-
-def test_a_resume_with_other_ema_settings_is_refused(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_hydra(target_main, TINY + ["epochs=1", "scales=init", "deploy=false", "ema.enabled=true", f"hydra.run.dir={run_dir}"])
-    run_hydra(target_main, TINY + ["scales=init", "deploy=false", "ema.enabled=true", "ema.decay=0.99", "resume=true",
-                                   f"hydra.run.dir={run_dir}"], expect_exit=1)
-    assert "ema: {'enabled': True, 'decay': 0.9999" in capsys.readouterr().err
 
 
 def test_settings_a_checkpoint_predates_count_as_their_defaults():
