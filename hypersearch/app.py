@@ -50,10 +50,11 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     metrics = trainer.fit()
     if not runtime.is_main:
         return metrics
-    scales = extract_scales(model)
+    scales = extract_scales(trainer.delivered_model())  # the EMA's scales with ema.enabled and ema.evaluate
+    top1, top5 = (metrics.ema_top1, metrics.ema_top5) if trainer.delivers_ema else (metrics.top1, metrics.top5)
     metadata = {
         "arch": arch.to_dict(), "source_run": str(run_dir), "dataset": data.name, "num_classes": data.num_classes,
-        "hs_top1": metrics.top1, "hs_top5": metrics.top5, "epochs": metrics.epochs, "mode": cfg.mode,
+        "hs_top1": top1, "hs_top5": top5, "epochs": metrics.epochs, "mode": cfg.mode,
         "scale_init": cfg.scale_init, "seed": cfg.seed, "config": trainer.checkpoint_extra["config"],
     }
     written = export_scales(run_dir, scales, metadata)

@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 from .family import family_names, family_of, get_family, get_spec
 
+RANDAUGMENT_MAX_MAGNITUDE = 30  # torchvision's RandAugment with its default 31 magnitude bins
+
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
     """Raise the one-line error for a setting outside its range: ``optim.lr=-1: must be > 0``."""
@@ -75,6 +77,11 @@ class DataConfig(Checked):
     synthetic_train_size: int = 512
     synthetic_test_size: int = 256
     drop_last: bool = True  # static shapes for compile / CUDA graphs
+    randaugment_magnitude: Optional[int] = None  # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
+    randaugment_num_ops: int = 2  # RandAugment ops applied in sequence to each training image
+    mean: Optional[list[float]] = None  # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
+    std: Optional[list[float]] = None
+    eval_crop_fraction: Optional[float] = None  # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
 
     def check(self, prefix: str = "") -> None:
         for key in ("image_size", "batch_size", "eval_batch_size", "synthetic_train_size", "synthetic_test_size"):
@@ -85,6 +92,18 @@ class DataConfig(Checked):
         for key in ("train_subset", "test_subset"):
             value = getattr(self, key)
             require(value is None or value >= 1, prefix + key, value, ">= 1 or null (all images)")
+        m = self.randaugment_magnitude
+        require(m is None or 0 <= m <= RANDAUGMENT_MAX_MAGNITUDE, prefix + "randaugment_magnitude", m,
+                f"in [0, {RANDAUGMENT_MAX_MAGNITUDE}] or null (off)")
+        require(self.randaugment_num_ops >= 1, prefix + "randaugment_num_ops", self.randaugment_num_ops, ">= 1")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            require(value is None or len(value) == 3, prefix + key, value, "three numbers (R, G, B) or null")
+        require(self.std is None or all(s > 0 for s in self.std), prefix + "std", self.std, "> 0 in every channel")
+        require((self.mean is None) == (self.std is None), prefix + "mean", self.mean,
+                "given together with data.std (both or neither)")
+        f = self.eval_crop_fraction
+        require(f is None or 0 < f <= 1, prefix + "eval_crop_fraction", f, "in (0, 1] or null")
 
 
 @dataclass
@@ -125,6 +144,40 @@ class SchedConfig(Checked):
 
 
 @dataclass
+class EMAConfig(Checked):
+    """An exponential moving average of the weights (and BN statistics), kept beside the model."""
+
+    enabled: bool = False
+    decay: float = 0.9999  # ema = decay * ema + (1 - decay) * weights, at every update
+    every: int = 1  # update after every N-th optimizer step
+    evaluate: bool = True  # evaluate the EMA each epoch and deliver it: best.pt and deploy.pt hold its weights
+
+    def check(self, prefix: str = "") -> None:
+        require(0 < self.decay < 1, prefix + "decay", self.decay, "in (0, 1)")
+        require(self.every >= 1, prefix + "every", self.every, ">= 1")
+
+
+@dataclass
+class MixConfig(Checked):
+    """Mixup / CutMix of the training batches (torchvision's v2 MixUp and CutMix); off with both alphas 0."""
+
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixup weight; 0 = no mixup
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) of the CutMix area; 0 = no CutMix
+    prob: float = 1.0  # chance that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: chance that a mixed batch gets CutMix instead of mixup
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def check(self, prefix: str = "") -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            require(getattr(self, key) >= 0, prefix + key, getattr(self, key), ">= 0 (0 = off)")
+        for key in ("prob", "switch_prob"):
+            require(0 <= getattr(self, key) <= 1, prefix + key, getattr(self, key), "in [0, 1]")
+
+
+@dataclass
 class TrainConfig(Checked):
     """Fields every training app shares (stage one and stage two)."""
 
@@ -132,13 +185,16 @@ class TrainConfig(Checked):
     # A stage schema extends this with its own fields.
     RESUME_KEYS: ClassVar[tuple[str, ...]] = (
         "epochs", "seed", "label_smoothing", "grad_clip", "family", "arch", "optim", "sched", "data.name", "data.batch_size",
-        "data.image_size", "data.train_subset", "data.crop_padding", "data.hflip", "max_steps_per_epoch")
+        "data.image_size", "data.train_subset", "data.crop_padding", "data.hflip", "max_steps_per_epoch",
+        "data.randaugment_magnitude", "data.randaugment_num_ops", "data.mean", "data.std", "ema", "mix")
 
     family: str = "vgg"  # vgg | ghostnet (repopt/family.py); arch must be one of its members
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     epochs: int = 240
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

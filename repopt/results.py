@@ -66,6 +66,13 @@ class StageMetrics:
     device: Optional[str] = None
     world_size: int = 1
     peak_memory_gib: Optional[float] = None
+    # with ema.enabled: which weights best.pt and deploy.pt (stage two) / the scales (stage one) hold,
+    # "ema" or "model", and the EMA's test metrics after the last epoch (when it is evaluated)
+    delivered: Optional[str] = None
+    ema_top1: Optional[float] = None
+    ema_top5: Optional[float] = None
+    ema_loss: Optional[float] = None
+    ema_best_top1: Optional[float] = None
     # stage one: the scales file it wrote
     scales_file: Optional[str] = None
     scales_sha256: Optional[str] = None

@@ -80,7 +80,8 @@ def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     run = build_target_run(cfg, run_dir)
     metrics = run.trainer.fit()
     if cfg.deploy and run.trainer.runtime.is_main:
-        deploy = export_deployed(run.model, run_dir / "deploy.pt", cfg.data.image_size)
+        # the delivered weights: the EMA's averaged copy with ema.enabled and ema.evaluate, else the trained model
+        deploy = export_deployed(run.trainer.delivered_model(), run_dir / "deploy.pt", cfg.data.image_size)
         metrics = run.trainer.write_metrics(Status.COMPLETED, **deploy)
     log.info("target top-1 %.2f (best %.2f)", metrics.top1, metrics.best_top1)
     return metrics

@@ -30,6 +30,19 @@ BAD = [  # (override, the key the message must name, what it must say)
     ({"data": {"train_subset": 0}}, "data.train_subset=0", ">= 1 or null"),
     ({"data": {"num_workers": -1}}, "data.num_workers=-1", ">= 0"),
     ({"max_steps_per_epoch": 0}, "max_steps_per_epoch=0", ">= 1 or null"),
+    ({"ema": {"decay": 1.0}}, "ema.decay=1.0", "in (0, 1)"),
+    ({"ema": {"decay": 0.0}}, "ema.decay=0.0", "in (0, 1)"),
+    ({"ema": {"every": 0}}, "ema.every=0", ">= 1"),
+    ({"mix": {"mixup_alpha": -0.1}}, "mix.mixup_alpha=-0.1", ">= 0 (0 = off)"),
+    ({"mix": {"cutmix_alpha": -1.0}}, "mix.cutmix_alpha=-1.0", ">= 0 (0 = off)"),
+    ({"mix": {"prob": 1.5}}, "mix.prob=1.5", "in [0, 1]"),
+    ({"mix": {"switch_prob": -0.5}}, "mix.switch_prob=-0.5", "in [0, 1]"),
+    ({"data": {"randaugment_magnitude": 31}}, "data.randaugment_magnitude=31", "in [0, 30] or null"),
+    ({"data": {"randaugment_num_ops": 0}}, "data.randaugment_num_ops=0", ">= 1"),
+    ({"data": {"mean": [0.5, 0.5], "std": [0.2, 0.2]}}, "data.mean=[0.5, 0.5]", "three numbers"),
+    ({"data": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}}, "data.std=[0.2, 0.0, 0.2]", "> 0 in every channel"),
+    ({"data": {"mean": [0.5, 0.5, 0.5]}}, "data.mean=[0.5, 0.5, 0.5]", "given together with data.std"),
+    ({"data": {"eval_crop_fraction": 0.0}}, "data.eval_crop_fraction=0.0", "in (0, 1] or null"),
 ]
 
 
@@ -63,6 +76,8 @@ def test_pipeline_errors_name_the_stage_key():
         to_typed({"hs": {"optim": {"lr": -1.0}}}, PipelineConfig)
     with pytest.raises(ConfigError, match=r"^target\.epochs=0: must be >= 1"):
         to_typed({"target": {"epochs": 0}}, PipelineConfig)
+    with pytest.raises(ConfigError, match=r"^target\.mix\.mixup_alpha=-1\.0: must be >= 0"):
+        to_typed({"target": {"mix": {"mixup_alpha": -1.0}}}, PipelineConfig)
 
 
 def test_negative_lr_on_the_command_line_is_one_line_and_exit_1(in_tmp, capsys):
@@ -71,6 +86,14 @@ def test_negative_lr_on_the_command_line_is_one_line_and_exit_1(in_tmp, capsys):
     run_hydra(hs_main, ["experiment=quickstart", "optim.lr=-1", "progress=off", f"hydra.run.dir={run_dir}"], expect_exit=1)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: optim.lr=-1.0: must be > 0; set it on the command line (optim.lr=...) or in the config"]
+    assert not (run_dir / "last.pt").exists()
+
+
+def test_bad_ema_decay_on_the_command_line_is_one_line_and_exit_1(in_tmp, capsys):
+    run_dir = in_tmp / "run"
+    run_hydra(hs_main, ["experiment=quickstart", "ema.decay=1.5", "progress=off", f"hydra.run.dir={run_dir}"], expect_exit=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: ema.decay=1.5: must be in (0, 1); set it on the command line (ema.decay=...) or in the config"]
     assert not (run_dir / "last.pt").exists()
 
 

@@ -107,3 +107,18 @@ def test_ghostnet_pipeline_end_to_end(in_tmp):
 
     table = compare([sweep], plots=False)
     assert sorted(table["variant"]) == ["repvgg", "searched"]
+
+
+def test_compare_treats_the_family_as_a_swept_setting(in_tmp):
+    """sweep=families_cpu picks each family's CPU member; a family=vgg,ghostnet sweep is one table with
+    a family column (here on synthetic data, the plain variant only, one short epoch)."""
+    sweep = in_tmp / "sweep"
+    stage = ["data=synthetic", "data.synthetic_train_size=64", "data.synthetic_test_size=32", "data.batch_size=32",
+             "epochs=1", "sched.warmup_epochs=0", "device=cpu", "progress=off", "compile=false"]
+    overrides = ["sweep=families_cpu", "family=vgg,ghostnet", "variant=plain", "target.deploy=false",
+                 "data@hs.data=synthetic", "data@target.data=synthetic"] + [f"target.{o}" for o in stage if not o.startswith("data=")]
+    run_hydra(pipeline_main, ["-m"] + overrides + [f"hydra.sweep.dir={sweep}"])
+    rows = {read_json(sweep / j / "metrics.json")["target"]["arch"]: read_json(sweep / j / "metrics.json") for j in ("0", "1")}
+    assert set(rows) == {"small", "ghostnet_0_25x"} and all(r["status"] == "completed" for r in rows.values())
+    table = compare([sweep], plots=False)
+    assert "family" in table and sorted(table["family"]) == ["ghostnet", "vgg"]

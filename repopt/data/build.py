@@ -10,9 +10,9 @@ from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import imagefolder
-from .loader_batches import LoaderBatches, TensorImages, folder_transforms, small_transforms
+from .loader_batches import LoaderBatches, TensorImages, folder_transforms, randaugment, small_transforms
 from .stats import IMAGENET_STATS, compute_stats
 from .synthetic import load_synthetic
 from .tensor_batches import TensorBatches
@@ -53,7 +53,7 @@ def build_data(
         return _folder_loader(cfg, device, seed, rank, world_size, train_size)
 
     splits = _load_tensors(cfg)
-    stats = splits.stats or compute_stats(splits.train_images)
+    stats = _given_stats(cfg) or splits.stats or compute_stats(splits.train_images)
     ordered_by_class = cfg.name == "imagefolder"
     splits = _subset(splits, cfg, ordered_by_class)
     n_train = int(splits.train_images.shape[0])
@@ -65,7 +65,7 @@ def build_data(
         train, test = _loader_pair(
             cfg, device,
             TensorImages(splits.train_images, splits.train_labels),
-            small_transforms(True, stored, train_size, cfg.crop_padding, cfg.hflip),
+            small_transforms(True, stored, train_size, cfg.crop_padding, cfg.hflip, randaugment=randaugment(cfg)),
             TensorImages(splits.test_images, splits.test_labels),
             small_transforms(False, stored, cfg.image_size, 0, False),
             **common,
@@ -96,11 +96,32 @@ def _loader_pair(cfg: DataConfig, device: torch.device, train_base, train_transf
     return train, test
 
 
+def uses_device_loader(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` trains from the device loader (uint8 images kept on the device, whole-batch augmentation)."""
+    if cfg.loader == "dataloader":
+        return False
+    return not (cfg.name == "imagefolder" and cfg.image_size > SMALL_MAX)
+
+
+def _given_stats(cfg: DataConfig):
+    """``data.mean`` / ``data.std`` when the config sets them, else None (the source's own)."""
+    if cfg.mean is None or cfg.std is None:
+        return None
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
 def _validate(cfg: DataConfig, rank: int, world_size: int, train_transform_size: Optional[int]) -> None:
     if cfg.name not in NAMES:
         raise DataError(f"unknown data set data.name={cfg.name!r}; choose one of: {', '.join(NAMES)}")
     if cfg.loader not in LOADERS:
         raise DataError(f"unknown data.loader={cfg.loader!r}; choose one of: {', '.join(LOADERS)}")
+    if cfg.randaugment_magnitude is not None and uses_device_loader(cfg):
+        # torchvision's RandAugment draws one op and one sign per call: on a batch tensor every image
+        # would get the same distortion, which is not RandAugment. It runs per sample in the workers.
+        raise ConfigError(
+            f"data.randaugment_magnitude={cfg.randaugment_magnitude} augments each image on its own, in the worker "
+            f"DataLoader, but data={cfg.name} at {cfg.image_size} px with data.loader={cfg.loader} uses the device "
+            f"loader (whole batches at once); set data.loader=dataloader, or data.randaugment_magnitude=null")
     if cfg.image_size < 1:
         raise DataError(f"data.image_size must be positive (got {cfg.image_size})")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
@@ -197,14 +218,15 @@ def _folder_loader(cfg: DataConfig, device: torch.device, seed: int, rank: int, 
         keep = subset_indices(torch.as_tensor(split.labels), n, ordered_by_class=True)
         bases.append(ds if keep is None else Subset(ds, keep.tolist()))
     _check_batch(cfg, len(bases[0]))
-    mean, std = IMAGENET_STATS
+    mean, std = _given_stats(cfg) or IMAGENET_STATS
     train, test = _loader_pair(
         cfg, device,
         bases[0],
         folder_transforms(True, train_size, padding=cfg.crop_padding, hflip=cfg.hflip,
-                          random_resized_crop=cfg.random_resized_crop),
+                          random_resized_crop=cfg.random_resized_crop, randaugment=randaugment(cfg)),
         bases[1],
-        folder_transforms(False, cfg.image_size, padding=0, hflip=False, random_resized_crop=False),
+        folder_transforms(False, cfg.image_size, padding=0, hflip=False, random_resized_crop=False,
+                          eval_crop_fraction=cfg.eval_crop_fraction),
         mean=mean, std=std, seed=seed, rank=rank, world_size=world_size,
     )
     return DataBundle(

@@ -153,24 +153,45 @@ class LoaderBatches:
             yield to_float(x, self.scale, self.bias), y
 
 
-def small_transforms(train: bool, stored: int, size: int, padding: int, hflip: bool) -> Optional[Callable]:
-    """CIFAR-style: random crop with zero padding and flip at the stored size, then resize if needed."""
+def randaugment(cfg) -> Optional[Callable]:
+    """torchvision's ``v2.RandAugment`` of a DataConfig (``randaugment_magnitude``, ``randaugment_num_ops``), or None.
+
+    One call distorts one image: ``num_ops`` ops, each drawn uniformly from torchvision's 14
+    (Identity, ShearX/Y, TranslateX/Y, Rotate, Brightness, Color, Contrast, Sharpness, Posterize,
+    Solarize, AutoContrast, Equalize) with a random sign, all at the fixed bin ``magnitude`` of 31
+    (0-30), fill 0, nearest interpolation. It draws from torch's global generator, which
+    ``SeededDataset`` seeds per sample, so it replays exactly on resume. conf/recipe/target_imagenet.yaml
+    says how it differs from the official policy.
+    """
+    if cfg.randaugment_magnitude is None:
+        return None
+    return v2.RandAugment(num_ops=cfg.randaugment_num_ops, magnitude=cfg.randaugment_magnitude)
+
+
+def small_transforms(train: bool, stored: int, size: int, padding: int, hflip: bool,
+                     randaugment: Optional[Callable] = None) -> Optional[Callable]:
+    """CIFAR-style: random crop with zero padding and flip at the stored size (then ``randaugment``
+    on the uint8 image, when given), then resize if needed."""
     ops: list = []
     if train and padding > 0:
         ops.append(v2.RandomCrop(stored, padding=padding))
     if train and hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if train and randaugment is not None:
+        ops.append(randaugment)
     if stored != size:
         ops.append(v2.Resize(size, antialias=True))
     return v2.Compose(ops) if ops else None
 
 
-def folder_transforms(train: bool, size: int, *, padding: int, hflip: bool, random_resized_crop: bool) -> Callable:
+def folder_transforms(train: bool, size: int, *, padding: int, hflip: bool, random_resized_crop: bool,
+                      randaugment: Optional[Callable] = None, eval_crop_fraction: Optional[float] = None) -> Callable:
     """ImageFolder files (PIL) to uint8 CHW tensors of ``size`` x ``size``.
 
     Train: RandomResizedCrop + flip when ``random_resized_crop``, else Resize + RandomCrop(padding)
-    + flip. Eval: Resize(size / 0.875) + CenterCrop for large images; Resize + CenterCrop(size) for
-    small ones (<= 64 px), where the 0.875 margin would cut off too much of the object.
+    + flip; then ``randaugment`` (on the PIL image) when given. Eval: Resize(size /
+    ``eval_crop_fraction``) + CenterCrop(size); by default the fraction is 0.875 for large images and
+    1 for small ones (<= 64 px), where the 0.875 margin would cut off too much of the object.
     """
     ops: list = []
     if train and random_resized_crop:
@@ -178,8 +199,11 @@ def folder_transforms(train: bool, size: int, *, padding: int, hflip: bool, rand
     elif train:
         ops += [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=padding if padding > 0 else None)]
     else:
-        ops += [v2.Resize(size if size <= 64 else int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+        fraction = eval_crop_fraction if eval_crop_fraction is not None else (1.0 if size <= 64 else 0.875)
+        ops += [v2.Resize(int(size / fraction), antialias=True), v2.CenterCrop(size)]
     if train and hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if train and randaugment is not None:
+        ops.append(randaugment)
     ops += [v2.PILToTensor()]
     return v2.Compose(ops)

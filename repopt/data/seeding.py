@@ -13,6 +13,7 @@ _MASK64 = (1 << 64) - 1
 # Streams keep the permutation and the augmentation draws independent of each other.
 PERMUTATION_STREAM = 1
 AUGMENT_STREAM = 2
+MIX_STREAM = 3  # mixup / CutMix draws of a training batch (repopt/data/mix.py)
 
 
 def _splitmix64(x: int) -> int:

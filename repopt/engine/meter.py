@@ -24,9 +24,12 @@ class EpochMeter:
         self._t0 = time.perf_counter()
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss_sum += loss.double() * y.numel()
-        self.correct += (logits.argmax(1) == y).sum()
-        self.count += y.numel()
+        """``y``: int labels (N,), or soft labels (N, classes) of a mixed batch, scored against their argmax."""
+        n = int(y.shape[0])
+        labels = y.argmax(1) if y.dim() == 2 else y
+        self.loss_sum += loss.double() * n
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.count += n
 
     def close(self, state) -> None:
         """Stop the clock and add this segment to the run state (over the global batch under DDP)."""

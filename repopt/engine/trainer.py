@@ -8,7 +8,9 @@ One ``Trainer.fit()`` call runs (or continues) a run inside ``run_dir``:
   the data order and augmentation are functions of (seed, epoch, batch), so a resumed run replays
   exactly what an uninterrupted one would have done;
 * SIGTERM / SIGINT finish the current step, write ``last.pt`` and raise ``Interrupted``;
-* a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint.
+* a non-finite loss raises ``DivergenceError`` without overwriting the last good checkpoint;
+* optional: an EMA of the weights (``ema``, ema.py), updated after the optimizer step, evaluated
+  each epoch and checkpointed; mixup / CutMix of each training batch (``mix``, repopt/data/mix.py).
 
 The loop keeps only iteration, the run's state and the stop checks: the step itself is
 ``TrainStep`` (step.py), the measurements are ``meter.py``, stop signals ``stopping.py`` and the
@@ -32,12 +34,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import TrainConfig, to_plain
+from ..data.mix import BatchMix
 from ..errors import CheckpointError, DivergenceError, Interrupted
 from ..io import atomic_path, write_text
 from ..results import StageMetrics, Status, write_result
 from .callbacks import Callback, registered
 from .checkpoint import load_checkpoint, save_checkpoint
+from .ema import WeightEMA
 from .meter import EpochMeter, evaluate
 from .runtime import Runtime
 from .step import TrainStep
@@ -47,21 +51,32 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                    "epoch_seconds", "images_per_sec"]
+EMA_COLUMNS = ["ema_test_loss", "ema_test_top1", "ema_test_top5"]  # after test_top5, when the EMA is evaluated
+
+_MISSING = object()
 
 
-def _changed_settings(keys: tuple[str, ...], saved: dict | None, current: dict | None) -> list[str]:
-    """``key: saved -> current`` for every dotted key in ``keys`` that differs (both configs as plain dicts)."""
+def _changed_settings(keys: tuple[str, ...], saved: dict | None, current: dict | None,
+                      defaults: dict | None = None) -> list[str]:
+    """``key: saved -> current`` for every dotted key in ``keys`` that differs (both configs as plain dicts).
+
+    A key the saved config does not have at all (a checkpoint from before the setting existed)
+    counts as its value in ``defaults``, the schema's defaults."""
     if not saved or not current:
         return []
 
-    def get(cfg, dotted):
+    def get(cfg, dotted, missing=None):
         for part in dotted.split("."):
             if not isinstance(cfg, dict) or part not in cfg:
-                return None
+                return missing
             cfg = cfg[part]
         return cfg
 
-    return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}" for k in keys if get(saved, k) != get(current, k)]
+    def old(k):
+        value = get(saved, k, _MISSING)
+        return get(defaults, k) if value is _MISSING and defaults is not None else (None if value is _MISSING else value)
+
+    return [f"{k}: {old(k)!r} -> {get(current, k)!r}" for k in keys if old(k) != get(current, k)]
 
 
 def steps_per_epoch(cfg: TrainConfig, data) -> int:
@@ -78,6 +93,7 @@ class RunState:
     step_in_epoch: int = 0  # steps done in the unfinished epoch
     global_step: int = 0
     best_top1: float = -1.0
+    ema_best_top1: float = -1.0  # the EMA's best test top-1 (when it is evaluated)
     train_seconds: float = 0.0
     images_seen: int = 0
     epoch_loss_sum: float = 0.0
@@ -105,6 +121,8 @@ class Trainer:
         self.state = RunState()
         self._segment_start = time.perf_counter()
         self._epoch_seconds, self._epoch_images = 0.0, 0  # this process's share of the running epoch
+        self.ema = WeightEMA.build(cfg.ema, model)  # before the DDP / compile wrappers: a copy of the raw module
+        self.mix = BatchMix.build(cfg.mix, data.num_classes, cfg.seed)
         self.train_model = self._wrap(model)
         self.step = TrainStep(self.train_model, optimizer, runtime, label_smoothing=cfg.label_smoothing,
                               grad_clip=cfg.grad_clip, clip_params=model.parameters())
@@ -134,8 +152,18 @@ class Trainer:
             "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
             "run": asdict(self.state),
             "rng": torch.get_rng_state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             **self.checkpoint_extra,
         }
+
+    @property
+    def delivers_ema(self) -> bool:
+        """The run's result is the EMA (``ema.enabled`` and ``ema.evaluate``): it picks best.pt and is deployed."""
+        return self.ema is not None and self.cfg.ema.evaluate
+
+    def delivered_model(self) -> nn.Module:
+        """The model the run delivers: the EMA's averaged copy when ``delivers_ema``, else the trained model."""
+        return self.ema.module if self.delivers_ema else self.model
 
     def _wall(self) -> float:
         return self.state.wall_seconds + (time.perf_counter() - self._segment_start)
@@ -145,6 +173,16 @@ class Trainer:
         self._segment_start = time.perf_counter()
         if self.runtime.is_main:
             save_checkpoint(self.run_dir / name, self.checkpoint_state())
+        self.runtime.barrier()
+
+    def save_best_ema(self, name: str = "best.pt") -> None:
+        """The checkpoint just saved as ``last.pt``, with the EMA's weights as its ``model``
+        (``model_source: "ema"``): what the export of ``best.pt`` then folds."""
+        if self.runtime.is_main:
+            state = self.checkpoint_state()
+            state["model"] = self.ema.module.state_dict()
+            state["model_source"] = "ema"
+            save_checkpoint(self.run_dir / name, state)
         self.runtime.barrier()
 
     def copy_last(self, name: str) -> None:
@@ -166,7 +204,8 @@ class Trainer:
                     f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
                     f"resume with the configuration that wrote it, or start a new run directory"
                 )
-        changed = _changed_settings(self.cfg.RESUME_KEYS, state.get("config"), self.checkpoint_extra.get("config"))
+        changed = _changed_settings(self.cfg.RESUME_KEYS, state.get("config"), self.checkpoint_extra.get("config"),
+                                    to_plain(type(self.cfg)()))
         if changed:
             raise CheckpointError(
                 f"{path}: this run was started with other training settings ({'; '.join(changed)}); resume with the "
@@ -178,6 +217,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.step.scaler is not None and state.get("scaler"):
                 self.step.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             if "rng" in state:
                 torch.set_rng_state(state["rng"].cpu())
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -220,11 +261,15 @@ class Trainer:
         try:
             for step in range(st.step_in_epoch, self.steps_per_epoch):
                 x, y = next(batches)
+                if self.mix is not None:
+                    x, y = self.mix(x, y, epoch, step)  # soft labels (N, classes)
                 loss, logits = self.step(x, y)
                 self.scheduler.step()
                 pending.append(loss)
                 meter.add(loss, logits, y)
                 st.global_step += 1
+                if self.ema is not None:
+                    self.ema.step(st.global_step)
                 st.step_in_epoch = step + 1
                 for cb in self.callbacks:
                     cb.on_step_end(self)
@@ -272,6 +317,9 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> dict:
         st = self.state
         metrics = evaluate(self.model, self.data.test, self.runtime, self.data.num_classes)
+        if self.delivers_ema:
+            ema = evaluate(self.ema.module, self.data.test, self.runtime, self.data.num_classes)
+            metrics.update({f"ema_{k}": v for k, v in ema.items()})
         seconds, images = self._epoch_seconds, self._epoch_images
         row = {
             "epoch": epoch + 1,
@@ -291,19 +339,35 @@ class Trainer:
         improved = row["test_top1"] > st.best_top1
         if improved:
             st.best_top1 = row["test_top1"]
+        if self.delivers_ema:  # best.pt follows the delivered model
+            improved = row["ema_test_top1"] > st.ema_best_top1
+            if improved:
+                st.ema_best_top1 = row["ema_test_top1"]
         if self.runtime.is_main:
             self.write_history()
         self.save()
-        if self.write_best and improved:
+        if self.write_best and improved and self.delivers_ema:
+            self.save_best_ema()
+        elif self.write_best and improved:
             self.copy_last("best.pt")
-        log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f  (%.1f s, %.0f img/s)", epoch + 1, self.cfg.epochs,
-                 row["train_loss"], row["test_top1"], row["test_top5"], seconds, row["images_per_sec"])
+        ema_note = f"  ema_top1 {row['ema_test_top1']:.2f}" if self.delivers_ema else ""
+        log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f%s  (%.1f s, %.0f img/s)", epoch + 1,
+                 self.cfg.epochs, row["train_loss"], row["test_top1"], row["test_top5"], ema_note, seconds,
+                 row["images_per_sec"])
         return row
 
+    @property
+    def history_columns(self) -> list[str]:
+        if not self.delivers_ema:
+            return HISTORY_COLUMNS
+        at = HISTORY_COLUMNS.index("test_top5") + 1
+        return HISTORY_COLUMNS[:at] + EMA_COLUMNS + HISTORY_COLUMNS[at:]
+
     def write_history(self) -> None:
-        lines = [",".join(HISTORY_COLUMNS)]
+        columns = self.history_columns
+        lines = [",".join(columns)]
         for row in self.state.history:
-            lines.append(",".join(_fmt(row.get(c)) for c in HISTORY_COLUMNS))
+            lines.append(",".join(_fmt(row.get(c)) for c in columns))
         write_text(self.run_dir / "history.csv", "\n".join(lines) + "\n")
 
     def write_metrics(self, status: Status, **extra) -> StageMetrics:
@@ -326,11 +390,22 @@ class Trainer:
             world_size=self.runtime.world_size,
             peak_memory_gib=(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
                              if self.runtime.device.type == "cuda" else None),
+            **self._ema_metrics(last),
             **{**self.metrics_extra, **extra},
         )
         if self.runtime.is_main:
             write_result(self.run_dir / "metrics.json", metrics)
         return metrics
+
+
+    def _ema_metrics(self, last: dict) -> dict:
+        """The EMA's fields of ``metrics.json`` (none without an EMA)."""
+        if self.ema is None:
+            return {}
+        st = self.state
+        return {"delivered": "ema" if self.delivers_ema else "model", "ema_top1": last.get("ema_test_top1"),
+                "ema_top5": last.get("ema_test_top5"), "ema_loss": last.get("ema_test_loss"),
+                "ema_best_top1": st.ema_best_top1 if st.ema_best_top1 >= 0 else None}
 
 
 def _fmt(value) -> str:
