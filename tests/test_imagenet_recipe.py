@@ -13,6 +13,7 @@ from repopt.data import build_data
 from repopt.data.stats import IMAGENET_STATS
 from repopt.errors import ConfigError
 from target_train.app import main as target_main
+from repopt.scales import resolve_scales_path
 from target_train.config import TargetConfig
 from tests.conftest import read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_imagefolder
@@ -28,7 +29,11 @@ def _recipe(*overrides: str) -> TargetConfig:
 
 def test_the_recipe_is_the_official_one():
     cfg = _recipe()
-    assert (cfg.arch.name, cfg.arch.spec().strides, cfg.scales, cfg.model) == ("B1", (2, 2, 2, 2, 2), "official:B1", "target")
+    assert (cfg.arch.name, cfg.arch.spec().strides, cfg.scales, cfg.model) == ("B1", (2, 2, 2, 2, 2), "official", "target")
+    assert resolve_scales_path(cfg.scales, cfg.arch.spec()).name == "RepOpt-VGG-B1-scales.pth"
+    ghost = _recipe("family=ghostnet")
+    assert (ghost.arch.name, ghost.epochs, ghost.data.randaugment_magnitude) == ("ghostnet_0_5x", 120, 15)
+    assert resolve_scales_path(ghost.scales, ghost.arch.spec()).name == "RepOptGhostNet_0_5x_scales.pth"
     assert (cfg.epochs, cfg.label_smoothing) == (120, 0.1)
     o = cfg.optim
     assert (o.name, o.lr, o.base_batch_size, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.1, 256, 0.9, True, 4e-5)
