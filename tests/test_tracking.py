@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_module
 from hypersearch.app import main as hs_main
 from hypersearch.config import HSConfig
 from hypersearch.export import abs_scales_by_stage
+from pipelines.compare import main as compare_main
 from pipelines.config import PipelineConfig
 from pipelines.search_and_train import main as pipeline_main
 from repopt.config import LOGGERS, LoggerConfig, to_typed
@@ -179,6 +180,15 @@ def test_mlflow_pipeline_nests_both_stage_runs_under_the_job(in_tmp, store):
     local = client.download_artifacts(hs_run["run_id"], "scales.safetensors", str(in_tmp))
     assert sha256_file(local) == read_json(job / "hs" / "metrics.json")["scales_sha256"]
     assert "scales_abs_mean/stage1" in {k.removeprefix("metrics.") for k in hs_run.index if k.startswith("metrics.")}
+    # the sweep comparison goes to a run of its own
+    assert compare_main([str(job), "--no-plots", "--mlflow", store]) == 0
+    compare_run = client.get_run(read_json(job / "mlflow_compare_run.json")["run_id"])
+    assert compare_run.data.tags["repopt.stage"] == "compare" and compare_run.info.status == "FINISHED"
+    assert {"comparison.csv", "comparison.md"} <= {a.path for a in client.list_artifacts(compare_run.info.run_id)}
+    assert compare_main([str(job), "--no-plots", "--mlflow", store]) == 0  # again: the same run, updated
+    assert read_json(job / "mlflow_compare_run.json")["run_id"] == compare_run.info.run_id
+    assert len(_runs()) == 4 and client.get_run(parent["run_id"]).data.tags["repopt.stage"] == "search_and_train"
+
 
 class _StopAfterOneStep(Callback):
     def on_step_end(self, trainer) -> None:
