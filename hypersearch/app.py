@@ -18,9 +18,10 @@ from repopt.app import run_app
 from repopt.optim import param_groups, plain_optimizer
 from repopt.results import StageMetrics, Status
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
+from repopt.tracking import tracked
 
 from .config import HSConfig
-from .export import export_scales
+from .export import abs_scales_by_stage, export_scales
 from .model import build_hs_model, extract_scales
 
 log = logging.getLogger("hypersearch")
@@ -33,6 +34,12 @@ def set_constant_init(model, value: float = 1.0) -> None:
             param.fill_(value)
 
 
+def tracked_scales(model) -> dict[str, torch.Tensor]:
+    """What the tracker records of the scales at each epoch: every |s| of each stage."""
+    return abs_scales_by_stage(extract_scales(model))
+
+
+@tracked("hypersearch", ("metrics.json", "history.csv", "scales.safetensors"), scales_of=tracked_scales)
 def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     arch = cfg.arch.spec()
     runtime, data = start(cfg)

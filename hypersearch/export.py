@@ -21,15 +21,29 @@ _KEY = re.compile(r"^(?P<block>.+?)\.(?P<kind>scale_conv|scale_1x1|scale_identit
 _STAGE = re.compile(r"^(?:stage|blocks\.)(\d+)")
 
 
+def parse_key(key: str) -> tuple[str, int, str]:
+    """``(block, stage, kind)`` of a scale key: the stage is VGG's ``stageN`` or GhostNet's group ``blocks.G`` (-1: neither)."""
+    match = _KEY.match(key)
+    block, kind = (match["block"], match["kind"]) if match else (key.rsplit(".", 1)[0], "scale")
+    stage = _STAGE.match(block)
+    return block, int(stage[1]) if stage else -1, kind
+
+
+def abs_scales_by_stage(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every |s| value of each stage in one float32 CPU vector, as ``{"stage0": ..., "stage1": ...}`` in stage order."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for key, value in scales.items():
+        groups.setdefault(parse_key(key)[1], []).append(value.detach().abs().flatten().to("cpu", torch.float32))
+    return {f"stage{stage}": torch.cat(values) for stage, values in sorted(groups.items())}
+
+
 def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
     """One row per scale vector: block, stage (VGG stage, GhostNet group), kind and the statistics of its values."""
     rows = []
     for key, value in scales.items():
-        match = _KEY.match(key)
-        block, kind = (match["block"], match["kind"]) if match else (key.rsplit(".", 1)[0], "scale")
-        stage = _STAGE.match(block)
+        block, stage, kind = parse_key(key)
         rows.append({
-            "key": key, "block": block, "stage": int(stage[1]) if stage else -1, "kind": kind,
+            "key": key, "block": block, "stage": stage, "kind": kind,
             "mean": float(value.mean()), "std": float(value.std()) if value.numel() > 1 else 0.0,
             "min": float(value.min()), "max": float(value.max()), "abs_mean": float(value.abs().mean()),
             "negative_fraction": float((value < 0).float().mean()),

@@ -27,9 +27,11 @@ from typing import Optional
 import pandas as pd
 import yaml
 
+from repopt.config import LoggerConfig
 from repopt.io import read_json, write_text
 from repopt.errors import ConfigError
 from repopt.results import JobMetrics, StageMetrics, Status, from_dict, read_result
+from repopt.tracking import log_files, require_backend, tracking_uri
 
 from .compare_plots import plot_comparison, plot_curves, plot_depth, plot_scales
 from .stats import as_settings, baseline_differences, parse_baseline
@@ -37,6 +39,7 @@ from .stats import as_settings, baseline_differences, parse_baseline
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
 INCOMPLETE = "incomplete"  # a job killed before it wrote any result: pre-empted or crashed hard
+COMPARISON_FILES = ("comparison.csv", "comparison.md", "comparison.png", "depth.png", "scales.png", "curves.png")
 
 
 def _metric():
@@ -343,14 +346,25 @@ def main(argv=None) -> int:
     parser.add_argument("--ignore", default="", metavar="KEYS",
                         help="comma list of overrides that do not tell settings apart (e.g. export,quant.latency_runs "
                              "when sweeps of the same settings were run with and without the export step)")
+    parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                        help="also log the comparison files to an MLflow run 'compare' in URI (default: "
+                             "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)")
+    parser.add_argument("--experiment", default="repopt", help="the MLflow experiment of --mlflow (default: repopt)")
     args = parser.parse_args(argv)
+    out = args.out or args.dirs[0]
     try:
+        if args.mlflow is not None:
+            require_backend("mlflow")
         table = compare(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
                         ignore=tuple(k for k in args.ignore.split(",") if k))
+        if args.mlflow is not None:
+            store = LoggerConfig(name="mlflow", tracking_uri=args.mlflow or None, experiment=args.experiment)
+            run_id = log_files(store, out, "compare", [out / name for name in COMPARISON_FILES],
+                               {"dirs": " ".join(map(str, args.dirs)), "baseline": args.baseline, "ignore": args.ignore})
+            print(f"logged the comparison files to MLflow run {run_id} ({tracking_uri(store, out)})")
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = args.out or args.dirs[0]
     print((out / "comparison.md").read_text())
     print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and plots ({len(table)} settings)")
     return 0

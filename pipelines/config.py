@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hypersearch.config import HSConfig
-from repopt.config import Checked, register_schema
+from repopt.config import Checked, LoggerConfig, register_schema
 from repopt.errors import ConfigError
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
@@ -25,6 +25,7 @@ VARIANTS = {
 @dataclass
 class PipelineConfig(Checked):
     family: str = "vgg"  # vgg | ghostnet: both stages' (hs.family and target.family follow it)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the job's run; hs.logger and target.logger follow it
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
     variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)

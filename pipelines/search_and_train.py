@@ -25,6 +25,7 @@ from repopt.errors import ConfigError, RepOptError
 from repopt.family import get_family
 from repopt.io import read_json
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, status_of, write_result
+from repopt.tracking import tracked
 from target_train.app import train_target
 from target_train.export import export_run
 
@@ -86,6 +87,7 @@ def stage_configs(cfg: PipelineConfig):
     return (hs if cfg.variant == "searched" else None), target
 
 
+@tracked("search_and_train", ("metrics.json",), attach=False)  # the job's run; the stages' runs nest under it
 def run_pipeline(cfg: PipelineConfig, job_dir: Path) -> JobMetrics:
     hs_cfg, target_cfg = stage_configs(cfg)
     summary = JobMetrics(variant=cfg.variant)

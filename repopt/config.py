@@ -143,6 +143,27 @@ class SchedConfig(Checked):
         require(self.min_lr >= 0, prefix + "min_lr", self.min_lr, ">= 0")
 
 
+LOGGERS = ("none", "tensorboard", "mlflow")
+
+
+@dataclass
+class LoggerConfig(Checked):
+    """Experiment tracking (``conf/logger/``; the trackers: repopt/tracking.py)."""
+
+    name: str = "none"  # none | tensorboard (<run_dir>/tb/) | mlflow
+    tracking_uri: Optional[str] = None  # mlflow: null = sqlite:///<outputs>/mlflow.db (the outputs/ folder holding the run)
+    experiment: str = "repopt"  # mlflow experiment name (created when missing)
+    artifact_location: Optional[str] = None  # mlflow, for a new experiment: null = <folder of the SQLite file>/mlartifacts
+    artifacts: bool = True  # mlflow: upload metrics.json, history.csv, scales.safetensors / deploy.pt
+    scales: bool = True  # stage one: per-stage |scale| histograms and means at each epoch
+
+    def check(self, prefix: str = "") -> None:
+        require(self.name in LOGGERS, prefix + "name", self.name, "one of " + ", ".join(LOGGERS))
+        require(bool(self.experiment.strip()), prefix + "experiment", self.experiment, "a non-empty name")
+        require(self.tracking_uri is None or bool(self.tracking_uri.strip()), prefix + "tracking_uri", self.tracking_uri,
+                "a URI or null (sqlite:///<outputs>/mlflow.db)")
+
+
 @dataclass
 class EMAConfig(Checked):
     """An exponential moving average of the weights (and BN statistics), kept beside the model."""
@@ -195,6 +216,7 @@ class TrainConfig(Checked):
     sched: SchedConfig = field(default_factory=SchedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment tracking: none | tensorboard | mlflow
     epochs: int = 240
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

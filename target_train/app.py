@@ -23,6 +23,7 @@ from repopt.host import seed_everything
 from repopt.results import StageMetrics, Status
 from repopt.engine import Trainer
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
+from repopt.tracking import tracked
 
 from .config import TargetConfig
 from .deploy import export_deployed
@@ -76,6 +77,7 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     return TargetRun(trainer, model, optimizer, choice)
 
 
+@tracked("target_train", ("metrics.json", "history.csv", "deploy.pt"))
 def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     run = build_target_run(cfg, run_dir)
     metrics = run.trainer.fit()
