@@ -1,7 +1,8 @@
 """Compare the jobs of one or more sweeps: ``python -m pipelines.compare <sweep_dir> [more dirs…]``.
 
 Reads every job directory (``.hydra/overrides.yaml``, ``metrics.json``, the stages' histories and
-scales summaries) into one pandas DataFrame. Works on partial sweeps and on sweeps with failed
+scales summaries; for a ``pipelines.tune`` study, each trial's ``trial.json``: number and state)
+into one pandas DataFrame. Works on partial sweeps and on sweeps with failed
 jobs: those become rows with their status, never a crash. Writes into ``--out`` (default: the
 first sweep directory):
 
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +140,9 @@ def find_jobs(root: Path) -> list[Path]:
 
 
 def _natural_key(path: Path, root: Path):
-    return [int(part) if part.isdigit() else part for part in path.relative_to(root).parts]
+    """Numbers in names sort as numbers: 2 before 10, trial_2 before trial_10."""
+    return [[int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", part)]
+            for part in path.relative_to(root).parts]
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -156,6 +160,9 @@ def _parse_override(text: str) -> tuple[str, object]:
 def read_job(job: Path) -> dict:
     """One row: the job's overrides and its metrics (a missing/partial job is a row, too)."""
     row: dict = {"job": str(job)}
+    trial = read_json(job / "trial.json")  # a trial of a pipelines.tune study: its Optuna number and state
+    if isinstance(trial, dict):
+        row["trial"], row["state"] = trial.get("number"), trial.get("state")
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = []
     if overrides_file.is_file():

@@ -88,16 +88,24 @@ def stage_configs(cfg: PipelineConfig):
 
 
 @tracked("search_and_train", ("metrics.json",), attach=False)  # the job's run; the stages' runs nest under it
-def run_pipeline(cfg: PipelineConfig, job_dir: Path) -> JobMetrics:
+def run_pipeline(cfg: PipelineConfig, job_dir: Path,
+                 after_stage: Callable[[str, StageMetrics], None] | None = None) -> JobMetrics:
+    """Run the job into ``job_dir``. ``after_stage(name, result)`` is called once a stage has
+    completed, before the next one starts; an exception it raises ends the job there (a search
+    driver's pruner, ``pipelines.tune``)."""
     hs_cfg, target_cfg = stage_configs(cfg)
     summary = JobMetrics(variant=cfg.variant)
     hs_dir, target_dir = job_dir / "hs", job_dir / "target"
     if hs_cfg is not None:
         summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_cfg, hs_dir),
                                 lambda: _finished_stage(hs_dir / "metrics.json"), summary, job_dir)
+        if after_stage is not None:
+            after_stage("hs", summary.hs)
         target_cfg = replace(target_cfg, scales=summary.hs.scales_file)  # exactly the file stage one wrote
     summary.target = _run_stage("target", target_dir, lambda: train_target(target_cfg, target_dir),
                                 lambda: _finished_stage(target_dir / "metrics.json"), summary, job_dir)
+    if after_stage is not None:
+        after_stage("target", summary.target)
     if cfg.export:
         quant_cfg = replace(cfg.quant, run=str(target_dir))
         summary.quant = _run_stage("export", target_dir, lambda: export_run(quant_cfg),

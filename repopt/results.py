@@ -25,6 +25,7 @@ class Status(str, Enum):
     DIVERGED = "diverged"
     INTERRUPTED = "interrupted"
     FAILED = "failed"
+    PRUNED = "pruned"  # ended early by a search driver's pruner (pipelines.tune); what it trained is kept
 
     def __str__(self) -> str:
         return self.value
@@ -40,7 +41,7 @@ def status_of(exc: BaseException) -> Status:
 
 
 # A result that says one of these is the precise outcome; a later generic failure must not overwrite it.
-FINAL = (Status.COMPLETED, Status.DIVERGED, Status.INTERRUPTED)
+FINAL = (Status.COMPLETED, Status.DIVERGED, Status.INTERRUPTED, Status.PRUNED)
 
 
 @dataclass

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 EPOCH_METRICS = ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "epoch_seconds")
 # final values of a result (metrics.json) sent when the run ends
 FINAL_METRICS = ("top1", "top5", "loss", "best_top1", "hs_top1", "wall_seconds", "train_seconds", "images_per_sec")
-MLFLOW_STATUS = {Status.COMPLETED: "FINISHED", Status.INTERRUPTED: "KILLED"}  # every other status: FAILED
+MLFLOW_STATUS = {Status.COMPLETED: "FINISHED", Status.INTERRUPTED: "KILLED", Status.PRUNED: "KILLED"}  # every other status: FAILED
 RUN_FILE = "mlflow_run.json"
 INSTALL = 'pip install -e ".[track]"'
 _MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "mlflow": ("mlflow",)}
@@ -313,20 +313,20 @@ def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), 
 
     def wrap(train):
         @functools.wraps(train)
-        def run(cfg, run_dir):
+        def run(cfg, run_dir, **kwargs):
             logger = getattr(cfg, "logger", None)
             if logger is None or logger.name == "none":
-                return train(cfg, run_dir)
+                return train(cfg, run_dir, **kwargs)
             if not attach and logger.name == "tensorboard":  # nothing of its own to plot: its stages write their tb/
                 require_backend(logger.name)
-                return train(cfg, run_dir)
+                return train(cfg, run_dir, **kwargs)
             run_dir = Path(run_dir)
             tracker = open_tracker(logger, run_dir, stage, to_plain(cfg), bool(getattr(cfg, "resume", False)), scales_of)
             status, result, error = Status.FAILED, None, None
             _OPEN.append(tracker)
             try:
                 with active(tracker) if attach else contextlib.nullcontext():
-                    result = train(cfg, run_dir)
+                    result = train(cfg, run_dir, **kwargs)
                 status = getattr(result, "status", Status.COMPLETED)
                 return result
             except Exception as exc:
