@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def _env(threads: int = 1) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def logits_without_the_project(deploy_path: Path, x: torch.Tensor, workdir: Path) -> torch.Tensor:
+    """Run a ``deploy.pt`` on ``x`` in a fresh, isolated interpreter that imports none of the project's packages."""
+    torch.save(x, workdir / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        with open({str(deploy_path)!r}, "rb") as f:
+            m = torch.export.load(f).module()
+        out = m(torch.load({str(workdir / 'x.pt')!r}))
+        assert not any(name.split(".")[0] in ("repopt", "target_train", "hypersearch", "pipelines") for name in sys.modules)
+        torch.save(out, {str(workdir / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-I", "-c", script], check=True, cwd=workdir, timeout=120)
+    return torch.load(workdir / "out.pt").detach()
 
 
 def _sha256(path: Path) -> str:

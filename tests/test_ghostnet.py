@@ -15,7 +15,6 @@ from repopt.numerics import rel_diff
 from repopt.scales import load_scales, random_scales, read_scales
 from target_train.ghostnet import module_mask
 from target_train.handler import fuse, grad_masks, reinitialize
-from target_train.masks import masks_by_param
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
 from target_train.verify import DEFAULT_EPS, GHOSTNET_BOUNDS, main as verify_main, run_equivalence
 
