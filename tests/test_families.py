@@ -108,3 +108,34 @@ def test_compare_treats_the_family_as_a_swept_setting(in_tmp):
     assert set(rows) == {"small", "ghostnet_0_25x"} and all(r["status"] == "completed" for r in rows.values())
     table = compare([sweep], plots=False)
     assert "family" in table and sorted(table["family"]) == ["ghostnet", "vgg"]
+
+
+def test_ema_and_mixup_train_a_ghostnet_target_on_the_device_loader(tmp_path):
+    """The ImageNet recipe's options are family-agnostic: a GhostNet target with EMA and mixup on the
+    device loader (synthetic 32 px) evaluates and delivers the EMA, and deploy.pt folds it."""
+    from repopt.family import get_spec
+    from target_train.app import main as target_main
+    from target_train.deploy import load_deployed
+    from tests.conftest import TINY
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("arch")] + [
+        "family=ghostnet", "arch=ghostnet_tiny", "arch.strides=[1,2,2,2,1]", "scales=init", "data.loader=device",
+        "ema.enabled=true", "ema.decay=0.9", "mix.mixup_alpha=0.4", f"hydra.run.dir={run_dir}"]
+    run_hydra(target_main, overrides)
+    m = read_json(run_dir / "metrics.json")
+    assert m["status"] == "completed" and m["family"] == "ghostnet" and m["delivered"] == "ema"
+    assert m["ema_top1"] is not None and m["deploy_max_rel_diff"] <= 1e-4
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert "ema_test_top1" in history[0] and len(history) == 1 + 2
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    spec = get_spec("ghostnet_tiny", strides=(1, 2, 2, 2, 1))
+    ema, raw = build_model(spec, 10, "target"), build_model(spec, 10, "target")
+    ema.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")})
+    raw.load_state_dict(ckpt["model"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        deployed, want, trained = load_deployed(run_dir / "deploy.pt")(x), ema.eval()(x), raw.eval()(x)
+    scale = float(want.abs().max())
+    assert float((deployed - want).abs().max()) <= 1e-4 * scale  # deploy.pt folds the final EMA ...
+    assert float((deployed - trained).abs().max()) > 1e-2 * scale  # ... not the trained weights
