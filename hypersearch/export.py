@@ -11,20 +11,18 @@ import torch
 
 from repopt.io import write_text
 from repopt.plots import pyplot, save_png
-from repopt.scales import SCALES_FILENAME, ScalesFile, save_scales
+from repopt.scales import SCALES_FILENAME, ScalesFile, parse_scale_key, save_scales
 
 log = logging.getLogger(__name__)
 
 
-# ``<block>.<kind>.weight``: VGG's stage1.0.scale_conv, GhostNet's blocks.6.0.ghost1.cheap_operation.1
-_KEY = re.compile(r"^(?P<block>.+?)\.(?P<kind>scale_conv|scale_1x1|scale_identity|fusion_scale|cheap_operation\.1)\.weight$")
 _STAGE = re.compile(r"^(?:stage|blocks\.)(\d+)")
 
 
 def parse_key(key: str) -> tuple[str, int, str]:
     """``(block, stage, kind)`` of a scale key: the stage is VGG's ``stageN`` or GhostNet's group ``blocks.G`` (-1: neither)."""
-    match = _KEY.match(key)
-    block, kind = (match["block"], match["kind"]) if match else (key.rsplit(".", 1)[0], "scale")
+    parsed = parse_scale_key(key)
+    block, kind = parsed[1:] if parsed else (key.rsplit(".", 1)[0], "scale")
     stage = _STAGE.match(block)
     return block, int(stage[1]) if stage else -1, kind
 

@@ -18,10 +18,9 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from . import arch as vgg_arch
+from .blocks import CSLA_MODES  # every family: hs (all scales learn) and csla (only the identity scales learn)
 from .errors import ConfigError
 from .ghostnet import arch as ghost_arch
-
-CSLA_MODES = ("hs", "csla")  # every family: hs (all scales learn) and csla (only the identity scales learn)
 
 
 @dataclass(frozen=True)

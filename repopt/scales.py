@@ -44,8 +44,18 @@ _FAMILY_KEYS = {
 _MODEL_KEY = re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$|primary_conv\.0\.weight$|running_mean$")
 
 
+def parse_scale_key(key: str) -> tuple[str, str, str] | None:
+    """``(family, block, kind)`` of a scale key (``stage1.0``/``scale_conv``; ``blocks.6.0.ghost1``/
+    ``cheap_operation.1``), or None for a key that is not a scale."""
+    for family, pattern in _FAMILY_KEYS.items():
+        match = pattern.search(key)
+        if match:
+            return family, match[1], match[2]
+    return None
+
+
 def _is_scale_key(key: str) -> bool:
-    return any(p.search(key) for p in _FAMILY_KEYS.values())
+    return parse_scale_key(key) is not None
 
 
 def _key_family(keys) -> str | None:

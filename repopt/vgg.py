@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .arch import ArchSpec, BlockSpec, get_arch
@@ -52,6 +53,10 @@ class RepOptVGG(nn.Module):
         """(BlockSpec, module) pairs in network order."""
         modules = dict(self.named_modules())
         return [(spec, modules[spec.name]) for spec in self.arch.blocks]
+
+    def fused_kernels(self) -> dict[str, torch.Tensor]:
+        """hs/csla: the target parameter each block re-parameterizes, and the kernel its branches sum to."""
+        return {f"{spec.name}.conv.weight": block.fused_kernel() for spec, block in self.blocks()}
 
     def scale_parameters(self) -> dict[str, nn.Parameter]:
         """The CSLA branch scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""

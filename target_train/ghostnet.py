@@ -114,10 +114,12 @@ def fuse(model: RepOptGhostNet) -> RepOptGhostNet:
             continue
         source = model.get_submodule(name)
         owner = name.removesuffix(".cheap_operation.0")
+        bn_name = _bn_name(name)
+        bn = model.get_submodule(bn_name) if bn_name is not None else None
         if owner in ghost and owner != name:
             kernel, bias = _cheap_operation(ghost[owner])
-        elif _bn_name(name) is not None and isinstance(model.get_submodule(_bn_name(name)), nn.BatchNorm2d):
-            kernel, bias = fold_bn(source.weight, model.get_submodule(_bn_name(name)))
+        elif isinstance(bn, nn.BatchNorm2d):
+            kernel, bias = fold_bn(source.weight, bn)
         else:  # SE and head convs have a bias and no BN; a deploy model's convs are already folded
             kernel, bias = source.weight, source.bias
         conv.weight.copy_(kernel)

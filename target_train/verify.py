@@ -65,13 +65,6 @@ class Result:
         return max(self.weight_rel_diff, self.logit_rel_diff, self.bn_rel_diff) <= bound
 
 
-def fused_kernels(csla: nn.Module) -> dict[str, torch.Tensor]:
-    """The target parameter each CSLA unit re-parameterizes, and the kernel its branches sum to."""
-    if family_of(csla).name == "ghostnet":
-        return {f"{path}.cheap_operation.0.weight": m.fused_kernel() for path, m in csla.ghost_modules()}
-    return {f"{spec.name}.conv.weight": block.fused_kernel() for spec, block in csla.blocks()}
-
-
 @torch.no_grad()
 def paired_models(arch, num_classes: int, scales, dtype, seed: int):
     """A CSLA model with the given scales and a target model holding its fused kernels (every
@@ -88,7 +81,7 @@ def paired_models(arch, num_classes: int, scales, dtype, seed: int):
             module.bias.uniform_(-0.2, 0.2)
     target = build_target_model(arch, num_classes).to(dtype)
     source = csla.state_dict()
-    state = {k: source[k] for k in target.state_dict()} | fused_kernels(csla)
+    state = {k: source[k] for k in target.state_dict()} | csla.fused_kernels()
     target.load_state_dict(state)
     return csla, target
 
@@ -131,7 +124,7 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
             train_step(x, y)
 
     with torch.no_grad():
-        fused = fused_kernels(csla)
+        fused = csla.fused_kernels()
         current = target.state_dict()
         weight = max(rel_diff(kernel, current[name]) for name, kernel in fused.items())
         source = csla.state_dict()

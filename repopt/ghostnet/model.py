@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import CSLA_MODES
 from ..errors import ConfigError
 from .arch import GhostSpec, get_ghost_arch
 from .blocks import GHOST_MODES, ConvBnAct, GhostBottleneck, GhostModule
-
-CSLA_MODES = ("hs", "csla")
 
 
 class RepOptGhostNet(nn.Module):
@@ -43,6 +42,10 @@ class RepOptGhostNet(nn.Module):
     def ghost_modules(self) -> list[tuple[str, GhostModule]]:
         """(module path, ghost module) in network order: the re-parameterized units."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, GhostModule)]
+
+    def fused_kernels(self) -> dict[str, torch.Tensor]:
+        """hs/csla: the target parameter each ghost module re-parameterizes, and the kernel its branches sum to."""
+        return {f"{path}.cheap_operation.0.weight": m.fused_kernel() for path, m in self.ghost_modules()}
 
     def scale_parameters(self) -> dict[str, nn.Parameter]:
         """The CSLA scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""
