@@ -9,7 +9,8 @@ first sweep directory):
 * ``comparison.csv`` — one row per job, every override in its own column;
 * ``comparison.md``  — one row per setting (jobs that differ only in seeds are aggregated as
   mean ± std with the count): the overrides, status, HS top-1, target top-1/top-5, wall time,
-  and the INT8 columns when ``quant.json`` exists;
+  and the INT8 columns when ``quant.json`` exists, the pruning columns when a pruning result
+  (``pruned/metrics.json``, or the folder ``--pruned`` names) exists;
 * ``comparison.png`` (target accuracy per setting with HS accuracy beside it), ``scales.png``
   (mean |scale| per stage for each setting) and ``curves.png`` (target test top-1 per epoch).
 """
@@ -77,9 +78,16 @@ class JobRow:
     fp32_top1: Optional[float] = None
     int8_top1: Optional[float] = _metric()
     int8_top1_drop: Optional[float] = _metric()
+    prune_ratio: Optional[float] = _metric()  # the pruning step (target_train.prune), when its result exists
+    pruned_top1_no_ft: Optional[float] = _metric()  # right after pruning
+    pruned_top1: Optional[float] = _metric()  # after fine-tuning
+    pruned_macs_ratio: Optional[float] = _metric()  # pruned / unpruned MACs of the deployed model
+    pruned_ms_b1: Optional[float] = _metric()  # ONNX Runtime ms per image, batch 1
+    pruned_speedup_b1: Optional[float] = _metric()  # unpruned / pruned latency, timed side by side
+    pruned_speedup_b32: Optional[float] = _metric()
 
     @classmethod
-    def of_job(cls, m: JobMetrics, job: Path) -> "JobRow":
+    def of_job(cls, m: JobMetrics, job: Path, pruned: str = "pruned") -> "JobRow":
         """A pipeline job: both stages, and the stage that diverged if one did."""
         hs, target = m.hs or StageMetrics(), m.target or StageMetrics()
         trained = m.target or m.hs or StageMetrics()
@@ -94,17 +102,17 @@ class JobRow:
             result = read_result(job / stage / "metrics.json", StageMetrics)
             if result is not None and result.status == Status.DIVERGED:
                 row.status, row.failed_stage, row.diverged_step = Status.DIVERGED.value, stage, result.diverged_step
-        return row.with_quant(job / "target" / "quant.json")
+        return row.with_quant(job / "target" / "quant.json").with_pruned(job / "target" / pruned / "metrics.json")
 
     @classmethod
-    def of_stage(cls, m: StageMetrics, job: Path) -> "JobRow":
+    def of_stage(cls, m: StageMetrics, job: Path, pruned: str = "pruned") -> "JobRow":
         """A single-stage run (``python -m hypersearch -m ...`` or ``target_train -m ...``)."""
         key = "hs" if m.stage == "hypersearch" else "target"
         row = cls(status=m.status.value, error=m.error, wall_seconds=m.wall_seconds, diverged_step=m.diverged_step,
                   arch_name=m.arch, depth=m.depth, dataset=m.dataset,
                   scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
                   **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
-        return row.with_quant(job / "quant.json")
+        return row.with_quant(job / "quant.json").with_pruned(job / pruned / "metrics.json")
 
     def with_quant(self, path: Path) -> "JobRow":
         quant = read_json(path)
@@ -113,19 +121,30 @@ class JobRow:
                                                                   quant.get("top1_drop"))
         return self
 
+    def with_pruned(self, path: Path) -> "JobRow":
+        result = read_result(path, StageMetrics)
+        p = (result.prune or {}) if result is not None and result.status == Status.COMPLETED else {}
+        if p:
+            self.prune_ratio, self.pruned_top1_no_ft, self.pruned_top1 = p["ratio"], p["top1_pruned"], p["top1_finetuned"]
+            self.pruned_macs_ratio = p["macs_ratio"]
+            self.pruned_ms_b1 = p["latency_ms_per_image"]["pruned"]["batch1"]
+            self.pruned_speedup_b1, self.pruned_speedup_b32 = p["speedup"]["batch1"], p["speedup"]["batch32"]
+        return self
+
 
 ROW_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRow))
 METRIC_COLUMNS = [f.name for f in dataclasses.fields(JobRow) if f.metadata.get("metric")]
 
 
-def read_result_row(job: Path) -> JobRow:
-    """The job's ``metrics.json`` through its type: a pipeline job's ``JobMetrics`` or a stage's ``StageMetrics``."""
+def read_result_row(job: Path, pruned: str = "pruned") -> JobRow:
+    """The job's ``metrics.json`` through its type: a pipeline job's ``JobMetrics`` or a stage's
+    ``StageMetrics``; ``pruned`` names the pruning result folder of its target run."""
     data = read_json(job / "metrics.json")
     if not isinstance(data, dict):
         return JobRow()
     if "variant" in data:
-        return JobRow.of_job(from_dict(JobMetrics, data), job)
-    return JobRow.of_stage(from_dict(StageMetrics, data), job)
+        return JobRow.of_job(from_dict(JobMetrics, data), job, pruned)
+    return JobRow.of_stage(from_dict(StageMetrics, data), job, pruned)
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -157,7 +176,7 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key, parsed
 
 
-def read_job(job: Path) -> dict:
+def read_job(job: Path, pruned: str = "pruned") -> dict:
     """One row: the job's overrides and its metrics (a missing/partial job is a row, too)."""
     row: dict = {"job": str(job)}
     trial = read_json(job / "trial.json")  # a trial of a pipelines.tune study: its Optuna number and state
@@ -172,13 +191,13 @@ def read_job(job: Path) -> dict:
         key, value = _parse_override(text)
         if key != "sweep":
             row[key] = value
-    results = dataclasses.asdict(read_result_row(job))
+    results = dataclasses.asdict(read_result_row(job, pruned))
     row.update({k: v for k, v in results.items() if v is not None or k not in row})  # an unknown result keeps the override
     return row
 
 
-def collect(dirs: list[Path]) -> pd.DataFrame:
-    rows = [read_job(job) for d in dirs for job in find_jobs(Path(d))]
+def collect(dirs: list[Path], pruned: str = "pruned") -> pd.DataFrame:
+    rows = [read_job(job, pruned) for d in dirs for job in find_jobs(Path(d))]
     frame = pd.DataFrame(rows)
     for column in METRIC_COLUMNS:
         if column in frame:
@@ -287,17 +306,24 @@ def synthetic_banner(frame: pd.DataFrame) -> str | None:
             "method's effect on real data run `sweep=depth_cpu` and see docs/results/depth_cifar10.md.")
 
 
+PRUNE_COLUMNS = ("prune_ratio", "pruned_top1_no_ft", "pruned_top1", "pruned_macs_ratio", "pruned_ms_b1", "pruned_speedup_b1",
+                 "pruned_speedup_b32")
+PRUNE_TITLES = {"prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-1 (no fine-tune)",
+                "pruned_top1": "pruned top-1", "pruned_macs_ratio": "MACs kept", "pruned_ms_b1": "pruned ms/img b1",
+                "pruned_speedup_b1": "speed-up b1", "pruned_speedup_b32": "speed-up b32"}
+
+
 def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
                 delta_title: str | None = None, banner: str | None = None) -> str:
     columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
-                                               "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
+                                               *PRUNE_COLUMNS, "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
                                    and table[c].notna().any()]
     if delta_title:
         columns.insert(columns.index("target_top1") + 1 if "target_top1" in columns else len(columns), "delta_text")
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         columns.append("note")
     titles = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
-              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", "depth": "conv layers", "delta_text": delta_title}
+              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", **PRUNE_TITLES, "depth": "conv layers", "delta_text": delta_title}
     lines = ([banner, ""] if banner else []) + ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if common:
         lines += ["Every job: `" + " ".join(common) + "`", ""]
@@ -315,14 +341,15 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
 
 
 def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None,
-            ignore: tuple[str, ...] = ()) -> pd.DataFrame:
+            ignore: tuple[str, ...] = (), pruned: str = "pruned") -> pd.DataFrame:
     """Build the per-job frame, write the comparison files, return the per-setting table.
 
     ``baseline`` (``KEY=VALUE``) picks the reference setting of the differences; default: ``variant=plain``
-    when there is a plain row. ``ignore`` names overrides that do not tell settings apart.
+    when there is a plain row. ``ignore`` names overrides that do not tell settings apart. ``pruned``
+    names the pruning result folder read for the pruning columns.
     """
     dirs = [Path(d) for d in dirs]
-    frame = collect(dirs)
+    frame = collect(dirs, pruned)
     if frame.empty:
         raise FileNotFoundError(f"no job directories (with .hydra/) under {', '.join(map(str, dirs))}")
     out = Path(out) if out else dirs[0]
@@ -353,6 +380,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ignore", default="", metavar="KEYS",
                         help="comma list of overrides that do not tell settings apart (e.g. export,quant.latency_runs "
                              "when sweeps of the same settings were run with and without the export step)")
+    parser.add_argument("--pruned", default="pruned", metavar="FOLDER",
+                        help="the pruning result folder in each target run (python -m target_train.prune out=FOLDER; "
+                             "default: pruned) whose accuracy, MACs and latency columns the table shows")
     parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
                         help="also log the comparison files to an MLflow run 'compare' in URI (default: "
                              "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)")
@@ -363,7 +393,7 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             require_backend("mlflow")
         table = compare(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
-                        ignore=tuple(k for k in args.ignore.split(",") if k))
+                        ignore=tuple(k for k in args.ignore.split(",") if k), pruned=args.pruned)
         if args.mlflow is not None:
             store = LoggerConfig(name="mlflow", tracking_uri=args.mlflow or None, experiment=args.experiment)
             run_id = log_files(store, out, "compare", [out / name for name in COMPARISON_FILES],

@@ -10,6 +10,7 @@ from repopt.config import Checked, LoggerConfig, register_schema
 from repopt.errors import ConfigError
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
+from target_train.prune import PruneConfig
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
 # baselines of the paper's comparison and need no stage one.
@@ -32,6 +33,8 @@ class PipelineConfig(Checked):
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
     quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
+    prune: bool = False  # last step: channel pruning + fine-tuning of the target (target_train.prune; vgg only)
+    pruning: PruneConfig = field(default_factory=PruneConfig)  # its settings (pruning.run is set by the job)
     run_dir: Optional[str] = None
 
     def check(self, prefix: str = "") -> None:
@@ -40,6 +43,10 @@ class PipelineConfig(Checked):
             if value != self.family:
                 raise ConfigError(f"{stage}.family={value} differs from family={self.family}: the scales stage one "
                                   f"searches fit only its own family; set family=... for both stages")
+        if self.prune and self.family != "vgg":
+            raise ConfigError(f"prune=true prunes VGG targets; family={self.family} has no pruning step (set prune=false)")
+        if self.prune:
+            self.pruning.check(prefix + "pruning.", need_run=False)
         super().check(prefix)
 
 

@@ -28,6 +28,7 @@ from repopt.results import JobMetrics, StageMetrics, Status, read_result, status
 from repopt.tracking import tracked
 from target_train.app import train_target
 from target_train.export import export_run
+from target_train.prune import prune_run
 
 from .config import VARIANTS, PipelineConfig
 
@@ -110,6 +111,10 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
         quant_cfg = replace(cfg.quant, run=str(target_dir))
         summary.quant = _run_stage("export", target_dir, lambda: export_run(quant_cfg),
                                    lambda: _finished_export(target_dir / "quant.json"), summary, job_dir)
+    if cfg.prune:
+        prune_cfg = replace(cfg.pruning, run=str(target_dir))
+        summary.pruned = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
+                                    lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
     summary.status = Status.COMPLETED
     summary.hs_top1 = summary.hs.top1 if summary.hs else None
     summary.top1, summary.top5 = summary.target.top1, summary.target.top5

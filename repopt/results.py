@@ -81,6 +81,8 @@ class StageMetrics:
     model: Optional[str] = None
     optimizer: Optional[str] = None
     scales: Optional[dict] = None
+    # the pruning step (stage "prune", target_train.prune): ratio, widths, MACs, accuracy before/after, latency
+    prune: Optional[dict] = None
     deploy_file: Optional[str] = None
     deploy_max_rel_diff: Optional[float] = None
     # how it failed
@@ -98,6 +100,7 @@ class JobMetrics:
     hs: Optional[StageMetrics] = None
     target: Optional[StageMetrics] = None
     quant: Optional[dict] = None  # quant.json of the export step (its own format)
+    pruned: Optional[StageMetrics] = None  # the pruning step's metrics.json (target/<pruning.out>/)
     hs_top1: Optional[float] = None
     top1: Optional[float] = None
     top5: Optional[float] = None

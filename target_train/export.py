@@ -86,15 +86,16 @@ class ExportConfig:
 register_schema("export_schema", ExportConfig)
 
 
-def _log_dir(run) -> str:
-    """Hydra's output folder: ``<run>/export_logs`` when the run exists and is writable, else a temp folder
-    (so a mistyped ``run=`` does not create a directory)."""
+def run_log_dir(run, folder: str = "export_logs") -> str:
+    """Hydra's output folder for a step on a finished run: ``<run>/<folder>`` when the run exists and
+    is writable, else a temp folder (so a mistyped ``run=`` does not create a directory)."""
     if run not in (None, "") and os.path.isdir(os.path.expanduser(str(run))) and os.access(os.path.expanduser(str(run)), os.W_OK):
-        return os.path.join(os.path.expanduser(str(run)), "export_logs")
-    return os.path.join(tempfile.gettempdir(), "repopt-export-logs")
+        return os.path.join(os.path.expanduser(str(run)), folder)
+    return os.path.join(tempfile.gettempdir(), f"repopt-{folder.replace('_', '-')}")
 
 
-OmegaConf.register_new_resolver("repopt_export_logs", _log_dir, replace=True)
+OmegaConf.register_new_resolver("repopt_export_logs", run_log_dir, replace=True)
+OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run, "prune_logs"), replace=True)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -120,7 +121,7 @@ def validate(cfg: ExportConfig) -> None:
         raise ConfigError(f"threads must be a positive number or null (got {cfg.threads})")
 
 
-def find_run(cfg: ExportConfig) -> tuple[Path, Path]:
+def find_run(cfg) -> tuple[Path, Path]:
     """The run directory and the checkpoint file in it."""
     run_dir = Path(os.path.expanduser(cfg.run)).resolve()
     if not run_dir.is_dir():
@@ -167,14 +168,21 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), ckpt
 
 
-def data_config(ckpt: dict, run_dir: Path, cfg: ExportConfig) -> tuple[DataConfig, int]:
-    """The run's DataConfig (from the checkpoint, else .hydra/config.yaml) with the export's overrides."""
+def stored_config(ckpt: dict, run_dir: Path) -> dict:
+    """The stage-two run's training config: the checkpoint's copy, else ``.hydra/config.yaml``."""
     stored = ckpt.get("config")
     if not isinstance(stored, dict) or "data" not in stored:
         hydra_cfg = run_dir / ".hydra" / "config.yaml"
         if not hydra_cfg.is_file():
             raise CheckpointError(f"neither the checkpoint nor {hydra_cfg} records the run's data configuration")
         stored = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=True)
+    return stored
+
+
+def data_config(ckpt: dict, run_dir: Path, cfg) -> tuple[DataConfig, int]:
+    """The run's DataConfig (from the checkpoint, else .hydra/config.yaml) with the step's overrides
+    (``cfg.data_root``, ``cfg.eval_images``: an ExportConfig or a PruneConfig)."""
+    stored = stored_config(ckpt, run_dir)
     data = to_typed(stored["data"], DataConfig)
     if cfg.data_root is not None:
         data.root = cfg.data_root
@@ -184,7 +192,7 @@ def data_config(ckpt: dict, run_dir: Path, cfg: ExportConfig) -> tuple[DataConfi
     return data, int(stored.get("seed", 0))
 
 
-def load_data(data_cfg: DataConfig, seed: int, cfg: ExportConfig):
+def load_data(data_cfg: DataConfig, seed: int, cfg):
     try:
         return build_data(data_cfg, "cpu", seed=seed)
     except DataError as exc:

@@ -21,8 +21,14 @@ from repopt.vgg import RepOptVGG
 RULES = ("sgd", "adamw")
 
 
-def block_mask(s_conv: torch.Tensor, s_1x1: torch.Tensor, s_id: torch.Tensor | None, in_channels: int, rule: str) -> torch.Tensor:
-    """The (C_out, C_in, 3, 3) mask of one block from its scale vectors."""
+def block_mask(s_conv: torch.Tensor, s_1x1: torch.Tensor, s_id: torch.Tensor | None, in_channels: int, rule: str,
+               identity: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The (C_out, C_in, 3, 3) mask of one block from its scale vectors.
+
+    The identity branch (``s_id`` given) adds 1 at the centre of the diagonal, or at the
+    (output, input) pairs ``identity`` lists: after channel pruning the identity is a selection
+    of the kept channels, not a square diagonal (``target_train/pruning/masks.py``).
+    """
     if rule == "sgd":
         a, b = s_conv.square(), s_1x1.square()
     elif rule == "adamw":
@@ -33,8 +39,11 @@ def block_mask(s_conv: torch.Tensor, s_1x1: torch.Tensor, s_id: torch.Tensor | N
     mask = a.view(-1, 1, 1, 1).expand(out_channels, in_channels, 3, 3).clone()
     mask[:, :, 1, 1] += b.view(-1, 1)
     if s_id is not None:
-        idx = torch.arange(out_channels, device=mask.device)
-        mask[idx, idx, 1, 1] += 1.0
+        if identity is None:
+            idx = torch.arange(out_channels, device=mask.device)
+            identity = (idx, idx)
+        rows, cols = identity
+        mask[rows, cols, 1, 1] += 1.0
     return mask
 
 

@@ -191,25 +191,29 @@ class RepOptAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
-                    momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
+                    masks: Mapping[str, torch.Tensor] | None = None, momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
                     foreach: bool | None = None, fused: bool | None = None, compiled: bool = False) -> torch.optim.Optimizer:
     """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
 
     The masks follow the optimizer (power 2 for SGD, |s| for AdamW). Re-initialization is separate
     (``reinitialize``) because a resumed run must not re-initialize; ``build_repopt`` does both.
+    ``masks`` (name-keyed, built for this optimizer's rule) replaces ``scales`` where the masks no
+    longer follow from the architecture: a pruned model's sliced masks (``target_train/pruning``).
     """
     groups = param_groups(model, weight_decay)
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if scales is None:
+    if scales is not None and masks is not None:
+        raise ConfigError("pass scales or masks, not both: the masks are either built from the scales or given")
+    if scales is None and masks is None:
         return plain_optimizer(groups, name, lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
                                foreach=foreach, fused=fused)
     if getattr(model, "mode", None) != "target":
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
-    masks = masks_by_param(model, make_grad_masks(model, scales, rule=name))
+    by_param = masks_by_param(model, make_grad_masks(model, scales, rule=name) if masks is None else masks)
     if name == "sgd":
-        return RepOptSGD(groups, masks, lr=lr, compiled=compiled, **sgd_options(groups, momentum, nesterov, foreach, fused))
-    return RepOptAdamW(groups, masks, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+        return RepOptSGD(groups, by_param, lr=lr, compiled=compiled, **sgd_options(groups, momentum, nesterov, foreach, fused))
+    return RepOptAdamW(groups, by_param, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 
 def build_repopt(model: nn.Module, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,

@@ -7,6 +7,7 @@ CSLA kernels must equal the target's kernels, and the logits must agree.
 
     python -m target_train.verify --arch tiny --steps 20
     python -m target_train.verify --family ghostnet
+    python -m target_train.verify --arch small --prune 0.5    # after channel pruning (VGG)
 
 is this project's ``check_equivalency.py``. It exits with status 1 if a bound is exceeded.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class Result:
     weight_rel_diff: float  # max over re-parameterized convs of max|W_csla - W_target| / max|W_target|
     logit_rel_diff: float  # eval-mode logits on a held-out batch
     bn_rel_diff: float  # BN affine params and running stats (every BN of the target)
+    plan: object = field(default=None, compare=False)  # with prune: the ChannelPlan both models were pruned with
 
     def passed(self, bound: float) -> bool:
         return max(self.weight_rel_diff, self.logit_rel_diff, self.bn_rel_diff) <= bound
@@ -89,11 +91,13 @@ def paired_models(arch, num_classes: int, scales, dtype, seed: int):
 def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=torch.float64, *, seed: int = 0,
                     num_classes: int = 10, image_size: int = 16, batch_size: int = 8, lr: float | None = None,
                     momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-3, eps: float = 1e-16,
-                    strides=(1, 2, 1, 2, 2)) -> Result:
+                    strides=(1, 2, 1, 2, 2), prune: float | None = None) -> Result:
     """Train the CSLA/target pair for ``steps`` steps and report the relative differences.
 
     Any family: ``arch`` names a VGG or a GhostNet member (GhostNet's classifier dropout is
-    switched off, so both models see the same function).
+    switched off, so both models see the same function). With ``prune`` (VGG), the target is
+    first channel-pruned at that ratio (L2, exact widths), the CSLA model cut with the same plan
+    and the masks sliced with it: the equivalence must survive pruning.
     """
     arch = get_spec(arch, strides=strides)
     if hasattr(arch, "dropout"):
@@ -101,7 +105,15 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
     gen = torch.Generator().manual_seed(seed)
     scales = random_scales(arch, gen)
     csla, target = paired_models(arch, num_classes, scales, dtype, seed)
-    masks = masks_by_param(target, grad_masks(target, scales, rule=optimizer))
+    named_masks, plan = grad_masks(target, scales, rule=optimizer), None
+    if prune is not None:
+        from .pruning.channels import prune_vgg
+        from .pruning.csla import prune_csla
+        from .pruning.masks import slice_masks
+
+        plan = prune_vgg(target, prune, "l2", round_to=None, image_size=image_size)
+        csla, named_masks = prune_csla(csla, plan), slice_masks(named_masks, plan)
+    masks = masks_by_param(target, named_masks)
     if optimizer == "sgd":
         lr = 0.01 if lr is None else lr
         opt_csla = torch.optim.SGD(param_groups(csla, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
@@ -134,7 +146,7 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
         target.eval()
         x = torch.randn(batch_size, 3, image_size, image_size, generator=gen, dtype=torch.float64).to(dtype)
         logits = rel_diff(target(x), csla(x))
-    return Result(optimizer, str(dtype).replace("torch.", ""), steps, weight, logits, bn)
+    return Result(optimizer, str(dtype).replace("torch.", ""), steps, weight, logits, bn, plan)
 
 
 def _is_norm_entry(model: nn.Module, key: str) -> bool:
@@ -154,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", type=float, default=None,
                         help="AdamW eps (default: 1e-16 for vgg, 1e-12 for ghostnet; the CSLA/target difference is an "
                              "eps effect, see README)")
+    parser.add_argument("--prune", type=float, default=None, metavar="RATIO",
+                        help="VGG: channel-prune both models at RATIO first (masks sliced with the kept channels)")
     args = parser.parse_args(argv)
     if args.family is not None:
         args.arch = SMALL_MEMBER[args.family]
@@ -164,7 +178,7 @@ def main(argv=None) -> int:
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             eps = DEFAULT_EPS[family_of(get_spec(args.arch)).name] if args.eps is None else args.eps
-            r = run_equivalence(args.arch, name, args.steps, dtype, seed=args.seed, eps=eps)
+            r = run_equivalence(args.arch, name, args.steps, dtype, seed=args.seed, eps=eps, prune=args.prune)
             bound = bound_for(args.arch, name, dtype)
             verdict = "(reported)" if bound is None else "ok" if r.passed(bound) else "FAIL"
             ok &= bound is None or r.passed(bound)

@@ -59,6 +59,14 @@ def test_export_config_composes():
     assert cfg.run == "/tmp/somewhere" and cfg.opset >= 17
 
 
+def test_prune_config_composes_with_the_schema_defaults():
+    from target_train.prune import PruneConfig
+
+    cfg = to_typed(_compose("prune", ["run=/tmp/somewhere"]), PruneConfig)
+    assert cfg == PruneConfig(run="/tmp/somewhere")  # the yaml restates the schema's defaults, nothing else
+    assert _pipeline(["prune=true"]).pruning == PruneConfig()
+
+
 # ---------------------------------------------------------------- one place per recipe
 def _pipeline(overrides: list[str]) -> PipelineConfig:
     return to_typed(_compose("search_and_train", overrides), PipelineConfig)
