@@ -272,14 +272,17 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
-def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None
-                    ) -> str | None:
-    """Target top-1 of each setting minus its reference setting's, with Welch's 95 % interval, as
+DELTA_METRICS = ("target_top1", "pruned_top1", "pruned_top1_no_ft", "int8_top1")
+
+
+def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None,
+                    metric: str = "target_top1") -> str | None:
+    """``metric`` (target top-1) of each setting minus its reference setting's, with Welch's 95 % interval, as
     columns of ``table`` (``delta_top1``, ``delta_low``, ``delta_high``, ``delta_text``) and of
     ``frame`` (each job carries its setting's). Returns the column title, or None without a baseline."""
     if baseline is None:
         return None
-    differences = baseline_differences(frame, keys, baseline)
+    differences = baseline_differences(frame, keys, baseline, metric)
     for target in (table, frame):
         settings = as_settings(target, keys)[keys].itertuples(index=False, name=None)
         found = [differences.get(tuple(setting)) for setting in settings]
@@ -288,7 +291,8 @@ def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], b
         target["delta_high"] = [d.high if d else math.nan for d in found]
         target["delta_excludes_0"] = [d.excludes_zero if d else None for d in found]
         target["delta_text"] = [d.text() if d else "" for d in found]
-    return f"Δ target top-1 vs {baseline[0]}={baseline[1]} [95 % CI]"
+    title = {"target_top1": "target top-1", "int8_top1": "INT8 top-1", **PRUNE_TITLES}[metric]
+    return f"Δ {title} vs {baseline[0]}={baseline[1]} [95 % CI]"
 
 
 def default_baseline(frame: pd.DataFrame, keys: list[str]) -> tuple[str, str] | None:
@@ -314,12 +318,12 @@ PRUNE_TITLES = {"prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-
 
 
 def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
-                delta_title: str | None = None, banner: str | None = None) -> str:
+                delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1") -> str:
     columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
                                                *PRUNE_COLUMNS, "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
                                    and table[c].notna().any()]
     if delta_title:
-        columns.insert(columns.index("target_top1") + 1 if "target_top1" in columns else len(columns), "delta_text")
+        columns.insert(columns.index(delta_metric) + 1 if delta_metric in columns else len(columns), "delta_text")
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         columns.append("note")
     titles = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
@@ -334,20 +338,23 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds."]
     if delta_title:
-        lines.append("Δ: difference of mean target top-1 to the reference setting (same other settings), with Welch's "
+        lines.append(f"Δ: difference of mean {delta_title.split(' vs ')[0][2:]} to the reference setting (same other settings), with Welch's "
                      "95 % interval; * marks an interval that excludes 0; (n=a vs b) where a side has fewer than 2 seeds.")
     lines.append("")
     return "\n".join(lines)
 
 
 def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None,
-            ignore: tuple[str, ...] = (), pruned: str = "pruned") -> pd.DataFrame:
+            ignore: tuple[str, ...] = (), pruned: str = "pruned", delta_metric: str = "target_top1") -> pd.DataFrame:
     """Build the per-job frame, write the comparison files, return the per-setting table.
 
     ``baseline`` (``KEY=VALUE``) picks the reference setting of the differences; default: ``variant=plain``
     when there is a plain row. ``ignore`` names overrides that do not tell settings apart. ``pruned``
-    names the pruning result folder read for the pruning columns.
+    names the pruning result folder read for the pruning columns; ``delta_metric`` the column the
+    differences are taken of (one of ``DELTA_METRICS``).
     """
+    if delta_metric not in DELTA_METRICS:
+        raise ConfigError(f"--delta {delta_metric!r}: choose one of {', '.join(DELTA_METRICS)}")
     dirs = [Path(d) for d in dirs]
     frame = collect(dirs, pruned)
     if frame.empty:
@@ -356,10 +363,10 @@ def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, basel
     keys = setting_keys(frame, ignore)
     table = aggregate(frame, keys)
     reference = parse_baseline(baseline) if baseline else default_baseline(frame, keys)
-    delta_title = add_differences(frame, table, keys, reference) if keys else None
+    delta_title = add_differences(frame, table, keys, reference, delta_metric) if keys else None
     write_text(out / "comparison.csv", frame.to_csv(index=False))
     write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame), delta_title,
-                                                  synthetic_banner(frame)))
+                                                  synthetic_banner(frame), delta_metric))
     if plots:
         plot_comparison(table, keys or ["setting"], out / "comparison.png")
         plot_scales(frame, keys, out / "scales.png")
@@ -383,6 +390,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pruned", default="pruned", metavar="FOLDER",
                         help="the pruning result folder in each target run (python -m target_train.prune out=FOLDER; "
                              "default: pruned) whose accuracy, MACs and latency columns the table shows")
+    parser.add_argument("--delta", default="target_top1", choices=DELTA_METRICS, metavar="METRIC",
+                        help="the column whose difference to the reference setting is shown: "
+                             + ", ".join(DELTA_METRICS) + " (default: target_top1)")
     parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
                         help="also log the comparison files to an MLflow run 'compare' in URI (default: "
                              "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)")
@@ -393,7 +403,8 @@ def main(argv=None) -> int:
         if args.mlflow is not None:
             require_backend("mlflow")
         table = compare(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
-                        ignore=tuple(k for k in args.ignore.split(",") if k), pruned=args.pruned)
+                        ignore=tuple(k for k in args.ignore.split(",") if k), pruned=args.pruned,
+                        delta_metric=args.delta)
         if args.mlflow is not None:
             store = LoggerConfig(name="mlflow", tracking_uri=args.mlflow or None, experiment=args.experiment)
             run_id = log_files(store, out, "compare", [out / name for name in COMPARISON_FILES],

@@ -297,3 +297,22 @@ def test_pipeline_checks_the_pruning_settings_before_training(workdir, capsys):
     assert not (workdir / "bad" / "hs").exists()
     run_hydra(pipeline_main, ["family=ghostnet", "prune=true", f"hydra.run.dir={workdir / 'bad2'}"], expect_exit=1)
     assert "family=ghostnet has no pruning step" in capsys.readouterr().err
+
+
+def test_compare_takes_differences_of_the_pruned_accuracy():
+    import pandas as pd
+
+    from pipelines.compare import add_differences, aggregate, to_markdown
+
+    frame = pd.DataFrame({"variant": ["searched"] * 3 + ["repvgg"] * 3, "hs.seed": [0, 1, 2] * 2,
+                          "status": ["completed"] * 6, "target_top1": [50.0] * 6,
+                          "pruned_top1": [47.0, 46.0, 48.0, 40.0, 41.0, 39.0]})
+    table = aggregate(frame, ["variant"])
+    title = add_differences(frame, table, ["variant"], ("variant", "repvgg"), "pruned_top1")
+    assert title == "Δ pruned top-1 vs variant=repvgg [95 % CI]"
+    searched = table[table["variant"] == "searched"].iloc[0]
+    assert searched["delta_top1"] == pytest.approx(7.0) and searched["delta_low"] > 0  # sd 1, n 3 a side
+    md = to_markdown(table, ["variant"], [Path("x")], delta_title=title, delta_metric="pruned_top1")
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[cells.index("pruned top-1") + 1] == title
