@@ -87,6 +87,28 @@ def logits_without_the_project(deploy_path: Path, x: torch.Tensor, workdir: Path
     return torch.load(workdir / "out.pt").detach()
 
 
+# Two-process DDP against one process (float32, CPU): reduction order differs, and the tiny model's
+# batch-statistics BNs amplify the rounding to ~2e-4 after eight steps on some CPUs. A 10 % change of
+# the learning rate moves the weights by ~2e-3, averaging the gradients wrongly (sum, not mean) by ~1e-2.
+DDP_BOUND = 5e-4
+
+
+def worst_rel_diff(a: dict, b: dict, floor: float = 1.0) -> float:
+    """max over tensors of max|a - b| / max(max|a|, floor); integer tensors must be equal.
+
+    The floor keeps tensors near zero (a BN bias of 6e-4 after a few steps) from turning rounding
+    into a large relative difference: below ``floor`` the difference counts in absolute terms.
+    """
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key, value in a.items():
+        if value.is_floating_point():
+            worst = max(worst, float((value - b[key]).abs().max() / value.abs().max().clamp_min(floor)))
+        else:
+            assert torch.equal(value, b[key]), key
+    return worst
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
