@@ -1,6 +1,6 @@
 """The device check's plumbing (``python -m pipelines.gpu_check``): parts, budget, timeouts, report files.
 
-Fast tests in the default run keep the script from rotting between GPU sessions; the whole quick
+Fast tests in the default run keep the script from rotting between GPU runs; the whole quick
 CPU dry run (minutes) is ``slow``.
 """
 

@@ -1,7 +1,7 @@
 """Run the parts of the device check one after another under one time budget, recording each.
 
 A part that fails (an exception, a child process that exits non-zero or runs past its time) is
-recorded with its status and error, and the next part still runs: one device session then brings
+recorded with its status and error, and the next part still runs: one run on a GPU machine then brings
 back everything that worked. Child processes run in their own process group, so a timeout ends the
 whole tree (DataLoader workers, compile workers) and not only the parent.
 """
