@@ -8,4 +8,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then  # wheels from scripts/gpu_wheels.sh, for a machine without network
+    site="${TMPDIR:-/tmp}/repopt-site"
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
 exec "${PYTHON:-python3}" -m pipelines.gpu_check --device cuda --out "$out" "$@"
