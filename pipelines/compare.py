@@ -272,6 +272,14 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
+PRUNE_COLUMNS = ("prune_ratio", "pruned_top1_no_ft", "pruned_top1", "pruned_macs_ratio", "pruned_ms_b1", "pruned_speedup_b1",
+                 "pruned_speedup_b32")
+# the table's column titles (a column not listed is titled by its name)
+TITLES = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
+          "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", "depth": "conv layers",
+          "prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-1 (no fine-tune)", "pruned_top1": "pruned top-1",
+          "pruned_macs_ratio": "MACs kept", "pruned_ms_b1": "pruned ms/img b1", "pruned_speedup_b1": "speed-up b1",
+          "pruned_speedup_b32": "speed-up b32"}
 DELTA_METRICS = ("target_top1", "pruned_top1", "pruned_top1_no_ft", "int8_top1")
 
 
@@ -291,8 +299,7 @@ def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], b
         target["delta_high"] = [d.high if d else math.nan for d in found]
         target["delta_excludes_0"] = [d.excludes_zero if d else None for d in found]
         target["delta_text"] = [d.text() if d else "" for d in found]
-    title = {"target_top1": "target top-1", "int8_top1": "INT8 top-1", **PRUNE_TITLES}[metric]
-    return f"Δ {title} vs {baseline[0]}={baseline[1]} [95 % CI]"
+    return f"Δ {TITLES[metric]} vs {baseline[0]}={baseline[1]} [95 % CI]"
 
 
 def default_baseline(frame: pd.DataFrame, keys: list[str]) -> tuple[str, str] | None:
@@ -310,13 +317,6 @@ def synthetic_banner(frame: pd.DataFrame) -> str | None:
             "method's effect on real data run `sweep=depth_cpu` and see docs/results/depth_cifar10.md.")
 
 
-PRUNE_COLUMNS = ("prune_ratio", "pruned_top1_no_ft", "pruned_top1", "pruned_macs_ratio", "pruned_ms_b1", "pruned_speedup_b1",
-                 "pruned_speedup_b32")
-PRUNE_TITLES = {"prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-1 (no fine-tune)",
-                "pruned_top1": "pruned top-1", "pruned_macs_ratio": "MACs kept", "pruned_ms_b1": "pruned ms/img b1",
-                "pruned_speedup_b1": "speed-up b1", "pruned_speedup_b32": "speed-up b32"}
-
-
 def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
                 delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1") -> str:
     columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
@@ -326,8 +326,7 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
         columns.insert(columns.index(delta_metric) + 1 if delta_metric in columns else len(columns), "delta_text")
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
         columns.append("note")
-    titles = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
-              "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", **PRUNE_TITLES, "depth": "conv layers", "delta_text": delta_title}
+    titles = {**TITLES, "delta_text": delta_title}
     lines = ([banner, ""] if banner else []) + ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if common:
         lines += ["Every job: `" + " ".join(common) + "`", ""]
@@ -338,7 +337,7 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds."]
     if delta_title:
-        lines.append(f"Δ: difference of mean {delta_title.split(' vs ')[0][2:]} to the reference setting (same other settings), with Welch's "
+        lines.append(f"Δ: difference of mean {TITLES[delta_metric]} to the reference setting (same other settings), with Welch's "
                      "95 % interval; * marks an interval that excludes 0; (n=a vs b) where a side has fewer than 2 seeds.")
     lines.append("")
     return "\n".join(lines)

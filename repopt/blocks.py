@@ -39,15 +39,21 @@ def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
 
 
 def fuse_branches(w3: torch.Tensor, s_conv: torch.Tensor, w1: torch.Tensor, s_1x1: torch.Tensor,
-                  s_id: torch.Tensor | None = None) -> torch.Tensor:
+                  s_id: torch.Tensor | None = None,
+                  identity: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the one 3x3 kernel a CSLA block's branches sum to.
 
     Scales are per output channel. The identity adds s_id onto the kernel centres of the diagonal
-    in place (the kernel is a fresh tensor), instead of building a dense C x C x 3 x 3 identity.
+    in place (the kernel is a fresh tensor), instead of building a dense C x C x 3 x 3 identity;
+    or, with ``identity`` = (rows, cols), at the (output, input) pairs it lists (a channel-pruned
+    block's identity selects the kept channels that were the same channel before pruning).
     """
     w = w3 * s_conv.view(-1, 1, 1, 1) + F.pad(w1 * s_1x1.view(-1, 1, 1, 1), [1, 1, 1, 1])
-    if s_id is not None:
+    if s_id is not None and identity is None:
         w[:, :, 1, 1].diagonal().add_(s_id)
+    elif s_id is not None:
+        rows, cols = identity
+        w[rows, cols, 1, 1] += s_id[rows]
     return w
 
 

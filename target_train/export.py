@@ -95,7 +95,6 @@ def run_log_dir(run, folder: str = "export_logs") -> str:
 
 
 OmegaConf.register_new_resolver("repopt_export_logs", run_log_dir, replace=True)
-OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run, "prune_logs"), replace=True)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -378,10 +377,8 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
 
     log.info("evaluating FP32 and INT8 on %d test images", bundle.test.num_samples)
     acc = q.evaluate({"fp32": fp32, "int8": int8}, bundle.test.epoch(0), bundle.num_classes)
-    latency = {}
-    for name, sess in (("fp32", fp32), ("int8", int8)):
-        latency[name] = {f"batch{b}": q.latency_ms_per_image(sess, x_check, b, cfg.latency_runs, cfg.latency_warmup)
-                         for b in (1, 32)}
+    latency = {name: q.latency_table(sess, x_check, cfg.latency_runs, cfg.latency_warmup)
+               for name, sess in (("fp32", fp32), ("int8", int8))}
     layers = layer_stats(deployed)
     import onnx
 

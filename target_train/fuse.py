@@ -7,6 +7,8 @@ sum. ``hs``/``csla``: the scaled branches sum into one kernel first, then BN fol
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,15 +49,21 @@ def fold_block(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def fuse(model: RepOptVGG) -> RepOptVGG:
-    """A new ``mode="deploy"`` model, in eval mode, computing what ``model`` computes in eval mode."""
+    """A new ``mode="deploy"`` model, in eval mode, computing what ``model`` computes in eval mode.
+
+    Each deployed conv takes the shape of its folded kernel, and the classifier that of the
+    model's, so a channel-pruned model (``target_train/pruning``) folds like any other.
+    """
     model = unwrap(model)
-    ref = next(model.parameters())
-    deployed = RepOptVGG(model.arch, model.num_classes, mode="deploy").to(device=ref.device, dtype=ref.dtype)
-    target_blocks = dict(deployed.blocks())
+    with torch.device("meta"):  # the skeleton only: every block and the classifier are replaced below
+        deployed = RepOptVGG(model.arch, model.num_classes, mode="deploy")
     for spec, block in model.blocks():
         kernel, bias = fold_block(block)
-        conv = target_blocks[spec].conv
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
-    deployed.linear.load_state_dict(model.linear.state_dict())
+        folded = DeployBlock(replace(spec, in_channels=kernel.shape[1], out_channels=kernel.shape[0])).to(kernel)
+        folded.conv.weight.copy_(kernel)
+        folded.conv.bias.copy_(bias)
+        deployed.set_submodule(spec.name, folded)
+    linear = model.linear
+    deployed.linear = nn.Linear(linear.in_features, linear.out_features).to(linear.weight)
+    deployed.linear.load_state_dict(linear.state_dict())
     return deployed.eval()

@@ -40,7 +40,7 @@ from typing import Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from repopt.app import run_guarded
 from repopt.config import LoggerConfig, register_schema, require, to_typed
@@ -54,15 +54,14 @@ from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from . import quantize as q
 from .config import TargetConfig
-from .deploy import MAX_REL_DIFF, export_deployed
-from .export import (OnnxMismatchError, calibration_batches, data_config, export_onnx, find_run, load_data, load_model,
-                     stored_config)
-from .handler import grad_masks
+from .deploy import MAX_REL_DIFF, cpu_fp32, save_deployed
+from .export import (ExportConfig, OnnxMismatchError, calibration_batches, data_config, export_onnx, find_run, load_data,
+                     load_model, run_log_dir, stored_config)
+from .handler import fuse, grad_masks
 from .optim import build_optimizer
 from .pruning.channels import IMPORTANCES, check_prunable, prune_vgg, require_torch_pruning
-from .pruning.fold import fold
 from .pruning.masks import slice_masks
-from .pruning.measure import latency, params_and_macs
+from .pruning.measure import params_and_macs
 
 log = logging.getLogger("target_train.prune")
 
@@ -114,6 +113,7 @@ class PruneConfig:
 
 
 register_schema("prune_schema", PruneConfig)
+OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run, "prune_logs"), replace=True)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -139,10 +139,6 @@ def evaluate_model(model: torch.nn.Module, data, runtime) -> dict:
     metrics = evaluate(model, data.test, runtime, data.num_classes)
     model.train()
     return metrics
-
-
-def _cpu_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
 
 
 # ---------------------------------------------------------------------------- the step
@@ -191,9 +187,9 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
     mode, scales = ckpt["mode"], ckpt.get("scales") if ckpt["mode"] == "target" else None
     method = method_of(mode, scales, cfg)
     arch = model.arch
-    unpruned = fold(_cpu_fp32(model))  # the deployed model the pruned one is measured against
+    unpruned = fuse(model)  # the deployed model the pruned one is measured against (load_model: CPU, fp32)
     if mode == "repvgg" and cfg.repvgg_mode == "deploy":
-        model = fold(model).train()
+        model = copy.deepcopy(unpruned).train()
 
     model = place(model, runtime)
     before = evaluate_model(model, data, runtime)
@@ -249,9 +245,9 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
 
 def _deploy_and_measure(work: Path, cfg: PruneConfig, model, unpruned, data, image_size: int) -> dict:
     """pruned.pt and pruned.onnx (each checked against PyTorch), sizes, and both models' latency."""
-    cpu_model = _cpu_fp32(model)
-    deploy = export_deployed(cpu_model, work / "pruned.pt", image_size, fold=fold)
-    deployed = fold(cpu_model)
+    cpu_model = cpu_fp32(model)
+    deployed = fuse(cpu_model)
+    deploy = save_deployed(deployed, cpu_model, work / "pruned.pt", image_size)
     export_onnx(deployed, work / "pruned.onnx", image_size, cfg.opset, "torchscript")
     scratch = work / ".unpruned"
     scratch.mkdir()
@@ -261,14 +257,14 @@ def _deploy_and_measure(work: Path, cfg: PruneConfig, model, unpruned, data, ima
     x = x[:64].detach().cpu().float().contiguous()
     with torch.no_grad():
         reference = cpu_model(x)
-    onnx_diff = rel_diff(q.run_session(q.session(work / "pruned.onnx", cfg.threads), x), reference)
+    sessions = {"unpruned": q.session(scratch / "unpruned.onnx", cfg.threads), "pruned": q.session(work / "pruned.onnx", cfg.threads)}
+    onnx_diff = rel_diff(q.run_session(sessions["pruned"], x), reference)
     if not onnx_diff <= MAX_REL_DIFF:
         raise OnnxMismatchError(f"ONNX Runtime's FP32 logits of the pruned model differ from PyTorch's by {onnx_diff:.2e} "
                                 f"(bound {MAX_REL_DIFF:.0e}); nothing was written")
     params0, macs0 = params_and_macs(unpruned, image_size)
     params1, macs1 = params_and_macs(deployed, image_size)
-    times = {"unpruned": latency(scratch / "unpruned.onnx", x, cfg.latency_runs, cfg.latency_warmup, cfg.threads),
-             "pruned": latency(work / "pruned.onnx", x, cfg.latency_runs, cfg.latency_warmup, cfg.threads)}
+    times = {name: q.latency_table(sess, x, cfg.latency_runs, cfg.latency_warmup) for name, sess in sessions.items()}
     shutil.rmtree(scratch)
     summary = {
         "params_before": params0, "params_after": params1, "params_ratio": params1 / params0,
@@ -286,10 +282,12 @@ def _deploy_and_measure(work: Path, cfg: PruneConfig, model, unpruned, data, ima
 
 
 def _int8(work: Path, cfg: PruneConfig, data) -> dict:
-    """Static INT8 of pruned.onnx with the export's settings, FP32 and INT8 top-1 on the test set."""
-    settings = q.choose_settings("auto", None, True, "minmax")
+    """Static INT8 of pruned.onnx with the export's default settings, FP32 and INT8 top-1 on the test set."""
+    e = ExportConfig()
+    settings = q.choose_settings(e.activation_type, e.reduce_range, e.per_channel, e.calibration_method)
     int8_path = work / "pruned.int8.onnx"
-    calibrated = q.quantize(work / "pruned.onnx", int8_path, calibration_batches(data, cfg.calibration_images, 32), settings, work)
+    calibrated = q.quantize(work / "pruned.onnx", int8_path,
+                            calibration_batches(data, cfg.calibration_images, e.calibration_batch), settings, work)
     sessions = {"fp32": q.session(work / "pruned.onnx", cfg.threads), "int8": q.session(int8_path, cfg.threads)}
     acc = q.evaluate(sessions, ((x.cpu(), y.cpu()) for x, y in data.test.epoch(0)), data.num_classes)
     return {"calibration_images": calibrated, "fp32_top1": acc["fp32_top1"], "int8_top1": acc["int8_top1"],

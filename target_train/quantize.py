@@ -214,3 +214,11 @@ def latency_ms_per_image(sess, example: torch.Tensor, batch: int, runs: int, war
         sess.run([OUTPUT_NAME], feed)
         times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times) / batch
+
+
+LATENCY_BATCHES = (1, 32)
+
+
+def latency_table(sess, example: torch.Tensor, runs: int, warmup: int = 3) -> dict[str, float]:
+    """``{"batch1": ms, "batch32": ms}``: ms per image at each of ``LATENCY_BATCHES``."""
+    return {f"batch{b}": latency_ms_per_image(sess, example, b, runs, warmup) for b in LATENCY_BATCHES}

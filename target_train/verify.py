@@ -31,6 +31,9 @@ from .handler import grad_masks
 from .masks import masks_by_param
 from .model import build_target_model
 from .optim import RepOptAdamW, RepOptSGD, param_groups
+from .pruning import masks as pruned_masks
+from .pruning.channels import prune_vgg
+from .pruning.csla import prune_csla
 
 SMALL_MEMBER = {"vgg": "tiny", "ghostnet": "ghostnet_tiny"}
 # The bounds the tests prove (max relative difference; see README "Equivalence"), for VGG ...
@@ -107,12 +110,8 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
     csla, target = paired_models(arch, num_classes, scales, dtype, seed)
     named_masks, plan = grad_masks(target, scales, rule=optimizer), None
     if prune is not None:
-        from .pruning.channels import prune_vgg
-        from .pruning.csla import prune_csla
-        from .pruning.masks import slice_masks
-
         plan = prune_vgg(target, prune, "l2", round_to=None, image_size=image_size)
-        csla, named_masks = prune_csla(csla, plan), slice_masks(named_masks, plan)
+        csla, named_masks = prune_csla(csla, plan), pruned_masks.slice_masks(named_masks, plan)
     masks = masks_by_param(target, named_masks)
     if optimizer == "sgd":
         lr = 0.01 if lr is None else lr

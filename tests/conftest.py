@@ -162,6 +162,26 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    """One temp folder for a test module, the working directory while it runs (nothing of Hydra's
+    may land in the repository)."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+        mp.chdir(d)
+        yield d
+
+
+def train_tiny_target(root: Path, name: str, extra: list[str]) -> Path:
+    """A finished one-epoch stage-two run of the tiny model in ``root/name`` (best.pt written)."""
+    from target_train.app import main as target_main
+
+    run_dir = root / name
+    run_hydra(target_main, TINY + ["epochs=1", f"hydra.run.dir={run_dir}"] + list(extra))
+    assert (run_dir / "best.pt").is_file()
+    return run_dir
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run with the working directory in a temp folder (Hydra's outputs/ lands there)."""

@@ -15,10 +15,6 @@ from tests.test_ddp import _torchrun
 EMA = ["scales=init", "deploy=false", "ema.enabled=true", "ema.decay=0.7"]
 
 
-def _worst_rel(a: dict, b: dict) -> float:
-    return worst_rel_diff(a, b, floor=1e-12)
-
-
 @pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed")
 def test_two_process_ddp_ema_equals_one_process(tmp_path):
     overrides = TINY + EMA + ["epochs=1"]
@@ -45,5 +41,5 @@ def test_compiled_training_keeps_the_ema_of_the_raw_module(in_tmp):
     run_hydra(target_main, TINY + EMA + mix + ["epochs=1", "compile=true", f"hydra.run.dir={in_tmp / 'compiled'}"])
     a, b = load_checkpoint(in_tmp / "eager" / "last.pt"), load_checkpoint(in_tmp / "compiled" / "last.pt")
     assert not any(k.startswith(("_orig_mod", "module.module")) for k in b["ema"])  # the raw module's keys
-    assert _worst_rel(a["ema"], b["ema"]) <= 1e-3
+    assert worst_rel_diff(a["ema"], b["ema"], floor=1e-12) <= 1e-3
     assert read_json(in_tmp / "compiled" / "metrics.json")["status"] == "completed"

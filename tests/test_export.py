@@ -21,10 +21,9 @@ from repopt.numerics import rel_diff  # noqa: E402
 from repopt.vgg import RepOptVGG  # noqa: E402
 from target_train import export as export_mod  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
-from target_train.app import main as target_main  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
 from target_train.fuse import fuse  # noqa: E402
-from tests.conftest import TINY, read_json, run_hydra  # noqa: E402
+from tests.conftest import read_json, run_hydra, train_tiny_target  # noqa: E402
 
 EXPORT_FAST = ["calibration_images=64", "latency_runs=3", "latency_warmup=1", "threads=1"]
 QUANT_FIELDS = ("fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "top1_drop", "calibration_images", "eval_images",
@@ -35,36 +34,21 @@ LAYER_FIELDS = ("name", "out_channels", "in_channels", "weight_min", "weight_max
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _train(root: Path, name: str, extra: list[str]) -> Path:
-    run_dir = root / name
-    run_hydra(target_main, TINY + ["epochs=1", "scales=init", f"hydra.run.dir={run_dir}"] + extra)
-    assert (run_dir / "best.pt").is_file()
-    return run_dir
-
-
 def _export(run_dir: Path, extra: list[str] = ()) -> dict:
     run_hydra(export_main, [f"run={run_dir}"] + EXPORT_FAST + list(extra))
     return read_json(run_dir / "quant.json")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("export")
-        mp.chdir(d)  # nothing of Hydra's may land in the repository
-        yield d
-
-
-@pytest.fixture(scope="module")
 def target_run(workdir) -> Path:
-    run_dir = _train(workdir, "target", [])
+    run_dir = train_tiny_target(workdir, "target", ["scales=init"])
     _export(run_dir)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def repvgg_run(workdir) -> Path:
-    run_dir = _train(workdir, "repvgg", ["model=repvgg"])
+    run_dir = train_tiny_target(workdir, "repvgg", ["scales=init", "model=repvgg"])
     _export(run_dir)
     return run_dir
 

@@ -18,13 +18,13 @@ from repopt.scales import random_scales  # noqa: E402
 from target_train import quantize as q  # noqa: E402
 from target_train.app import main as target_main  # noqa: E402
 from target_train.export import load_model  # noqa: E402
+from target_train.fuse import fuse  # noqa: E402
 from target_train.handler import grad_masks  # noqa: E402
 from target_train.prune import main as prune_main  # noqa: E402
 from target_train.pruning.channels import ChannelPlan, prune_vgg  # noqa: E402
-from target_train.pruning.fold import fold  # noqa: E402
 from target_train.pruning.masks import identity_pairs, rebuild_masks, slice_masks, slice_scales  # noqa: E402
 from target_train.verify import BOUNDS, run_equivalence  # noqa: E402
-from tests.conftest import TINY, logits_without_the_project, run_hydra  # noqa: E402
+from tests.conftest import TINY, logits_without_the_project, run_hydra, train_tiny_target  # noqa: E402
 
 FAST = ["latency_runs=2", "latency_warmup=0", "threads=1", "progress=off"]
 
@@ -38,27 +38,13 @@ def tp_width(width: int, ratio: float, round_to: int | None) -> int:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("prune")
-        mp.chdir(d)  # nothing of Hydra's may land in the repository
-        yield d
-
-
-def _train(root: Path, name: str, extra: list[str]) -> Path:
-    run_dir = root / name
-    run_hydra(target_main, TINY + ["epochs=1", f"hydra.run.dir={run_dir}"] + extra)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def target_run(workdir) -> Path:
-    return _train(workdir, "target", ["scales=init"])
+    return train_tiny_target(workdir, "target", ["scales=init"])
 
 
 @pytest.fixture(scope="module")
 def repvgg_run(workdir) -> Path:
-    return _train(workdir, "repvgg", ["model=repvgg"])
+    return train_tiny_target(workdir, "repvgg", ["model=repvgg"])
 
 
 def _x(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -175,7 +161,7 @@ def test_prune_only_writes_a_checked_deployable_model(target_run, workdir):
     plan = prune_vgg(model, 0.5, "l2", round_to=8, image_size=32)
     saved = read_json_file(out / "prune.json")
     assert ChannelPlan.from_dict(saved) == plan
-    expected = fold(model.eval())
+    expected = fuse(model.eval())
     x = _x(3)
     with torch.no_grad():
         reference = expected(x)

@@ -99,9 +99,9 @@ def require_torch_pruning():
 
 def check_prunable(model: nn.Module) -> RepOptVGG:
     model = unwrap(model)
-    family = family_of(getattr(model, "arch", None)).name if hasattr(model, "arch") else None
-    if family != "vgg" or not isinstance(model, RepOptVGG):
-        raise ConfigError(f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG), not a {family or type(model).__name__} "
+    if not isinstance(model, RepOptVGG):  # the VGG family's model class
+        family = family_of(model.arch).name if hasattr(model, "arch") else type(model).__name__
+        raise ConfigError(f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG), not a {family} "
                           f"model: a GhostNet's depthwise and ghost channels need their own coupling rules")
     if model.mode not in PRUNABLE_MODES:
         raise ConfigError(f"cannot prune a {model.mode!r} model; prune the trained target, its deployed form or a RepVGG "
@@ -148,10 +148,3 @@ def prune_vgg(model: nn.Module, ratio: float, importance: str = "l2", round_to: 
                 raise RuntimeError(f"{spec.name}: pruned conv has {module.out_channels} channels, the plan {len(plan.kept[spec.name])}")
     return plan
 
-
-def expected_width(width: int, ratio: float, round_to: int | None) -> int:
-    """The width ``prune_vgg`` leaves a layer of ``width`` channels (for checks and docs)."""
-    kept = int(width * (1 - ratio))
-    if round_to:
-        kept -= kept % round_to
-    return kept if kept > 0 else width

@@ -9,7 +9,6 @@ SGD on this model equals RepOptSGD with the sliced masks on the pruned target
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -33,9 +32,8 @@ class PrunedCSLABlock(CSLABlock):
         self.register_buffer("cols", cols, persistent=False)
 
     def fused_kernel(self) -> torch.Tensor:
-        w = fuse_branches(self.conv.weight, self.scale_conv.weight, self.conv_1x1.weight, self.scale_1x1.weight)
-        return w.index_put((self.rows, self.cols, torch.ones_like(self.rows), torch.ones_like(self.rows)),
-                           self.scale_identity.weight[self.rows], accumulate=True)
+        return fuse_branches(self.conv.weight, self.scale_conv.weight, self.conv_1x1.weight, self.scale_1x1.weight,
+                             self.scale_identity.weight, (self.rows, self.cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.scale_conv(self.conv(x)) + self.scale_1x1(self.conv_1x1(x))
@@ -55,7 +53,8 @@ def _slice_bn(bn: nn.BatchNorm2d, out: torch.Tensor) -> nn.BatchNorm2d:
 @torch.no_grad()
 def prune_csla(model: RepOptVGG, plan: ChannelPlan) -> RepOptVGG:
     """A pruned copy of an hs/csla ``model`` (the original is left as it was)."""
-    pruned = copy.deepcopy(model)
+    with torch.device("meta"):  # the skeleton only: every block and the classifier are replaced below
+        pruned = RepOptVGG(model.arch, model.num_classes, mode=model.mode)
     for spec, block in model.blocks():
         out, inp = plan.index(spec.name, "out"), plan.index(spec.name, "in")
         rows, cols = identity_pairs(plan.kept[spec.name], plan.kept_in(spec.name)) if block.has_identity else (
@@ -69,10 +68,9 @@ def prune_csla(model: RepOptVGG, plan: ChannelPlan) -> RepOptVGG:
         if block.has_identity:
             new.scale_identity.weight.copy_(block.scale_identity.weight[out])
         new.bn = _slice_bn(block.bn, out)
-        for name in ("conv", "conv_1x1", "scale_conv", "scale_1x1"):
-            getattr(new, name).weight.requires_grad_(getattr(block, name).weight.requires_grad)
-        new.scale_identity.weight.requires_grad_(block.has_identity and block.scale_identity.weight.requires_grad)
+        new.scale_identity.weight.requires_grad_(block.has_identity)  # a block without one gets an inert scale
         pruned.set_submodule(spec.name, new)
+    pruned.train(model.training)
     features = torch.tensor(plan.kept_features(), dtype=torch.long)
     linear = nn.Linear(len(features), model.linear.out_features).to(model.linear.weight)
     linear.weight.copy_(model.linear.weight[:, features])

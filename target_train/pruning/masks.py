@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 
 from repopt.arch import ArchSpec
+from repopt.scales import parse_scale_key
 
 from ..masks import block_mask
 from .channels import ChannelPlan
@@ -43,9 +44,9 @@ def slice_scales(scales: Mapping[str, torch.Tensor], plan: ChannelPlan) -> dict[
     """Every per-output-channel scale of a block, cut to the block's kept outputs."""
     sliced = {}
     for key, value in scales.items():
-        block = key.rsplit(".", 2)[0]  # "<block>.scale_conv.weight"
-        if block in plan.kept:
-            sliced[key] = value.index_select(0, plan.index(block, "out").to(value.device))
+        parsed = parse_scale_key(key)  # ("vgg", "<block>", "scale_conv")
+        if parsed is not None and parsed[1] in plan.kept:
+            sliced[key] = value.index_select(0, plan.index(parsed[1], "out").to(value.device))
     return sliced
 
 
