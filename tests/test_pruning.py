@@ -56,10 +56,14 @@ def test_widths_and_wiring_of_a_trained_target(target_run):
     """Ratio 0.5 at round_to 8 gives Torch-Pruning's widths, and the pruned model computes what the
     unpruned one computes once the removed channels are cut off (their uses zeroed): the plan names
     exactly the channels that were removed, and the wiring (BN, next conv, classifier) is intact."""
-    model, _ = load_model(target_run / "best.pt")
+    model, ckpt = load_model(target_run / "best.pt")
     original = copy.deepcopy(model)
+    full = grad_masks(original, ckpt["scales"], "sgd")
     plan = prune_vgg(model, 0.5, "l2", round_to=8, image_size=32)
     widths = [spec.out_channels for spec in original.arch.blocks]
+    rebuilt = rebuild_masks(original.arch, plan, slice_scales(ckpt["scales"], plan), "sgd")
+    for key, mask in slice_masks(full, plan).items():  # the run's own scales: sliced masks == rebuilt ones
+        assert mask.shape == model.get_parameter(key).shape and torch.equal(mask, rebuilt[key].to(mask)), key
     assert [len(plan.kept[s.name]) for s in original.arch.blocks] == [tp_width(w, 0.5, 8) for w in widths]
     assert any(len(plan.kept[s.name]) < s.out_channels for s in original.arch.blocks)
     for spec, block in model.blocks():
