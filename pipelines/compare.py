@@ -1,16 +1,21 @@
-"""Compare the jobs of one or more sweeps: ``python -m pipelines.compare <sweep_dir> [more dirs…]``.
+"""Compare the jobs of one or more sweeps: ``python -m pipelines.compare <sweep_dir> [more dirs…]``,
+or ``python -m pipelines.compare --latest outputs/search_and_train/multirun`` for the sweep run last.
 
 Reads every job directory (``.hydra/overrides.yaml``, ``metrics.json``, the stages' histories and
 scales summaries; for a ``pipelines.tune`` study, each trial's ``trial.json``: number and state)
-into one pandas DataFrame. Works on partial sweeps and on sweeps with failed
-jobs: those become rows with their status, never a crash. Writes into ``--out`` (default: the
-first sweep directory):
+into one pandas DataFrame. Works on partial sweeps and on sweeps with failed or unreadable
+jobs: those become rows with their status, never a crash. Jobs with exactly the same overrides
+(every one, the seed included) are one observation, however many sweeps repeat them: only the
+newest (by job directory mtime; on a tie the first in argument order) counts in the table, the
+differences and the plots. Writes into ``--out`` (default: the first sweep directory):
 
-* ``comparison.csv`` — one row per job, every override in its own column;
+* ``comparison.csv`` — one row per job, every override in its own column, and ``duplicate``:
+  True for a job left out as a repeat of a newer one;
 * ``comparison.md``  — one row per setting (jobs that differ only in seeds are aggregated as
   mean ± std with the count): the overrides, status, HS top-1, target top-1/top-5, wall time,
   and the INT8 columns when ``quant.json`` exists, the pruning columns when a pruning result
-  (``pruned/metrics.json``, or the folder ``--pruned`` names) exists;
+  (``pruned/metrics.json``, or the folder ``--pruned`` names) exists; a line says how many
+  duplicate jobs were left out;
 * ``comparison.png`` (target accuracy per setting with HS accuracy beside it), ``scales.png``
   (mean |scale| per stage for each setting) and ``curves.png`` (target test top-1 per epoch).
 """
@@ -42,6 +47,8 @@ from .stats import as_settings, baseline_differences, parse_baseline
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
 INCOMPLETE = "incomplete"  # a job killed before it wrote any result: pre-empted or crashed hard
+DUPLICATE = "duplicate"  # the comparison.csv column of jobs left out as repeats of a newer one
+UNREADABLE = "metrics.json is not readable JSON"
 COMPARISON_FILES = ("comparison.csv", "comparison.md", "comparison.png", "depth.png", "scales.png", "curves.png")
 
 
@@ -140,11 +147,24 @@ def read_result_row(job: Path, pruned: str = "pruned") -> JobRow:
     """The job's ``metrics.json`` through its type: a pipeline job's ``JobMetrics`` or a stage's
     ``StageMetrics``; ``pruned`` names the pruning result folder of its target run."""
     data = read_json(job / "metrics.json")
-    if not isinstance(data, dict):
-        return JobRow()
+    if not isinstance(data, dict):  # not written yet, or a file that is not JSON (not even UTF-8)
+        return JobRow(error=UNREADABLE if (job / "metrics.json").is_file() else None)
     if "variant" in data:
         return JobRow.of_job(from_dict(JobMetrics, data), job, pruned)
     return JobRow.of_stage(from_dict(StageMetrics, data), job, pruned)
+
+
+def latest_sweep(root: Path) -> Path:
+    """The sweep below ``root`` (or ``root`` itself) that started last: the directory whose
+    ``multirun.yaml`` (written once, when Hydra starts the sweep) has the newest mtime. The
+    directory's own mtime is no guide: writing a comparison into an old sweep renews it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"--latest {root}: not a directory; pass the root of the sweeps, e.g. outputs/search_and_train/multirun")
+    sweeps = [p.parent for p in root.rglob("multirun.yaml") if p.is_file()]
+    if not sweeps:
+        raise ConfigError(f"--latest {root}: no sweep below it (a sweep directory holds the multirun.yaml of a -m run)")
+    return max(sweeps, key=lambda d: ((d / "multirun.yaml").stat().st_mtime, _natural_key(d, root)))
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -176,16 +196,25 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key, parsed
 
 
+def read_overrides(job: Path) -> list[str] | None:
+    """The job's Hydra overrides; None when ``.hydra/overrides.yaml`` is missing or cannot be read."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        overrides = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+        return None
+    return [str(o) for o in overrides or []] if isinstance(overrides, (list, type(None))) else None
+
+
 def read_job(job: Path, pruned: str = "pruned") -> dict:
     """One row: the job's overrides and its metrics (a missing/partial job is a row, too)."""
     row: dict = {"job": str(job)}
     trial = read_json(job / "trial.json")  # a trial of a pipelines.tune study: its Optuna number and state
     if isinstance(trial, dict):
         row["trial"], row["state"] = trial.get("number"), trial.get("state")
-    overrides_file = job / ".hydra" / "overrides.yaml"
-    overrides = []
-    if overrides_file.is_file():
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
+    overrides = read_overrides(job) or []
     row["overrides"] = " ".join(o for o in overrides if not o.startswith("sweep="))
     for text in overrides:
         key, value = _parse_override(text)
@@ -197,17 +226,43 @@ def read_job(job: Path, pruned: str = "pruned") -> dict:
 
 
 def collect(dirs: list[Path], pruned: str = "pruned") -> pd.DataFrame:
-    rows = [read_job(job, pruned) for d in dirs for job in find_jobs(Path(d))]
-    frame = pd.DataFrame(rows)
+    """One row per job directory below ``dirs``, in order, with ``duplicate`` marking repeats."""
+    jobs = [job for d in dirs for job in find_jobs(Path(d))]
+    frame = pd.DataFrame([read_job(job, pruned) for job in jobs])
     for column in METRIC_COLUMNS:
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    if len(frame):
+        frame[DUPLICATE] = duplicates(jobs)
     return frame
+
+
+def duplicates(jobs: list[Path]) -> list[bool]:
+    """True for each job whose overrides (all of them: seed and sweep= included, in any order)
+    equal a newer job's: the same setting and seed is one observation, and a re-run sweep counted
+    twice would narrow the intervals with runs that add nothing. The newest job directory (mtime)
+    stays; on a tie, the first. Jobs whose overrides are unknown are never taken for repeats."""
+    keep: dict[tuple, int] = {}
+    identities = [read_overrides(job) for job in jobs]
+    mtimes = [job.stat().st_mtime for job in jobs]
+    for i, overrides in enumerate(identities):
+        if overrides is None:
+            continue
+        identity = tuple(sorted(o.strip() for o in overrides))
+        if identity not in keep or mtimes[i] > mtimes[keep[identity]]:
+            keep[identity] = i
+    kept = set(keep.values())
+    return [identities[i] is not None and i not in kept for i in range(len(jobs))]
+
+
+def distinct(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the jobs marked as repeats (all of it when nothing is marked)."""
+    return frame[~frame[DUPLICATE].astype(bool)] if DUPLICATE in frame else frame
 
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
     """The swept keys: override columns whose values differ between jobs (seeds last)."""
-    skip = {"job", "overrides", *ROW_COLUMNS}
+    skip = {"job", "overrides", DUPLICATE, *ROW_COLUMNS}
     keys = [c for c in frame.columns if c not in skip and frame[c].astype("string").nunique(dropna=False) > 1]
     if "variant" in frame and frame["variant"].nunique(dropna=True) > 1:
         keys = ["variant"] + keys
@@ -231,9 +286,10 @@ def setting_keys(frame: pd.DataFrame, ignore: tuple[str, ...] = ()) -> list[str]
 
 
 def aggregate(frame: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
-    """One row per setting: metrics as mean ± std over jobs that differ only in seed."""
+    """One row per setting: metrics as mean ± std over jobs that differ only in seed (repeats of a
+    job with the same seed count once)."""
     keys = setting_keys(frame) if keys is None else keys
-    frame = frame.copy()
+    frame = distinct(frame).copy()
     if not keys:
         frame["setting"] = "(defaults)"
         keys = ["setting"]
@@ -287,10 +343,11 @@ def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], b
                     metric: str = "target_top1") -> str | None:
     """``metric`` (target top-1) of each setting minus its reference setting's, with Welch's 95 % interval, as
     columns of ``table`` (``delta_top1``, ``delta_low``, ``delta_high``, ``delta_text``) and of
-    ``frame`` (each job carries its setting's). Returns the column title, or None without a baseline."""
+    ``frame`` (each job carries its setting's; repeats of a job count once). Returns the column title,
+    or None without a baseline."""
     if baseline is None:
         return None
-    differences = baseline_differences(frame, keys, baseline, metric)
+    differences = baseline_differences(distinct(frame), keys, baseline, metric)
     for target in (table, frame):
         settings = as_settings(target, keys)[keys].itertuples(index=False, name=None)
         found = [differences.get(tuple(setting)) for setting in settings]
@@ -318,7 +375,8 @@ def synthetic_banner(frame: pd.DataFrame) -> str | None:
 
 
 def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
-                delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1") -> str:
+                delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1",
+                dropped: int = 0) -> str:
     columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
                                                *PRUNE_COLUMNS, "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
                                    and table[c].notna().any()]
@@ -330,6 +388,9 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
     lines = ([banner, ""] if banner else []) + ["# Sweep comparison", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if common:
         lines += ["Every job: `" + " ".join(common) + "`", ""]
+    if dropped:
+        lines += [f"Duplicates dropped: {dropped} job{'s' if dropped > 1 else ''} repeating another job's overrides, seed "
+                  "included (one observation is counted once; marked `duplicate` in comparison.csv).", ""]
     lines += [
              "| " + " | ".join(titles.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
@@ -337,8 +398,11 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds."]
     if delta_title:
+        starred = "delta_excludes_0" in table and bool(table["delta_excludes_0"].eq(True).any())
         lines.append(f"Δ: difference of mean {TITLES[delta_metric]} to the reference setting (same other settings), with Welch's "
-                     "95 % interval; * marks an interval that excludes 0; (n=a vs b) where a side has fewer than 2 seeds.")
+                     "95 % interval" + ("; * marks an interval that excludes 0" if starred else "")
+                     + "; (n=a vs b) where a side has fewer than 2 seeds, (no spread: n=a vs b) where neither side varies "
+                     "over its seeds.")
     lines.append("")
     return "\n".join(lines)
 
@@ -362,22 +426,27 @@ def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, basel
     keys = setting_keys(frame, ignore)
     table = aggregate(frame, keys)
     reference = parse_baseline(baseline) if baseline else default_baseline(frame, keys)
-    delta_title = add_differences(frame, table, keys, reference, delta_metric) if keys else None
+    delta_title = add_differences(frame, table, keys, reference, delta_metric) if keys or baseline else None
+    kept = distinct(frame)
     write_text(out / "comparison.csv", frame.to_csv(index=False))
-    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(frame), delta_title,
-                                                  synthetic_banner(frame), delta_metric))
+    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(kept), delta_title,
+                                                  synthetic_banner(kept), delta_metric, len(frame) - len(kept)))
     if plots:
         plot_comparison(table, keys or ["setting"], out / "comparison.png")
-        plot_scales(frame, keys, out / "scales.png")
-        plot_curves(frame, keys, out / "curves.png")
-        plot_depth(frame, out / "depth.png")
+        plot_scales(kept, keys, out / "scales.png")
+        plot_curves(kept, keys, out / "curves.png")
+        plot_depth(kept, out / "depth.png")
     return table
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or single job directories)")
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or single job directories); with "
+                        "--latest, roots of sweeps")
+    parser.add_argument("--latest", action="store_true",
+                        help="compare only the sweep started last below each dir (the one whose multirun.yaml is newest), "
+                             "e.g. --latest outputs/search_and_train/multirun; --out then defaults to that sweep")
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison files (default: the first dir)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
     parser.add_argument("--baseline", default=None, metavar="KEY=VALUE",
@@ -397,17 +466,18 @@ def main(argv=None) -> int:
                              "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)")
     parser.add_argument("--experiment", default="repopt", help="the MLflow experiment of --mlflow (default: repopt)")
     args = parser.parse_args(argv)
-    out = args.out or args.dirs[0]
     try:
+        dirs = [latest_sweep(d) for d in args.dirs] if args.latest else args.dirs
+        out = args.out or dirs[0]
         if args.mlflow is not None:
             require_backend("mlflow")
-        table = compare(args.dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
+        table = compare(dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
                         ignore=tuple(k for k in args.ignore.split(",") if k), pruned=args.pruned,
                         delta_metric=args.delta)
         if args.mlflow is not None:
             store = LoggerConfig(name="mlflow", tracking_uri=args.mlflow or None, experiment=args.experiment)
             run_id = log_files(store, out, "compare", [out / name for name in COMPARISON_FILES],
-                               {"dirs": " ".join(map(str, args.dirs)), "baseline": args.baseline, "ignore": args.ignore})
+                               {"dirs": " ".join(map(str, dirs)), "baseline": args.baseline, "ignore": args.ignore})
             print(f"logged the comparison files to MLflow run {run_id} ({tracking_uri(store, out)})")
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,7 +68,8 @@ def test_compare_takes_its_columns_from_the_result_types(tmp_path):
     table = compare([tmp_path], plots=False)
     frame = pd.read_csv(tmp_path / "comparison.csv")
     assert set(ROW_COLUMNS) <= set(frame.columns)
-    assert set(frame.columns) - set(ROW_COLUMNS) == {"job", "overrides", "hs.epochs", "seed"}
+    assert set(frame.columns) - set(ROW_COLUMNS) == {"job", "overrides", "hs.epochs", "seed", "duplicate"}
+    assert not frame["duplicate"].any()
     assert list(frame["status"]) == ["completed", "completed", "diverged", "incomplete"]
     assert METRIC_COLUMNS == [f.name for f in dataclasses.fields(JobRow) if f.metadata.get("metric")]
     first = table[table["hs.epochs"] == "1"].iloc[0]
@@ -95,9 +96,9 @@ def test_differences_to_the_baseline_match_a_hand_computation(tmp_path):
     table = compare([tmp_path], plots=True)
     deep = table[(table["variant"] == "searched") & (table["hs.arch.num_blocks"] == "d28")].iloc[0]
     # by hand: means 70.333 and 61; variances 19/3 and 1; se^2 = 19/9 + 1/3 = 22/9;
-    # Welch df = (22/9)^2 / ((19/9)^2/2 + (1/3)^2/2) = 2.6167; t_0.975(2.6167) = 3.4638
+    # Welch df = (22/9)^2 / ((19/9)^2/2 + (1/3)^2/2) = 2.6162; t_0.975(2.6162) = 3.4636
     se = math.sqrt(22 / 9)
-    half = 3.4638 * se
+    half = 3.4636 * se
     assert deep["delta_top1"] == pytest.approx(70 + 1 / 3 - 61)
     assert deep["delta_low"] == pytest.approx(70 + 1 / 3 - 61 - half, abs=2e-3)
     assert deep["delta_high"] == pytest.approx(70 + 1 / 3 - 61 + half, abs=2e-3)
