@@ -16,7 +16,9 @@ from omegaconf import DictConfig
 
 from repopt.app import run_app
 from repopt.optim import param_groups, plain_optimizer
-from repopt.results import StageMetrics, Status
+from repopt.results import StageMetrics
+from repopt.rundir import without_allowed
+from repopt.scales import SCALES_FILENAME
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
 
@@ -25,6 +27,7 @@ from .export import abs_scales_by_stage, export_scales
 from .model import build_hs_model, extract_scales
 
 log = logging.getLogger("hypersearch")
+SCALES_ARTIFACTS = (SCALES_FILENAME, "scales.csv")  # what a completed stage one promises besides the trainer's files
 
 
 def set_constant_init(model, value: float = 1.0) -> None:
@@ -54,19 +57,19 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            metrics_extra=metrics_extra)
-    metrics = trainer.fit()
+    metrics = trainer.fit(finish=False)  # completed only once the scales are on disk
     if not runtime.is_main:
         return metrics
     scales = extract_scales(trainer.delivered_model())  # the EMA's scales with ema.enabled and ema.evaluate
     top1, top5 = (metrics.ema_top1, metrics.ema_top5) if trainer.delivers_ema else (metrics.top1, metrics.top5)
     metadata = {
-        "arch": arch.to_dict(), "source_run": str(run_dir), "dataset": data.name, "num_classes": data.num_classes,
+        "arch": arch.to_dict(), "dataset": data.name, "num_classes": data.num_classes,
         "hs_top1": top1, "hs_top5": top5, "epochs": metrics.epochs, "mode": cfg.mode,
-        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": trainer.checkpoint_extra["config"],
+        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": without_allowed(trainer.checkpoint_extra["config"]),
     }
     written = export_scales(run_dir, scales, metadata)
     log.info("scales written to %s (HS top-1 %.2f)", written.path, metrics.top1)
-    return trainer.write_metrics(Status.COMPLETED, scales_file=str(written.path), scales_sha256=written.sha256)
+    return trainer.complete(SCALES_ARTIFACTS, scales_file=str(written.path), scales_sha256=written.sha256)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="hypersearch")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from repopt.blocks import CSLA_MODES
 from repopt.config import TrainConfig, register_schema, require
@@ -14,8 +13,6 @@ SCALE_INITS = ("paper", "constant")
 @dataclass
 class HSConfig(TrainConfig):
     """Stage one: Hyper-Search."""
-
-    RESUME_KEYS: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_KEYS + ("mode", "scale_init")
 
     mode: str = "hs"  # hs (all scales learn) | csla (only identity scales learn)
     scale_init: str = "paper"  # paper: sqrt(2/i) per block index | constant: every scale 1

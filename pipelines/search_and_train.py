@@ -4,8 +4,13 @@ One Hydra job runs stage one into ``<job>/hs/``, hands the ``scales.safetensors`
 stage one reports) to stage two in ``<job>/target/`` and writes ``<job>/metrics.json`` (a
 ``JobMetrics``) joining both: HS and target metrics, the sha256 of the scales stage one wrote and
 of the scales stage two read, and wall time per stage. With ``-m`` any setting of either stage is
-swept; ``pipelines.compare`` reads the sweep. A stage whose result says completed is not run
-again (re-running a job resumes it).
+swept; ``pipelines.compare`` reads the sweep.
+
+Re-running a job skips only the same work (repopt/rundir.py): a stage is skipped when its result
+says completed, its recorded config equals the one asked for and every file of its manifest is
+there with its sha256; a completed stage whose files are damaged or missing runs again (resumed
+from its checkpoint). The hand-off is checked, not assumed: ``searched`` trains with exactly the
+scales file stage one recorded (by sha256), found in this job's ``hs/`` (a moved sweep resumes).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from omegaconf import DictConfig
 
 from hypersearch.app import train_hypersearch
 from repopt.app import run_app
-from repopt.errors import ConfigError, RepOptError
+from repopt.config import to_plain
+from repopt.errors import ConfigError, RepOptError, ScalesError
+from repopt.faults import fault_point
 from repopt.family import get_family
-from repopt.io import read_json
+from repopt.io import read_json, sha256_file
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, status_of, write_result
+from repopt.rundir import RunRefused, changed_settings, file_record, verify_manifest
+from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
 from target_train.app import train_target
 from target_train.export import export_run
@@ -36,7 +45,33 @@ log = logging.getLogger("pipelines.search_and_train")
 T = TypeVar("T")
 
 
-def _finished_stage(path: Path) -> StageMetrics | None:
+def _finished_stage(path: Path, cfg) -> StageMetrics | None:
+    """The stage's result when it completed the same work (config, manifest); None: run it (again).
+
+    A completed stage recorded with other settings is refused: its directory belongs to another job."""
+    result = read_result(path, StageMetrics)
+    if result is None or result.status != Status.COMPLETED:
+        return None
+    changed = changed_settings(result.config, to_plain(cfg), to_plain(type(cfg)()), cfg.SETTINGS_ALLOWED)
+    if changed:
+        raise RunRefused(f"{path.parent} holds a completed stage run with other settings ({'; '.join(changed)}); "
+                         f"choose a new job directory (hydra.run.dir=... / hydra.sweep.dir=...). Nothing was changed")
+    problems = verify_manifest(path.parent, result.manifest)
+    if problems:
+        log.warning("%s: completed, but %s: running it again from its checkpoint", path.parent, "; ".join(problems))
+        return None
+    return result
+
+
+def _resume_if_completed(cfg: T, stage_dir: Path) -> T:
+    """A completed stage that is not skipped (a file of its manifest is damaged or missing) continues
+    from its own checkpoint: its settings were just checked to be the requested ones."""
+    result = read_result(stage_dir / "metrics.json", StageMetrics)
+    return replace(cfg, resume=True) if result is not None and result.status == Status.COMPLETED else cfg
+
+
+def _finished_step(path: Path) -> StageMetrics | None:
+    """A step on the finished target (pruning): its settings are part of the job's, checked for the whole job."""
     result = read_result(path, StageMetrics)
     return result if result is not None and result.status == Status.COMPLETED else None
 
@@ -51,7 +86,13 @@ def _run_stage(name: str, stage_dir: Path, run: Callable[[], T], finished: Calla
     in the job's metrics."""
     done = finished()
     if done is not None:
-        log.info("%s already completed: skipped", name)
+        log.info("%s already completed with the same settings: skipped", name)
+        previous = read_result(job_dir / "metrics.json", JobMetrics)
+        seconds = (previous.wall_seconds if previous is not None else {}).get(name)
+        if seconds is None and isinstance(done, StageMetrics):
+            seconds = done.wall_seconds
+        if seconds is not None:
+            summary.wall_seconds[name] = seconds  # the time the stage took when it ran
         return done
     t0 = time.perf_counter()
     try:
@@ -64,6 +105,21 @@ def _run_stage(name: str, stage_dir: Path, run: Callable[[], T], finished: Calla
         summary.wall_seconds[name] = time.perf_counter() - t0
         if summary.failed_stage == name:
             write_result(job_dir / "metrics.json", summary)
+
+
+def handed_off_scales(hs_dir: Path, sha256: str | None) -> Path:
+    """The scales file a completed stage one in ``hs_dir`` wrote, checked against the sha256 it recorded:
+    stage two of ``searched`` never trains without exactly those scales."""
+    path = hs_dir / SCALES_FILENAME
+    if not sha256 or not path.is_file():
+        raise ScalesError(f"{hs_dir}: stage one completed without a scales file on record ({path}); run the job again "
+                          f"with resume=true")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ScalesError(f"{path}: differs from the file stage one wrote (sha256 {actual[:12]}..., recorded {sha256[:12]}...); "
+                          f"it was damaged or replaced. Delete {hs_dir / 'metrics.json'} and run again with resume=true to "
+                          f"re-export it")
+    return path
 
 
 def stage_configs(cfg: PipelineConfig):
@@ -95,16 +151,24 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     completed, before the next one starts; an exception it raises ends the job there (a search
     driver's pruner, ``pipelines.tune``)."""
     hs_cfg, target_cfg = stage_configs(cfg)
-    summary = JobMetrics(variant=cfg.variant)
+    summary = JobMetrics(variant=cfg.variant, config=to_plain(cfg))
     hs_dir, target_dir = job_dir / "hs", job_dir / "target"
+    expected_scales = None
     if hs_cfg is not None:
-        summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_cfg, hs_dir),
-                                lambda: _finished_stage(hs_dir / "metrics.json"), summary, job_dir)
+        hs_run = _resume_if_completed(hs_cfg, hs_dir)
+        summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_run, hs_dir),
+                                lambda: _finished_stage(hs_dir / "metrics.json", hs_cfg), summary, job_dir)
         if after_stage is not None:
             after_stage("hs", summary.hs)
-        target_cfg = replace(target_cfg, scales=summary.hs.scales_file)  # exactly the file stage one wrote
-    summary.target = _run_stage("target", target_dir, lambda: train_target(target_cfg, target_dir),
-                                lambda: _finished_stage(target_dir / "metrics.json"), summary, job_dir)
+        fault_point("job.between_stages")
+        expected_scales = summary.hs.scales_sha256
+        target_cfg = replace(target_cfg, scales=str(handed_off_scales(hs_dir, expected_scales)))
+    target_run = _resume_if_completed(target_cfg, target_dir)
+    summary.target = _run_stage("target", target_dir, lambda: train_target(target_run, target_dir),
+                                lambda: _finished_stage(target_dir / "metrics.json", target_cfg), summary, job_dir)
+    if expected_scales is not None and (summary.target.scales or {}).get("sha256") != expected_scales:
+        raise ScalesError(f"{target_dir}: stage two trained with scales of sha256 {(summary.target.scales or {}).get('sha256')}, "
+                          f"not the file stage one wrote ({expected_scales}); run this job in a new directory")
     if after_stage is not None:
         after_stage("target", summary.target)
     if cfg.export:
@@ -114,13 +178,15 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))
         summary.pruned = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
-                                    lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
+                                    lambda: _finished_step(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
     summary.status = Status.COMPLETED
     summary.hs_top1 = summary.hs.top1 if summary.hs else None
     summary.top1, summary.top5 = summary.target.top1, summary.target.top5
     summary.hs_scales_sha256 = summary.hs.scales_sha256 if summary.hs else None
     summary.scales_sha256 = (summary.target.scales or {}).get("sha256")
     summary.wall_seconds["total"] = sum(summary.wall_seconds.values())
+    summary.manifest = {f"{stage}/metrics.json": file_record(job_dir / stage / "metrics.json")
+                        for stage in ("hs", "target") if getattr(summary, stage) is not None}
     write_result(job_dir / "metrics.json", summary)
     log.info("pipeline done: HS top-1 %s, target top-1 %.2f", summary.hs_top1, summary.top1)
     return summary

@@ -2,10 +2,15 @@
 
 * turns Hydra's config into the typed schema (unknown keys / wrong types fail before any work);
 * finds the run directory (Hydra's output dir, or ``run_dir=``) and checks it is writable;
+* takes the run directory's lock, refuses a directory whose work was done with other settings
+  (repopt/rundir.py), removes the temporary files of writes a killed process left, and only then
+  writes the resolved config (``.hydra/``: the root configs set ``hydra.output_subdir: null`` so
+  that Hydra does not rewrite it before these checks);
 * maps outcomes to ``metrics.json`` statuses and exit codes: ``completed``; ``diverged`` and
   ``interrupted`` (written by the trainer); ``failed`` for bad input or a crash. A bad-input error
-  prints one clear line, not a traceback. In a multirun sweep a failed job is recorded and the
-  sweep goes on; a single run exits non-zero.
+  prints one clear line, not a traceback; a refused run (``RunRefused``) changes nothing on disk.
+  In a multirun sweep a failed or interrupted job is recorded and returned (the sweep's summary and
+  exit code: repopt/sweep.py); a single run exits non-zero.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from typing import Callable, TypeVar
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from .config import to_typed
-from .errors import ConfigError, Interrupted, RepOptError
+from .config import to_plain, to_typed
+from .errors import CheckpointError, ConfigError, Interrupted, RepOptError, ScalesError
+from .io import write_bytes, write_text
 from .results import Result, StageMetrics, Status, record_failure, status_of
+from .rundir import SETTINGS_ALLOWED, RunLock, RunRefused, check_same_work, holds_work, is_main_process, remove_stale_temps
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,15 +62,57 @@ def prepare_run_dir(path: str | Path) -> Path:
     return run_dir
 
 
+SNAPSHOT_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def recorded_snapshot(run_dir: Path) -> dict[Path, bytes]:
+    """The ``.hydra/`` files as they are now (to put back when a check inside the task refuses the run)."""
+    paths = [run_dir / ".hydra" / name for name in SNAPSHOT_FILES]
+    return {path: path.read_bytes() for path in paths if path.is_file()}
+
+
+def write_config_snapshot(cfg: DictConfig, run_dir: Path) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, once the run
+    owns its directory (Hydra's own copy is off: it would be written before any check)."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    texts = (OmegaConf.to_yaml(cfg), OmegaConf.to_yaml({"hydra": hydra_cfg}), OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+    for name, text in zip(SNAPSHOT_FILES, texts):
+        write_text(folder / name, text)
+
+
 def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
             result_type: type[Result] = StageMetrics) -> Result | None:
     """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions; a failure
     is recorded in ``run_dir/metrics.json`` as a ``result_type``."""
-    run_dirs: list[Path] = []  # the run directory, once it exists: failures are recorded there
+    run_dirs: list[Path] = []  # the run directory, once this process owns it: failures are recorded there
 
     def body() -> Result:
-        run_dirs.append(prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run"))
-        return task(to_typed(cfg, schema), run_dirs[0])
+        run_dir = prepare_run_dir(cfg.get("run_dir") or hydra_run_dir() or "outputs/run")
+        if not is_main_process():  # DDP: rank 0 owns the directory
+            return task(to_typed(cfg, schema), run_dir)
+        with RunLock(run_dir):
+            try:
+                typed = to_typed(cfg, schema)
+            except ConfigError:
+                if not holds_work(run_dir):  # a fresh directory records the bad config and its failure
+                    run_dirs.append(run_dir)
+                    write_config_snapshot(cfg, run_dir)
+                raise
+            check_same_work(run_dir, to_plain(typed), to_plain(schema()), getattr(schema, "SETTINGS_ALLOWED", SETTINGS_ALLOWED))
+            remove_stale_temps(run_dir)
+            run_dirs.append(run_dir)
+            previous = recorded_snapshot(run_dir) if holds_work(run_dir) else None
+            write_config_snapshot(cfg, run_dir)
+            try:
+                return task(typed, run_dir)
+            except (RunRefused, CheckpointError, ScalesError):
+                if previous is not None:  # refused by a check inside the task: the run on disk keeps its record
+                    for path, data in previous.items():
+                        write_bytes(path, data)
+                raise
 
     return run_guarded(body, lambda: run_dirs[0] if run_dirs else None, result_type)
 
@@ -77,7 +126,10 @@ def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lamb
     def record(status: Status, message: str) -> None:
         folder = run_dir()
         if folder is not None and folder.is_dir():
-            record_failure(folder / "metrics.json", result_type, status, message)
+            try:
+                record_failure(folder / "metrics.json", result_type, status, message)
+            except (OSError, RepOptError) as exc:  # e.g. the disk is still full: the message is printed anyway
+                log.warning("could not record the failure in %s: %s", folder / "metrics.json", exc)
 
     try:
         return body()
@@ -88,12 +140,15 @@ def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lamb
     except RepOptError as exc:
         if isinstance(exc, Interrupted):
             log.warning(str(exc))
+            if is_multirun():  # the sweep records it and exits 130 once every job has stopped
+                return result_type(status=Status.INTERRUPTED, error=str(exc))
             sys.exit(EXIT_INTERRUPTED)
-        record(status_of(exc), str(exc))
+        if not isinstance(exc, RunRefused):  # a refused run changes nothing on disk
+            record(status_of(exc), str(exc))
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
         if is_multirun():
-            return result_type(status=Status.FAILED, error=str(exc))
+            return result_type(status=status_of(exc), error=str(exc))
         sys.exit(EXIT_FAILED)
     except Exception as exc:  # a bug: keep the traceback, record the failure
         record(Status.FAILED, f"{type(exc).__name__}: {exc}")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import rundir
 from .errors import ConfigError
 from .family import family_names, family_of, get_family, get_spec
 
@@ -202,12 +203,9 @@ class MixConfig(Checked):
 class TrainConfig(Checked):
     """Fields every training app shares (stage one and stage two)."""
 
-    # Settings that shape the training trajectory: a resumed run must use the ones that started it.
-    # A stage schema extends this with its own fields.
-    RESUME_KEYS: ClassVar[tuple[str, ...]] = (
-        "epochs", "seed", "label_smoothing", "grad_clip", "family", "arch", "optim", "sched", "data.name", "data.batch_size",
-        "data.image_size", "data.train_subset", "data.crop_padding", "data.hflip", "max_steps_per_epoch",
-        "data.randaugment_magnitude", "data.randaugment_num_ops", "data.mean", "data.std", "ema", "mix")
+    # Keys a resumed (or skipped) run may change: every other setting must equal the one that started
+    # the run (repopt/rundir.py, default deny). A stage schema may add its own.
+    SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = rundir.SETTINGS_ALLOWED
 
     family: str = "vgg"  # vgg | ghostnet (repopt/family.py); arch must be one of its members
     arch: ArchConfig = field(default_factory=ArchConfig)

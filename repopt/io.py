@@ -7,16 +7,25 @@ so an interrupted write never leaves a file that later loads as valid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from .errors import DiskFullError
+from .faults import fault_point
+
+# Below this much free space, a failed write is taken to be a full disk (torch's C++ writer reports
+# one as "basic_ios::clear: iostream error" / "file write failed", with no errno).
+DISK_FULL_MARGIN = 1 << 20
 
 
 def _new_file_mode() -> int:
@@ -26,21 +35,47 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of space: ENOSPC / EDQUOT, or a writer without an errno
+    (torch's) failing on a device with (almost) no space left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(folder).free < DISK_FULL_MARGIN
+        except OSError:
+            return False
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    A full disk while writing is a ``DiskFullError`` naming the file; the previous file is intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc, path.parent):
+            raise DiskFullError(path) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fault_point(f"write:{path.name}")
         # mkstemp (and writers that replace the file, like safetensors) leave it owner-only
         tmp_path.chmod(_new_file_mode())
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc, path.parent):
+            tmp_path.unlink(missing_ok=True)  # give the space back before anyone records the failure
+            raise DiskFullError(path) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -49,6 +84,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -74,7 +114,7 @@ def read_json(path) -> Any:
     """The file's JSON, or None when it is missing, unreadable or not JSON (a run that died early)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 (a damaged file)
         return None
 
 

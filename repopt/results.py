@@ -88,6 +88,10 @@ class StageMetrics:
     # how it failed
     error: Optional[str] = None
     diverged_step: Optional[int] = None
+    # the whole resolved config of the run, and (once completed) name -> {size, sha256} of every
+    # artifact it promises (repopt/rundir.py): what "the same work" and "completed" are checked against
+    config: Optional[dict] = None
+    manifest: Optional[dict] = None
 
 
 @dataclass
@@ -108,6 +112,8 @@ class JobMetrics:
     scales_sha256: Optional[str] = None  # ... and of the file stage two read: equal when the hand-off held
     failed_stage: Optional[str] = None
     error: Optional[str] = None
+    config: Optional[dict] = None  # the job's resolved config (PipelineConfig)
+    manifest: Optional[dict] = None  # the stages' metrics.json files, each holding its own manifest
 
 
 Result = Union[StageMetrics, JobMetrics]

@@ -18,7 +18,6 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Mapping
@@ -139,13 +138,24 @@ def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str,
             raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight' (vgg) "
                               f"or 'blocks.6.0.ghost1.fusion_scale.weight' (ghostnet)")
         tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": datetime.now(timezone.utc).isoformat()}
+    # no timestamp: the same scales and provenance give the same bytes, so a re-export (a resumed stage
+    # one) keeps the sha256 that stage two and the manifests recorded
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
     meta.update({str(k): v for k, v in (metadata or {}).items()})
     entries = _metadata_entries(meta)
-    data = save_safetensors(tensors, metadata=entries)
+    data = canonical_safetensors(save_safetensors(tensors, metadata=entries))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return ScalesFile(path, tensors, hashlib.sha256(data).hexdigest(), _decode_metadata(entries))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes them in hash-map
+    order, which changes from process to process, and the same scales must give the same bytes."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to a multiple of 8 with spaces
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def read_metadata(path) -> dict[str, object]:

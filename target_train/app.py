@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from repopt.app import run_app
 from repopt.host import seed_everything
-from repopt.results import StageMetrics, Status
+from repopt.results import StageMetrics
 from repopt.engine import Trainer
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
@@ -71,6 +71,7 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     extra, metrics_extra = run_records("target_train", arch, data, cfg.model)
     if choice.scales is not None:
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
+    extra["scales_identity"] = choice.identity()  # a resume must use the same scales (by content, not path)
     metrics_extra.update(model=cfg.model, optimizer=type(optimizer).__name__, scales=choice.describe())
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            write_best=True, metrics_extra=metrics_extra)
@@ -80,11 +81,13 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
 @tracked("target_train", ("metrics.json", "history.csv", "deploy.pt"))
 def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     run = build_target_run(cfg, run_dir)
-    metrics = run.trainer.fit()
-    if cfg.deploy and run.trainer.runtime.is_main:
-        # the delivered weights: the EMA's averaged copy with ema.enabled and ema.evaluate, else the trained model
-        deploy = export_deployed(run.trainer.delivered_model(), run_dir / "deploy.pt", cfg.data.image_size)
-        metrics = run.trainer.write_metrics(Status.COMPLETED, **deploy)
+    metrics = run.trainer.fit(finish=False)  # completed only once deploy.pt is on disk
+    if run.trainer.runtime.is_main:
+        deploy = {}
+        if cfg.deploy:
+            # the delivered weights: the EMA's averaged copy with ema.enabled and ema.evaluate, else the trained model
+            deploy = export_deployed(run.trainer.delivered_model(), run_dir / "deploy.pt", cfg.data.image_size)
+        metrics = run.trainer.complete(["deploy.pt"] if cfg.deploy else [], **deploy)
     log.info("target top-1 %.2f (best %.2f)", metrics.top1, metrics.best_top1)
     return metrics
 

@@ -16,7 +16,9 @@ MODELS = ("target", *(f.baseline_mode for f in FAMILIES.values()))  # target, or
 class TargetConfig(TrainConfig):
     """Stage two: target training."""
 
-    RESUME_KEYS: ClassVar[tuple[str, ...]] = TrainConfig.RESUME_KEYS + ("model", "scales", "use_identity_scales")
+    # ``scales`` names a file by path, which may change (a moved sweep); what must not change is the file's
+    # content, checked by sha256 against the checkpoint's record (``scales_identity``)
+    SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = TrainConfig.SETTINGS_ALLOWED + ("scales",)
 
     model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | rep (ghostnet baseline, RepGhostNet)
     scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init

@@ -45,7 +45,11 @@ BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5}
 # at eps=1e-12 the kernels agree to ~1e-10 (the eps effect, linear in eps) and everything to 1e-6.
 # float32 is reported, not bounded: the small maps' BNs amplify float32 rounding step after step
 # (1e-7 after one step, 1e-3..1e-1 after twenty), while float64 stays at 1e-12.
-GHOSTNET_BOUNDS = {("sgd", torch.float64): 1e-10, ("adamw", torch.float64): 1e-6}
+# AdamW float64: the BN running statistics differ most, and by how much depends on the CPU's kernels
+# (ghostnet_tiny, 20 steps, eps 1e-12: below 1e-6 on AMD EPYC, 1.27e-6 on an Intel Xeon, 2026-12-06),
+# and the difference grows as eps shrinks (2.4e-5 at eps 1e-13): rounding through near-zero second
+# moments, not a wrong step. The weights themselves agree to 1e-9 (tests/test_ghostnet.py).
+GHOSTNET_BOUNDS = {("sgd", torch.float64): 1e-10, ("adamw", torch.float64): 5e-6}
 DEFAULT_EPS = {"vgg": 1e-16, "ghostnet": 1e-12}
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=128",
         "data.synthetic_test_size=64", "epochs=2", "sched.warmup_epochs=0.5", "progress=off", "device=cpu"]
 TINY_STEPS = 128 // 32  # steps per epoch under TINY
+
+# A run long enough to be stopped from outside by a signal: 16 steps (well under a second) per epoch;
+# the caller sets epochs.
+SIGNAL_RUN = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.image_size=16", "data.batch_size=16",
+              "data.synthetic_train_size=256", "data.synthetic_test_size=32", "sched.warmup_epochs=0.5", "progress=off",
+              "device=cpu"]
+SIGNAL_STEPS = 256 // 16
+
+
+def wait_until(condition, timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
 
 
 def pipeline_overrides() -> list[str]:

@@ -68,7 +68,8 @@ def test_diverged_job_in_a_pipeline_sweep_is_recorded_and_compared(in_tmp, capsy
     """``pipelines.search_and_train -m hs.optim.lr=1e30,0.05``: job 0 diverges in stage one, the sweep goes
     on and job 1 completes; ``pipelines.compare`` lists job 0 with status diverged (and its step)."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"],
+              expect_exit=1)
     bad, good = read_json(sweep / "0" / "metrics.json"), read_json(sweep / "1" / "metrics.json")
     assert bad["status"] == "diverged" and bad["failed_stage"] == "hs", bad
     assert read_json(sweep / "0" / "hs" / "metrics.json")["status"] == "diverged"

@@ -11,7 +11,7 @@ from repopt import get_arch
 from repopt.config import EMAConfig, to_plain
 from repopt.engine import load_checkpoint
 from repopt.engine.ema import WeightEMA
-from repopt.engine.trainer import _changed_settings
+from repopt.rundir import changed_settings
 from repopt.vgg import RepOptVGG
 from target_train.app import main as target_main
 from target_train.config import TargetConfig
@@ -83,10 +83,9 @@ def test_settings_a_checkpoint_predates_count_as_their_defaults():
     defaults = to_plain(TargetConfig())
     current = to_plain(TargetConfig())
     saved = {k: v for k, v in current.items() if k not in ("ema", "mix")}
-    assert _changed_settings(TargetConfig.RESUME_KEYS, saved, current, defaults) == []
+    assert changed_settings(saved, current, defaults, TargetConfig.SETTINGS_ALLOWED) == []
     current["ema"]["enabled"] = True
-    assert _changed_settings(TargetConfig.RESUME_KEYS, saved, current, defaults) == [
-        f"ema: {defaults['ema']!r} -> {current['ema']!r}"]
+    assert changed_settings(saved, current, defaults, TargetConfig.SETTINGS_ALLOWED) == ["ema.enabled: False -> True"]
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,5 @@ def test_a_resume_with_other_ema_settings_is_refused(tmp_path, uninterrupted, ca
     before = (run_dir / "last.pt").read_bytes()
     other = [o.replace("ema.decay=0.8", "ema.decay=0.99") for o in EMA_MIX]
     run_hydra(target_main, TINY + other + ["resume=true", f"hydra.run.dir={run_dir}"], expect_exit=1)
-    assert "ema: {'enabled': True, 'decay': 0.8, 'every': 3, 'evaluate': True} -> {'enabled': True, 'decay': 0.99" in \
-        capsys.readouterr().err
+    assert "ema.decay: 0.8 -> 0.99" in capsys.readouterr().err
     assert (run_dir / "last.pt").read_bytes() == before

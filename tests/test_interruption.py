@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,24 +21,13 @@ from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
-from tests.conftest import TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json, run_hydra
+from tests.conftest import SIGNAL_RUN as BASE_SIGNAL_RUN
+from tests.conftest import (SIGNAL_STEPS, TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json,
+                            run_hydra, wait_until)
 
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]
 
-# A run long enough to be caught mid-epoch by a signal from outside: 16 steps (about a second) per epoch.
-SIGNAL_RUN = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.image_size=16", "data.batch_size=16",
-              "data.synthetic_train_size=256", "data.synthetic_test_size=32", "epochs=3", "sched.warmup_epochs=0.5",
-              "progress=off", "device=cpu"]
-SIGNAL_STEPS = 256 // 16
-
-
-def _wait_until(condition, timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
+SIGNAL_RUN = BASE_SIGNAL_RUN + ["epochs=3"]
 
 
 def _history(run_dir: Path) -> pd.DataFrame:
@@ -75,7 +63,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     with _process(command + [f"hydra.run.dir={reference}"], tmp_path / "reference.out", env) as ref_proc:
         with _process(command + [f"hydra.run.dir={run_dir}"], tmp_path / "interrupted.out", env) as proc:
             # last.pt appears after epoch 1: the process is training and its signal handler is installed
-            _wait_until(lambda: (run_dir / "last.pt").exists() or proc.poll() is not None, timeout=240)
+            wait_until(lambda: (run_dir / "last.pt").exists() or proc.poll() is not None, timeout=240)
             assert proc.poll() is None, "the run ended before epoch 1 finished:\n" + (tmp_path / "interrupted.out").read_text()
             proc.send_signal(signal.SIGTERM)
             returncode = proc.wait(timeout=240)

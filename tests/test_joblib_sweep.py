@@ -17,7 +17,8 @@ from tests.conftest import TINY, _env, _sha256, read_json
 def test_joblib_sweep_of_four_seeds_gives_four_complete_distinct_jobs(tmp_path):
     """``python -m hypersearch -m hydra/launcher=joblib hydra.launcher.n_jobs=2 seed=0,1,2,3``: four job
     directories 0..3, each complete (status completed, scales, history, last.pt), each with its own
-    overrides naming its seed and a checkpoint of that seed; the four scales files differ pairwise."""
+    overrides naming its seed and a checkpoint of that seed; the four scales files differ pairwise; the
+    sweep ends with its summary line."""
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "hypersearch", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2,3",
                *TINY, "epochs=1", f"hydra.sweep.dir={sweep}"]
@@ -25,7 +26,8 @@ def test_joblib_sweep_of_four_seeds_gives_four_complete_distinct_jobs(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Joblib.Parallel(n_jobs=2" in output, output
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: p.name)
+    assert "sweep: 4 jobs completed" in done.stderr, output  # repopt/sweep.py: the summary of the sweep
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     digests = []
     for seed, job in enumerate(jobs):

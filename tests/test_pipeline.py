@@ -25,7 +25,8 @@ def test_two_setting_multirun_then_compare(in_tmp):
         assert joined["target"]["scales"]["path"] == joined["hs"]["scales_file"] == str(sweep / job / "hs" / "scales.safetensors")
         assert set(joined["wall_seconds"]) >= {"hs", "target", "total"}
 
-    assert compare_main([str(sweep)]) == 0
+    assert (sweep / "multirun.yaml").is_file()
+    assert compare_main(["--latest", str(in_tmp)]) == 0  # the README's form: the root of the sweeps; --out is the sweep
     frame = pd.read_csv(sweep / "comparison.csv")
     assert len(frame) == 2
     assert sorted(frame["hs.optim.lr"]) == [0.05, 0.2]
@@ -41,7 +42,7 @@ def test_two_setting_multirun_then_compare(in_tmp):
 
 def test_failed_job_is_a_row_not_a_crash(in_tmp):
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.mode=bogus,hs", f"hydra.sweep.dir={sweep}"])
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.mode=bogus,hs", f"hydra.sweep.dir={sweep}"], expect_exit=1)
     failed = read_json(sweep / "0" / "metrics.json")
     assert failed["status"] == "failed" and "bogus" in failed["error"]
     assert read_json(sweep / "1" / "metrics.json")["status"] == "completed"

@@ -55,7 +55,7 @@ def test_save_load_roundtrip_with_metadata(tmp_path):
     assert md["dataset"] == "cifar100"
     assert md["source_run"] == "outputs/run-a"
     assert md["format"] == "repopt-scales"
-    assert "created" in md and isinstance(md["created"], str)
+    assert "created" not in md  # no timestamp: the same scales and provenance give the same bytes
     # the arch in the metadata rebuilds the same spec
     assert repopt.ArchSpec.from_dict(md["arch"]) == arch
     # read through the directory form as well

@@ -248,7 +248,7 @@ def test_logger_none_writes_nothing_extra_and_imports_neither_library(in_tmp, mo
     assert blocker.attempts == []
     assert read_json(in_tmp / "run" / "metrics.json")["status"] == "completed"
     assert {p.name for p in (in_tmp / "run").iterdir()} == {
-        ".hydra", "app.log", "metrics.json", "history.csv", "last.pt", "scales.safetensors", "scales.csv", "scales.png"}
+        ".hydra", ".lock", "app.log", "metrics.json", "history.csv", "last.pt", "scales.safetensors", "scales.csv", "scales.png"}
     assert {p.name for p in in_tmp.iterdir()} == {"run"}  # no mlflow.db, mlruns/ or outputs/ beside it
 
 

@@ -37,8 +37,10 @@ from tqdm import tqdm
 from ..config import TrainConfig, to_plain
 from ..data.mix import BatchMix
 from ..errors import CheckpointError, DivergenceError, Interrupted
+from ..faults import fault_point
 from ..io import atomic_path, write_text
 from ..results import StageMetrics, Status, write_result
+from ..rundir import changed_settings, make_manifest
 from .callbacks import Callback, registered
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import WeightEMA
@@ -53,30 +55,19 @@ HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss
                    "epoch_seconds", "images_per_sec"]
 EMA_COLUMNS = ["ema_test_loss", "ema_test_top1", "ema_test_top5"]  # after test_top5, when the EMA is evaluated
 
-_MISSING = object()
+# What a checkpoint records of the run that must equal this run's for a resume: the same model, data
+# classes, mode and (stage two) scales, by content.
+IDENTITY_KEYS = ("arch", "num_classes", "class_names", "mode", "scales_identity")
 
 
-def _changed_settings(keys: tuple[str, ...], saved: dict | None, current: dict | None,
-                      defaults: dict | None = None) -> list[str]:
-    """``key: saved -> current`` for every dotted key in ``keys`` that differs (both configs as plain dicts).
-
-    A key the saved config does not have at all (a checkpoint from before the setting existed)
-    counts as its value in ``defaults``, the schema's defaults."""
-    if not saved or not current:
-        return []
-
-    def get(cfg, dotted, missing=None):
-        for part in dotted.split("."):
-            if not isinstance(cfg, dict) or part not in cfg:
-                return missing
-            cfg = cfg[part]
-        return cfg
-
-    def old(k):
-        value = get(saved, k, _MISSING)
-        return get(defaults, k) if value is _MISSING and defaults is not None else (None if value is _MISSING else value)
-
-    return [f"{k}: {old(k)!r} -> {get(current, k)!r}" for k in keys if old(k) != get(current, k)]
+def non_finite_entries(*modules: nn.Module) -> list[str]:
+    """The names of the floating parameters and buffers (BN statistics too) holding NaN or inf."""
+    bad = []
+    for module in modules:
+        for name, value in module.state_dict().items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+    return bad
 
 
 def steps_per_epoch(cfg: TrainConfig, data) -> int:
@@ -168,7 +159,19 @@ class Trainer:
     def _wall(self) -> float:
         return self.state.wall_seconds + (time.perf_counter() - self._segment_start)
 
+    def check_finite_state(self) -> None:
+        """A loss can stay finite while a weight or a BN statistic does not (an absurd lr): that is
+        divergence too, and such a state is never checkpointed. Once per save: no cost per step."""
+        bad = non_finite_entries(self.model, *([self.ema.module] if self.ema is not None else []))
+        if bad:
+            kept = (f"the last good checkpoint ({self.last_path.name}) is kept" if self.last_path.exists()
+                    else "no checkpoint was written yet")
+            raise DivergenceError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at step "
+                                  f"{self.state.global_step} although the loss stayed finite: training diverged; {kept}. "
+                                  f"Lower optim.lr or check the data", self.state.global_step)
+
     def save(self, name: str = "last.pt") -> None:
+        self.check_finite_state()
         self.state.wall_seconds = self._wall()
         self._segment_start = time.perf_counter()
         if self.runtime.is_main:
@@ -176,8 +179,11 @@ class Trainer:
         self.runtime.barrier()
 
     def save_best_ema(self, name: str = "best.pt") -> None:
-        """The checkpoint just saved as ``last.pt``, with the EMA's weights as its ``model``
+        """The checkpoint ``last.pt`` is about to hold, with the EMA's weights as its ``model``
         (``model_source: "ema"``): what the export of ``best.pt`` then folds."""
+        self.check_finite_state()
+        self.state.wall_seconds = self._wall()
+        self._segment_start = time.perf_counter()
         if self.runtime.is_main:
             state = self.checkpoint_state()
             state["model"] = self.ema.module.state_dict()
@@ -185,11 +191,11 @@ class Trainer:
             save_checkpoint(self.run_dir / name, state)
         self.runtime.barrier()
 
-    def copy_last(self, name: str) -> None:
-        """``last.pt`` as just saved, under another name (byte for byte: no second serialization)."""
+    def copy_to_last(self, name: str) -> None:
+        """The checkpoint just saved as ``name``, as ``last.pt`` too (byte for byte: no second serialization)."""
         if self.runtime.is_main:
-            with atomic_path(self.run_dir / name) as tmp:
-                shutil.copyfile(self.last_path, tmp)
+            with atomic_path(self.last_path) as tmp:
+                shutil.copyfile(self.run_dir / name, tmp)
         self.runtime.barrier()
 
     def restore(self, path: Path | None = None) -> bool:
@@ -198,14 +204,14 @@ class Trainer:
         if not path.exists():
             return False
         state = load_checkpoint(path, map_location=self.runtime.device)
-        for key in ("arch", "num_classes", "class_names", "mode"):
+        for key in IDENTITY_KEYS:
             if key in self.checkpoint_extra and key in state and state[key] != self.checkpoint_extra[key]:
                 raise CheckpointError(
                     f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
-                    f"resume with the configuration that wrote it, or start a new run directory"
+                    f"resume with the configuration (and files) that wrote it, or start a new run directory"
                 )
-        changed = _changed_settings(self.cfg.RESUME_KEYS, state.get("config"), self.checkpoint_extra.get("config"),
-                                    to_plain(type(self.cfg)()))
+        changed = changed_settings(state.get("config"), self.checkpoint_extra.get("config"), to_plain(type(self.cfg)()),
+                                   self.cfg.SETTINGS_ALLOWED)
         if changed:
             raise CheckpointError(
                 f"{path}: this run was started with other training settings ({'; '.join(changed)}); resume with the "
@@ -286,15 +292,34 @@ class Trainer:
             self._epoch_seconds += meter.seconds
             self._epoch_images += meter.count
 
-    def fit(self) -> StageMetrics:
-        """Train to ``cfg.epochs``; returns the final metrics (also written to ``metrics.json``)."""
+    def fit(self, finish: bool = True) -> StageMetrics:
+        """Train to ``cfg.epochs``; returns the final metrics (also written to ``metrics.json``).
+
+        With ``finish`` the run is completed here (``complete()``); an app that still has artifacts
+        to write passes ``finish=False`` (the result stays ``running``) and calls ``complete`` itself
+        once they are on disk."""
+        self.write_metrics(Status.RUNNING)  # the settings are on record before the first step
         with StopSignal() as self._stop:
             try:
                 self._loop()
             except DivergenceError as exc:
                 self.write_metrics(Status.DIVERGED, diverged_step=exc.step, error=str(exc))
                 raise
-        return self.write_metrics(Status.COMPLETED)
+        fault_point("train.end")
+        return self.complete() if finish else self.write_metrics(Status.RUNNING)
+
+    def artifacts(self) -> list[str]:
+        """The files the trainer itself promises (checkpoints and history)."""
+        names = ["last.pt", "history.csv"]
+        if self.write_best and (self.run_dir / "best.pt").is_file():
+            names.append("best.pt")
+        return names
+
+    def complete(self, artifacts: Sequence[str] = (), **extra) -> StageMetrics:
+        """Mark the run completed: its manifest (the trainer's files and ``artifacts``, each already
+        durable) goes into ``metrics.json``, written last."""
+        manifest = make_manifest(self.run_dir, [*self.artifacts(), *artifacts]) if self.runtime.is_main else None
+        return self.write_metrics(Status.COMPLETED, manifest=manifest, **extra)
 
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
@@ -316,6 +341,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> dict:
         st = self.state
+        self.check_finite_state()  # before the epoch is recorded anywhere: a diverged epoch leaves no row
         metrics = evaluate(self.model, self.data.test, self.runtime, self.data.num_classes)
         if self.delivers_ema:
             ema = evaluate(self.ema.module, self.data.test, self.runtime, self.data.num_classes)
@@ -345,11 +371,18 @@ class Trainer:
                 st.ema_best_top1 = row["ema_test_top1"]
         if self.runtime.is_main:
             self.write_history()
-        self.save()
+        # best.pt before last.pt: a crash between the two resumes from the previous last.pt, replays the
+        # epoch and writes both again, so best.pt can never lag behind the best epoch last.pt records
         if self.write_best and improved and self.delivers_ema:
             self.save_best_ema()
+            fault_point("best.before_last")
+            self.save()
         elif self.write_best and improved:
-            self.copy_last("best.pt")
+            self.save("best.pt")
+            fault_point("best.before_last")
+            self.copy_to_last("best.pt")
+        else:
+            self.save()
         ema_note = f"  ema_top1 {row['ema_test_top1']:.2f}" if self.delivers_ema else ""
         log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f%s  (%.1f s, %.0f img/s)", epoch + 1,
                  self.cfg.epochs, row["train_loss"], row["test_top1"], row["test_top5"], ema_note, seconds,
@@ -391,6 +424,7 @@ class Trainer:
             peak_memory_gib=(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
                              if self.runtime.device.type == "cuda" else None),
             **self._ema_metrics(last),
+            config=self.checkpoint_extra.get("config"),
             **{**self.metrics_extra, **extra},
         )
         if self.runtime.is_main:
