@@ -13,14 +13,22 @@ from target_train.export import ExportConfig
 from target_train.prune import PruneConfig
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
-# baselines of the paper's comparison and need no stage one.
+# baselines of the paper's comparison and its ablation (Table 4: where the constants come from, and
+# each half of the method alone). The variants in SEARCHING need stage one.
 VARIANTS = {
     "searched": "the RepOpt target with the scales stage one just searched",
     "plain": "the same plain target trained with plain SGD (no re-parameterization)",
     "init": "the RepOpt target with the un-searched HS init constants",
     "repvgg": "the structural re-parameterization baseline: RepVGG (family=ghostnet: RepGhostNet, model=rep)",
     "custom": "the RepOpt target with target.scales as given (a file, a run dir or official:X)",
+    "ones": "the RepOpt target with every scale 1",
+    "channel_mean": "the RepOpt target with the searched scales, each layer's replaced by their mean over channels",
+    "official_mean": "the RepOpt target with the released scales of the member with the same layers (B1 for B1cpu), "
+                     "averaged per layer over channels and broadcast to the target's widths",
+    "reinit_only": "re-initialized from the searched scales, trained with plain SGD (gradients not modified)",
+    "masks_only": "gradients modified with the searched scales' masks, without the re-initialization",
 }
+SEARCHING = ("searched", "channel_mean", "reinit_only", "masks_only")
 
 
 @dataclass
@@ -29,8 +37,9 @@ class PipelineConfig(Checked):
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # the job's run; hs.logger and target.logger follow it
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
-    variant: str = "searched"  # searched | plain | init | repvgg | custom (see VARIANTS)
+    variant: str = "searched"  # one of VARIANTS: searched | plain | init | repvgg | custom | ones | channel_mean | official_mean | reinit_only | masks_only
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
+    shared_search: bool = False  # true: stage one runs in <sweep>/searches/<its settings' hash>/, once for every job that has the same stage-one settings (job/hs links to it)
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
     quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
     prune: bool = False  # last step: channel pruning + fine-tuning of the target (target_train.prune; vgg only)

@@ -15,7 +15,10 @@ scales file stage one recorded (by sha256), found in this job's ``hs/`` (a moved
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,14 +35,14 @@ from repopt.faults import fault_point
 from repopt.family import get_family
 from repopt.io import read_json, sha256_file
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, status_of, write_result
-from repopt.rundir import RunRefused, changed_settings, file_record, verify_manifest
+from repopt.rundir import SHARED_SEARCHES, RunLock, RunRefused, changed_settings, file_record, verify_manifest, without_allowed
 from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
 from target_train.app import train_target
 from target_train.export import export_run
 from target_train.prune import prune_run
 
-from .config import VARIANTS, PipelineConfig
+from .config import SEARCHING, VARIANTS, PipelineConfig
 
 log = logging.getLogger("pipelines.search_and_train")
 T = TypeVar("T")
@@ -125,23 +128,45 @@ def handed_off_scales(hs_dir: Path, sha256: str | None) -> Path:
 def stage_configs(cfg: PipelineConfig):
     """The two stage configs of a job, with the variant applied and resume passed through.
 
-    For ``searched`` the target's ``scales`` is left unset here: it is the file stage one writes.
-    """
+    For the variants that search (``SEARCHING``) the target's ``scales`` is left unset here: it is the
+    file stage one writes."""
     if cfg.variant not in VARIANTS:
         raise ConfigError(f"variant={cfg.variant!r}: choose one of {', '.join(VARIANTS)}")
     hs = replace(cfg.hs, resume=cfg.resume or cfg.hs.resume, run_dir=None)
     target = replace(cfg.target, resume=cfg.resume or cfg.target.resume, run_dir=None)
-    if cfg.variant == "searched":
-        target = replace(target, scales=None, model="target")
-    elif cfg.variant == "plain":
-        target = replace(target, scales="none", model="target")
-    elif cfg.variant == "init":
-        target = replace(target, scales="init", model="target")
-    elif cfg.variant == "repvgg":
-        target = replace(target, scales="none", model=get_family(target.family).baseline_mode)
-    elif not target.scales or str(target.scales).lower() in ("none", "init"):
+    given = {
+        "searched": dict(scales=None),
+        "channel_mean": dict(scales=None, scales_transform="channel_mean"),
+        "reinit_only": dict(scales=None, masks=False),
+        "masks_only": dict(scales=None, reinit=False),
+        "plain": dict(scales="none"),
+        "init": dict(scales="init"),
+        "ones": dict(scales="ones"),
+        "official_mean": dict(scales="official_mean"),
+        "repvgg": dict(scales="none", model=get_family(target.family).baseline_mode),
+    }
+    if cfg.variant == "custom" and (not target.scales or str(target.scales).lower() in ("none", "init")):
         raise ConfigError("variant=custom needs target.scales=<file | run dir | official:X>")
-    return (hs if cfg.variant == "searched" else None), target
+    target = replace(target, **{"model": "target", **given.get(cfg.variant, {})})
+    return (hs if cfg.variant in SEARCHING else None), target
+
+
+def search_dir(job_dir: Path, hs_cfg, shared: bool) -> Path:
+    """Where a job's stage one runs: ``<job>/hs``; with ``shared_search``, ``<job>/hs`` is a link to
+    ``<sweep>/searches/<hash of its settings>``, the one search every job with the same settings uses."""
+    hs_dir = job_dir / "hs"
+    if not shared:
+        return hs_dir
+    key = hashlib.sha256(json.dumps(without_allowed(to_plain(hs_cfg)), sort_keys=True, default=str).encode()).hexdigest()
+    target = job_dir.parent / SHARED_SEARCHES / key[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    if hs_dir.is_symlink() and hs_dir.resolve() == target.resolve():
+        return hs_dir
+    if hs_dir.exists() or hs_dir.is_symlink():
+        raise RunRefused(f"{hs_dir} is not the shared search of these settings ({target}); this job searched on its own "
+                         f"before: run it with shared_search=false, or in a new directory")
+    hs_dir.symlink_to(os.path.relpath(target, job_dir))  # relative: a moved sweep keeps its links
+    return hs_dir
 
 
 @tracked("search_and_train", ("metrics.json",), attach=False)  # the job's run; the stages' runs nest under it
@@ -152,12 +177,15 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     driver's pruner, ``pipelines.tune``)."""
     hs_cfg, target_cfg = stage_configs(cfg)
     summary = JobMetrics(variant=cfg.variant, config=to_plain(cfg))
-    hs_dir, target_dir = job_dir / "hs", job_dir / "target"
+    target_dir = job_dir / "target"
     expected_scales = None
     if hs_cfg is not None:
-        hs_run = _resume_if_completed(hs_cfg, hs_dir)
-        summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_run, hs_dir),
-                                lambda: _finished_stage(hs_dir / "metrics.json", hs_cfg), summary, job_dir)
+        hs_dir = search_dir(job_dir, hs_cfg, cfg.shared_search)
+        # a shared search is continued by whichever job comes to it: its settings are these, by its hash
+        hs_run = replace(hs_cfg, resume=True) if cfg.shared_search else _resume_if_completed(hs_cfg, hs_dir)
+        with RunLock(hs_dir, wait=cfg.shared_search):  # a job of a parallel sweep waits for the search it shares
+            summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_run, hs_dir),
+                                    lambda: _finished_stage(hs_dir / "metrics.json", hs_cfg), summary, job_dir)
         if after_stage is not None:
             after_stage("hs", summary.hs)
         fault_point("job.between_stages")

@@ -28,6 +28,7 @@ from .errors import RepOptError
 from .io import read_json, sha256_file
 
 LOCK_FILE = ".lock"
+SHARED_SEARCHES = "searches"  # <sweep>/searches/<hash>/: stage-one runs shared by the jobs of a sweep (not jobs)
 # Keys that may differ between the run on disk and the one requested: none of them changes what is
 # trained or written. Matched as a dotted sub-path, so "logger" covers "hs.logger.name" too.
 SETTINGS_ALLOWED = ("resume", "run_dir", "progress", "logger", "data.num_workers", "data.cache_dir", "data.download",
@@ -133,15 +134,17 @@ def verify_manifest(run_dir: Path, manifest: Mapping | None, *, hashes: bool = T
 class RunLock:
     """An exclusive, process-lifetime lock on a run directory (``fcntl.flock`` on ``<run>/.lock``)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, wait: bool = False):
         self.run_dir = Path(run_dir)
+        self.wait = wait  # block until the holder is done (a search shared by the jobs of a sweep)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         path = self.run_dir / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except OSError as exc:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -179,7 +182,8 @@ def remove_stale_temps(run_dir: Path, depth: int = 2) -> list[Path]:
     removed = []
     folders = [Path(run_dir)]
     for _ in range(depth):
-        folders += [sub for folder in folders for sub in folder.iterdir() if sub.is_dir()]
+        # not through links: a linked folder (a shared search) belongs to another run's lock
+        folders += [sub for folder in folders for sub in folder.iterdir() if sub.is_dir() and not sub.is_symlink()]
     for folder in dict.fromkeys(folders):
         for tmp in folder.glob(".*.tmp"):
             if tmp.is_file():

@@ -78,6 +78,7 @@ from omegaconf import DictConfig, OmegaConf
 from .engine.callbacks import Callback as TrainerCallback
 from .engine.callbacks import active
 from .io import read_json, write_json
+from .rundir import SHARED_SEARCHES
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def read_outcomes(sweep_dir: str | Path, since: Optional[float] = None) -> list[
             recorded_dirs.add(os.path.normpath(str(data["output_dir"])))
     if since is not None and sweep_dir.is_dir():
         for child in sweep_dir.iterdir():
-            if child.name.startswith(".") or not child.is_dir():
+            if child.name.startswith(".") or child.name == SHARED_SEARCHES or not child.is_dir():
                 continue
             here = os.path.normpath(str(child.absolute()))
             if any(d == here or d.startswith(here + os.sep) for d in recorded_dirs):  # hydra.sweep.subdir may nest

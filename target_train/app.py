@@ -53,19 +53,20 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
             log.warning("model=%s trains with a plain optimizer: scales=%s is not used", cfg.model, cfg.scales)
         choice = ScalesChoice("none", None)
     else:
-        choice = resolve_scales(cfg.scales, arch)  # before the data: a bad scales file fails fast
+        choice = resolve_scales(cfg.scales, arch, cfg.scales_transform)  # before the data: a bad scales file fails fast
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)
     seed_everything(cfg.seed)
     build = build_target_model if cfg.model == "target" else build_baseline_model
     model = build(arch, data.num_classes)
-    if choice.scales is not None:
+    if choice.scales is not None and cfg.reinit:  # reinit=false: the ablation "masks only"
         reinitialize(model, choice.scales, use_identity_scales=cfg.use_identity_scales)
     model = place(model, runtime)
     lr = scaled_lr(cfg)
     o = cfg.optim
-    optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=choice.scales, momentum=o.momentum,
+    masks_from = choice.scales if cfg.masks else None  # masks=false: the ablation "re-init only", a plain optimizer
+    optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=masks_from, momentum=o.momentum,
                                 nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused,
                                 compiled=o.compile_step)
     extra, metrics_extra = run_records("target_train", arch, data, cfg.model)

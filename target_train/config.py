@@ -10,6 +10,7 @@ from repopt.errors import ConfigError
 from repopt.family import FAMILIES, get_family
 
 MODELS = ("target", *(f.baseline_mode for f in FAMILIES.values()))  # target, or a family's baseline
+SCALES_TRANSFORMS = ("none", "channel_mean")
 
 
 @dataclass
@@ -21,13 +22,18 @@ class TargetConfig(TrainConfig):
     SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = TrainConfig.SETTINGS_ALLOWED + ("scales",)
 
     model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | rep (ghostnet baseline, RepGhostNet)
-    scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init
+    scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
+    scales_transform: str = "none"  # none | channel_mean: each layer's scales replaced by their mean over channels (ablation)
+    reinit: bool = True  # re-initialize the target from the scales (false: the ablation "masks only")
+    masks: bool = True  # modify the gradients with the scales' masks (false: the ablation "re-init only", plain optimizer)
     use_identity_scales: bool = True  # re-init with the searched s_id (false: identity weight 1)
     deploy: bool = True  # write deploy.pt (folded conv+ReLU, loads without this package)
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
         require(self.model in MODELS, prefix + "model", self.model, "one of " + ", ".join(MODELS))
+        require(self.scales_transform in SCALES_TRANSFORMS, prefix + "scales_transform", self.scales_transform,
+                "one of " + ", ".join(SCALES_TRANSFORMS))
         baseline = get_family(self.family).baseline_mode
         if self.model not in ("target", baseline):
             raise ConfigError(f"{prefix}model={self.model} is not a {self.family} model; the {self.family} baseline is "
