@@ -8,10 +8,12 @@ those constants; ``reinit_only`` re-initializes from the scales and trains with 
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from pipelines.ablation import budget_table, drift, official_drift, report
 from pipelines.config import SEARCHING, VARIANTS, PipelineConfig
 from pipelines.search_and_train import main as pipeline_main
 from pipelines.search_and_train import stage_configs
@@ -150,3 +152,26 @@ def test_a_shared_search_runs_once_for_every_variant_that_needs_it(in_tmp):
     assert len({j["hs"]["wall_seconds"] for j in jobs[:3]}) == 1
     assert [j["target"]["optimizer"] for j in jobs] == ["RepOptSGD", "RepOptSGD", "RepOptSGD", "RepOptSGD"]
     assert jobs[1]["target"]["scales"]["transform"] == "channel_mean"
+    report_text = report([sweep], [], in_tmp / "report")
+    assert "| searched | 1 | 9.38 | 0: 9.38 | — | +0.00 (n=1 vs 1) |" in report_text
+    assert "| searched, 1 HS epochs | 1 |" in report_text
+    assert "How far the searched scales moved" in report_text and (in_tmp / "report" / "budget.png").is_file()
+
+
+def test_drift_is_the_mean_relative_distance_per_stage_and_kind():
+    init = get_arch("tiny").init_scales()
+    moved = {k: v * (1.1 if "scale_conv" in k else 1.0) for k, v in init.items()}
+    table = drift(moved, init).set_index(["stage", "kind"])["drift %"]
+    assert all(abs(v - 10.0) < 1e-4 for (stage, kind), v in table.items() if kind == "scale_conv")
+    assert all(v == 0.0 for (stage, kind), v in table.items() if kind != "scale_conv")
+    official = official_drift("B1")
+    assert len(official) and (official["drift %"] > 0).all()
+
+
+def test_the_budget_table_compares_each_budget_with_init():
+    searched = pd.DataFrame({"hs.epochs": [8, 8, 64, 64], "target_top1": [50.0, 52.0, 55.0, 57.0], "hs.seed": [0, 1, 0, 1]})
+    init = pd.Series([51.0, 53.0])
+    table = budget_table(searched, init).set_index("setting")
+    assert table.loc["searched, 8 HS epochs", "vs init"].startswith("-1.00 [")
+    assert table.loc["searched, 64 HS epochs", "vs init"].startswith("+4.00 [")
+    assert table.loc["searched, 64 HS epochs", "per seed"] == "0: 55.00, 1: 57.00"
