@@ -119,7 +119,11 @@ class OptimConfig(Checked):
     eps: float = 1e-8
     foreach: Optional[bool] = None  # null: torch's default
     fused: Optional[bool] = None  # SGD only; null: fused kernel where torch has one
-    compile_step: bool = False  # stage two, RepOptSGD: torch.compile mask+decay+momentum+step into one pass
+    # stage two, RepOptSGD: mask+decay+momentum+step in one torch.compile-d pass. null (auto): compiled
+    # where available (a working torch.compile/inductor, cpu/cuda, float dtypes) for models of >= 1 M
+    # parameters, else the eager step, with one logged warning when the compiler is what is missing
+    # or fails; true: require it (error when unavailable); false: never. RepOptAdamW has no compiled step.
+    compile_step: Optional[bool] = None
 
     def check(self, prefix: str = "") -> None:
         require(self.lr > 0, prefix + "lr", self.lr, "> 0")

@@ -1,9 +1,11 @@
 """The RepOptimizers: torch's SGD / AdamW with the gradient masks of the scales built in.
 
-``RepOptSGD`` multiplies the masked gradients in one ``torch._foreach_mul_`` and hands over to
-``torch.optim.SGD.step`` unchanged, so foreach/fused kernels, ``state_dict()`` and AMP's GradScaler
-work as they do for SGD. Weight decay is then added by SGD *after* the mask, unmasked (the
-official order, which is what makes the equivalence with CSLA exact).
+``RepOptSGD`` applies mask, decay, momentum and update in one ``torch.compile``-d pass by default
+where that is available and worth its compilation (auto: ``compiled=None``); otherwise (and with
+``compiled=False``) it multiplies the masked gradients in one ``torch._foreach_mul_`` and hands over
+to ``torch.optim.SGD.step`` unchanged, so foreach/fused kernels work as they do for SGD. Either way
+``state_dict()`` and AMP's GradScaler work as for SGD, and weight decay is added *after* the mask,
+unmasked (the official order, which is what makes the equivalence with CSLA exact).
 
 ``RepOptAdamW`` must multiply Adam's normalised *update* (not the gradient, which Adam would
 normalise away) by M1 = |s_conv| + |s_1x1| + 1, elementwise. torch's AdamW has no elementwise
@@ -14,6 +16,7 @@ layout (``step``, ``exp_avg``, ``exp_avg_sq``) is torch's, so checkpoints interc
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Iterable, Mapping
 
@@ -21,11 +24,13 @@ import torch
 from torch import nn
 
 from repopt.errors import ConfigError
-from repopt.optim import OPTIMIZERS, closure_loss, param_groups, plain_optimizer, sgd_options
+from repopt.optim import OPTIMIZERS, closure_loss, default_fused, param_groups, plain_optimizer
 
 from .handler import grad_masks as make_grad_masks
 from .handler import reinitialize
 from .masks import masks_by_param
+
+log = logging.getLogger("target_train.optim")
 
 
 def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parameter, torch.Tensor]) -> dict:
@@ -42,19 +47,20 @@ def _check_masks(optimizer: torch.optim.Optimizer, grad_masks: Mapping[nn.Parame
     return masks
 
 
-@torch.no_grad()
-def _masked_sgd(params, grads, bufs, masks, lr: torch.Tensor, weight_decay: torch.Tensor, momentum: float,
-                nesterov: bool, maximize: bool) -> None:
-    """d = M*g + wd*p; buf = momentum*buf + d; p -= lr*(d + momentum*buf if nesterov else buf).
+def _masked_sgd(params, grads, bufs, masks, lrs, wds, options) -> None:
+    """Per tensor: d = M*g + wd*p; buf = momentum*buf + d; p -= lr*(d + momentum*buf if nesterov else buf).
 
     Written per tensor so that ``torch.compile`` emits one loop reading p, g, M and buf once: the
-    mask costs one extra read instead of a whole extra pass over the gradients.
+    mask costs one extra read instead of a whole extra pass over the gradients. Every parameter
+    group goes through one call (``lrs``, ``wds``: 0-d tensors; ``options``: (momentum, nesterov,
+    maximize) per tensor), so a compilation either succeeds for the whole step or writes nothing.
+    Called under ``torch.no_grad()``.
     """
-    for p, g, buf, m in zip(params, grads, bufs, masks):
+    for p, g, buf, m, lr, wd, (momentum, nesterov, maximize) in zip(params, grads, bufs, masks, lrs, wds, options):
         d = g * m if m is not None else g
         if maximize:
             d = -d
-        d = d + weight_decay * p
+        d = d + wd * p
         if momentum != 0:
             buf.mul_(momentum).add_(d)
             d = d + momentum * buf if nesterov else buf
@@ -66,26 +72,142 @@ def _masked_sgd_kernel():
     return torch.compile(_masked_sgd, fullgraph=True, dynamic=False)
 
 
+# compiled=None (auto) compiles the step only for at least this many parameters: below it the
+# compilation (seconds, once per model) outweighs what the single pass saves (microseconds per step)
+AUTO_COMPILE_MIN_PARAMS = 1_000_000
+COMPILE_DEVICES = ("cpu", "cuda")
+COMPILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compiled_step_unavailable(params: Iterable[torch.Tensor], dampening: float = 0.0) -> str | None:
+    """Why ``RepOptSGD``'s compiled step cannot run on ``params`` here; None when it can.
+
+    Checks what can be known before compiling: dampening, devices and dtypes, that TorchDynamo
+    runs on this Python and is not disabled, and inductor's tool chain (a C++ compiler for CPU
+    kernels, Triton for CUDA ones). A compilation that still fails is caught at the first step.
+    """
+    if dampening != 0:
+        return f"dampening={dampening:g} (the compiled step supports dampening=0 only)"
+    params = list(params)
+    devices = {p.device.type for p in params}
+    if not devices <= set(COMPILE_DEVICES):
+        other = ", ".join(sorted(devices - set(COMPILE_DEVICES)))
+        return f"parameters on {other} (the compiled step runs on {', '.join(COMPILE_DEVICES)})"
+    dtypes = {p.dtype for p in params}
+    if not dtypes <= set(COMPILE_DTYPES):
+        return f"parameters of dtype {', '.join(sorted(str(d) for d in dtypes - set(COMPILE_DTYPES)))}"
+    try:
+        import torch._dynamo
+    except Exception as exc:  # any import failure means no compiler
+        return f"torch._dynamo cannot be imported ({type(exc).__name__}: {exc})"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python or platform"
+    if getattr(torch._dynamo.config, "disable", False):
+        return "TorchDynamo is disabled (TORCHDYNAMO_DISABLE)"
+    if "cuda" in devices:
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "Triton is not installed (inductor's CUDA kernels need it)"
+    if "cpu" in devices:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:
+            return None  # an older layout: the first step finds out
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # inductor raises its own InvalidCxxCompiler
+            return f"no working C++ compiler for inductor's CPU kernels ({type(exc).__name__})"
+    return None
+
+
+def _flat_params(params) -> tuple[list, list[torch.Tensor]]:
+    """``params`` as torch.optim accepts them (tensors, (name, tensor) pairs or group dicts), materialized,
+    and every tensor in it."""
+    def tensors(entries):
+        return [e[1] if isinstance(e, tuple) else e for e in entries]
+
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+                  for g in params]
+        return groups, [p for g in groups for p in tensors(g["params"])]
+    return params, tensors(params)
+
+
 class RepOptSGD(torch.optim.SGD):
     """SGD whose gradients are multiplied by per-parameter masks before the usual update.
 
-    ``compiled=True`` updates every parameter with one ``torch.compile``-d kernel that applies
-    mask, decay, momentum and step in a single pass; the state layout (``momentum_buffer``) is
-    torch's either way. It needs ``dampening=0``.
+    Two implementations of the same step, with torch's state layout (``momentum_buffer``) either way:
+
+    * the **compiled step**: one ``torch.compile``-d kernel applies mask, decay, momentum and step
+      in a single pass over each parameter (it needs ``dampening=0``);
+    * the **eager step**: the masks multiply the gradients in one ``torch._foreach_mul_``, then
+      ``torch.optim.SGD.step`` runs unchanged, with its fused kernel where torch has one unless
+      ``foreach`` / ``fused`` choose otherwise. One more pass over the masked gradients.
+
+    ``compiled``: None (the default, auto) takes the compiled step when ``foreach`` and ``fused``
+    are left unset, the parameters number at least ``AUTO_COMPILE_MIN_PARAMS`` and
+    ``compiled_step_unavailable`` finds nothing against it; otherwise the eager step, with one
+    warning naming the reason when the compiler was the obstacle. A compilation that fails at a
+    step is caught (before any tensor is written), warned about once, and that step and all later
+    ones run eagerly. True requires the compiled step: ConfigError when it is unavailable, and a
+    failed compilation raises. False: always the eager step.
     """
 
     def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, compiled: bool = False):
-        if compiled and dampening != 0:
-            raise ConfigError("RepOptSGD(compiled=True) supports dampening=0 only")
-        if compiled:
-            fused = False  # torch's kernels are not used; GradScaler then unscales the grads before step()
+                 foreach: bool | None = None, fused: bool | None = None, compiled: bool | None = None):
+        params, flat = _flat_params(params)
+        chosen = foreach is not None or fused is not None
+        if not chosen:
+            fused = default_fused([{"params": flat}], None, None)
+        self.compile_choice = compiled
+        n = sum(p.numel() for p in flat)
+        use, why, unavailable = False, "", False
+        if compiled is False:
+            why = "compiled=False"
+        elif compiled is None and chosen:
+            why = "foreach/fused chosen"
+        elif compiled is None and n < AUTO_COMPILE_MIN_PARAMS:
+            why = f"{n:,} parameters, under the {AUTO_COMPILE_MIN_PARAMS:,} that auto compiles for"
+        else:
+            why = compiled_step_unavailable(flat, dampening) or ""
+            if why and compiled:
+                raise ConfigError(f"RepOptSGD(compiled=True) (optim.compile_step=true): the compiled step is not "
+                                  f"available: {why}; compile_step=null falls back to the eager step instead")
+            use, unavailable = not why, bool(why)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
-        self.compiled = compiled
         self.grad_masks = _check_masks(self, grad_masks)
         self._scalars: dict[tuple, torch.Tensor] = {}
+        self.compiled = False  # which step runs now: the compiled one, or the eager one for ``eager_reason``
+        self.eager_reason: str | None = why
+        if use:
+            self._use_compiled()
+        elif unavailable:
+            log.warning("RepOptSGD: the compiled single-pass step is not available (%s); using the eager step "
+                        "(mask pass + torch's %s SGD)", why, self._eager_kind())
+        else:
+            log.debug("RepOptSGD: eager step (%s; torch's %s SGD after the mask pass)", why, self._eager_kind())
+
+    def _eager_kind(self) -> str:
+        group = self.param_groups[0] if self.param_groups else {}
+        return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "default"
+
+    def _use_compiled(self) -> None:
+        self.compiled, self.eager_reason = True, None
+        # the kernel does not take GradScaler's scale / found_inf: GradScaler then unscales the
+        # gradients and skips inf/nan steps itself before step(), as for any unfused optimizer
+        self._step_supports_amp_scaling = False
+        log.info("RepOptSGD: compiled single-pass step (mask, decay, momentum and update in one kernel; "
+                 "the first step compiles it)")
+
+    def _fall_back(self, exc: Exception) -> None:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        self.compiled, self.eager_reason = False, f"compilation failed ({type(exc).__name__}: {first})"
+        log.warning("RepOptSGD: compiling the single-pass step failed (%s: %s); this and every later step run the "
+                    "eager step (mask pass + torch's %s SGD)", type(exc).__name__, first, self._eager_kind())
+        log.debug("RepOptSGD: the compilation error", exc_info=exc)
 
     def _scalar(self, name: str, index: int, value: float, like: torch.Tensor) -> torch.Tensor:
         """A 0-d tensor holding ``value``: a changing lr must not recompile the kernel."""
@@ -98,20 +220,34 @@ class RepOptSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def _compiled_update(self) -> None:
-        kernel = _masked_sgd_kernel()
+        params, bufs, lrs, wds, options, created = [], [], [], [], [], []
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = []
-            for p in params:
+            scalars: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 state = self.state[p]
                 if group["momentum"] != 0 and state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p)  # first step: 0*mom + d == torch's clone(d)
+                    created.append(p)
+                key = (p.device, p.dtype)
+                if key not in scalars:
+                    scalars[key] = (self._scalar("lr", index, group["lr"], p),
+                                    self._scalar("wd", index, group["weight_decay"], p))
+                params.append(p)
                 bufs.append(state.get("momentum_buffer"))
-            kernel(params, [p.grad for p in params], bufs, [self.grad_masks.get(p) for p in params],
-                   self._scalar("lr", index, group["lr"], params[0]), self._scalar("wd", index, group["weight_decay"], params[0]),
-                   group["momentum"], group["nesterov"], group["maximize"])
+                lrs.append(scalars[key][0])
+                wds.append(scalars[key][1])
+                options.append((group["momentum"], group["nesterov"], group["maximize"]))
+        if not params:
+            return
+        try:
+            _masked_sgd_kernel()(params, [p.grad for p in params], bufs, [self.grad_masks.get(p) for p in params],
+                                 lrs, wds, options)
+        except BaseException:
+            for p in created:  # nothing was written: the eager step starts these buffers as torch does
+                self.state[p].pop("momentum_buffer", None)
+            raise
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -124,10 +260,17 @@ class RepOptSGD(torch.optim.SGD):
     def step(self, closure=None):
         loss = closure_loss(closure)
         if self.compiled:
-            self._compiled_update()
-        else:
-            self.apply_masks()
-            super().step()
+            try:
+                self._compiled_update()
+                return loss
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # any compile failure: dynamo, inductor, the C++/Triton tool chain
+                if self.compile_choice is True:
+                    raise
+                self._fall_back(exc)
+        self.apply_masks()
+        super().step()
         return loss
 
 
@@ -192,7 +335,7 @@ class RepOptAdamW(torch.optim.AdamW):
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
                     masks: Mapping[str, torch.Tensor] | None = None, momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
-                    foreach: bool | None = None, fused: bool | None = None, compiled: bool = False) -> torch.optim.Optimizer:
+                    foreach: bool | None = None, fused: bool | None = None, compiled: bool | None = None) -> torch.optim.Optimizer:
     """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
 
     The masks follow the optimizer (power 2 for SGD, |s| for AdamW). Re-initialization is separate
@@ -212,7 +355,11 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
     by_param = masks_by_param(model, make_grad_masks(model, scales, rule=name) if masks is None else masks)
     if name == "sgd":
-        return RepOptSGD(groups, by_param, lr=lr, compiled=compiled, **sgd_options(groups, momentum, nesterov, foreach, fused))
+        # foreach / fused as given: RepOptSGD picks its own default (the compiled step, or the fused kernel)
+        return RepOptSGD(groups, by_param, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                         foreach=foreach, fused=fused, compiled=compiled)
+    if compiled:
+        log.warning("compiled=True (optim.compile_step=true) is ignored for %s: only RepOptSGD has a compiled step", name)
     return RepOptAdamW(groups, by_param, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
 
 

@@ -16,14 +16,15 @@ from repopt.optim import param_groups
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
 SECTION_ROWS = {
-    "opt": {"sgd_foreach", "repopt_sgd_foreach", "loop_sgd", "adamw_foreach", "repopt_adamw", "loop_adamw"},
+    "opt": {"sgd_foreach", "repopt_sgd_foreach", "repopt_sgd_default", "loop_sgd", "adamw_foreach", "repopt_adamw",
+            "loop_adamw"},
     "train": {"target", "repvgg", "hs_unfused", "hs_fused"},
     "loader": {"device", "torchvision", "repopt_dataloader"},
     "hs_epoch": {"eager"},
 }
 RATIOS = {
-    "opt": ["repopt_sgd_over_sgd_foreach", "loop_over_repopt_sgd_foreach", "repopt_adamw_over_adamw_foreach",
-            "loop_over_repopt_adamw"],
+    "opt": ["repopt_sgd_over_sgd_foreach", "loop_over_repopt_sgd_foreach", "repopt_sgd_default_over_sgd_fused",
+            "repopt_adamw_over_adamw_foreach", "loop_over_repopt_adamw"],
     "train": ["target_over_repvgg_img_s", "target_over_repvgg_peak_mem", "hs_fused_over_hs_unfused_img_s"],
     "loader": ["device_over_dataloader"],
     "hs_epoch": ["eager_s_per_50k", "best_s_per_50k"],
@@ -63,6 +64,9 @@ def test_benchmark_cli_tiny(tmp_path, restore_threads, capsys):
         assert all(positive(ms) for ms in row["ms_all"]) and len(row["ms_all"]) == 3
     for row in result["sections"]["train"]["rows"]:
         assert positive(row["ms"]) and row["loss_finite"]
+    # tiny is under the size at which the default step compiles: the eager step, and the note says why
+    assert result["sections"]["opt"]["settings"]["repopt_sgd_default"]["step"] == "eager"
+    assert any(n.startswith("RepOptSGD default step: eager (") for n in result["sections"]["opt"]["notes"])
     eager = result["sections"]["hs_epoch"]["rows"][0]
     assert positive(eager["images_per_s"]) and eager["loss_finite"] and eager["images"] == 256
     targets = {t["key"]: t for t in result["targets"]}
@@ -72,6 +76,30 @@ def test_benchmark_cli_tiny(tmp_path, restore_threads, capsys):
     assert all(t["status"] == "n/a" for t in targets.values())
     assert positive(targets["sgd_step_foreach"]["value"])
     assert result["meta"]["torch"] == torch.__version__
+
+
+def test_opt_section_times_the_default_step_and_its_compilation(monkeypatch, single_thread):
+    """The opt section's "RepOptSGD (default)" is the step the apps build: compiled where available,
+    with the first step (the compilation) timed on its own; the eager step, with the reason, elsewhere."""
+    import target_train.optim as optim_mod
+    from pipelines.bench import opt_step
+    from pipelines.benchmark import build_parser, resolve_settings
+
+    monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)  # tiny stands in for B1
+    settings = resolve_settings(build_parser().parse_args(
+        ["--device", "cpu", "--arch", "tiny", "--num-classes", "10", "--steps", "2", "--warmup", "1", "--sections", "opt"]))
+    sec = opt_step.run(settings)
+    rows = {r["key"]: r for r in sec["rows"]}
+    default = sec["settings"]["repopt_sgd_default"]
+    assert positive(sec["ratios"]["repopt_sgd_default_over_sgd_fused"]) and positive(rows["repopt_sgd_default"]["first_step_s"])
+    reason = optim_mod.compiled_step_unavailable(build_target_model(get_arch("tiny"), 10).parameters())
+    if reason is None:
+        assert default["step"] == "compiled" and default["eager_reason"] is None
+        assert rows["repopt_sgd_default"]["label"] == "RepOptSGD (default): compiled step"
+        assert 0 <= default["compile_s"] < default["first_step_s"]  # 0 when this process compiled it already
+        assert any(n.startswith("RepOptSGD default step: compiled; first step") and "compile cost" in n for n in sec["notes"])
+    else:
+        assert default["step"] == "eager" and default["eager_reason"] == reason
 
 
 def test_benchmark_cli_rejects_bad_sections(capsys):
@@ -125,10 +153,10 @@ def test_loop_target_failure_names_the_ceiling(ceiling, note):
     """A failed loop ratio says when even torch's fused SGD could not reach it on the device."""
     from pipelines.bench.report import evaluate_targets
 
-    ratios = {"loop_over_repopt_sgd_fused": 3.0, "loop_over_sgd_fused": ceiling, "repopt_sgd_over_sgd_fused": 1.1}
+    ratios = {"loop_over_repopt_sgd_fused": 3.0, "loop_over_sgd_fused": ceiling, "repopt_sgd_default_over_sgd_fused": 1.1}
     result = {"settings": {"device": "cpu"}, "sections": {"opt": {"settings": {"arch": "B1"}, "ratios": ratios}}}
     targets = {t["key"]: t for t in evaluate_targets(result)}
     assert targets["loop_vs_repopt_fused"]["status"] == "FAIL"
     assert (note in targets["loop_vs_repopt_fused"]["note"]) and (bool(note) == bool(targets["loop_vs_repopt_fused"]["note"]))
-    assert targets["sgd_step_fused"]["status"] == "PASS" and targets["sgd_step_fused"]["note"] == ""
+    assert targets["sgd_step_default"]["status"] == "PASS" and targets["sgd_step_default"]["note"] == ""
     assert targets["train_img_s"]["status"] == "n/a"

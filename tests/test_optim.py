@@ -496,3 +496,171 @@ def test_param_groups_without_weight_decay_leave_it_to_the_optimizer():
     opt.step()  # zero gradient: only the decay moves the weight, by lr * wd * w
     torch.testing.assert_close(weight.detach(), before * (1 - 0.1 * 1e-3), rtol=1e-6, atol=0)
     assert torch.equal(model.stage0.bn.weight.detach(), torch.ones_like(model.stage0.bn.weight))  # no decay on BN
+
+
+# ---------------------------------------------------------------- the default step: compiled where available
+
+
+def _compiled_unavailable_reason(model):
+    from target_train.optim import compiled_step_unavailable
+
+    return compiled_step_unavailable(model.parameters())
+
+
+def _optim_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "target_train.optim" and r.levelname == "WARNING"]
+
+
+def _train_pair(models, opts, steps, seed=6):
+    for step in range(steps):
+        feed_grads(models, step, seed=seed)
+        for opt in opts:
+            opt.step()
+
+
+def test_default_step_is_the_compiled_one_and_equals_the_eager_step(monkeypatch, caplog):
+    """Auto (compiled=None, what the apps build) picks the compiled single pass where it is available
+    and the model is large enough; it equals the eager masked step within the compiled step's bound."""
+    import target_train.optim as optim_mod
+    from repopt.config import OptimConfig
+
+    assert OptimConfig().compile_step is None  # the config's default is auto
+    a = make_model(torch.float32, seed=9)
+    if (reason := _compiled_unavailable_reason(a)) is not None:
+        pytest.skip(f"the compiled step is not available here: {reason}")
+    monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)  # the tiny model stands in for a large one
+    b = copy.deepcopy(a)
+    start = copy.deepcopy(a)
+    scales = signed_scales(seed=9)
+    caplog.set_level("INFO", logger="target_train.optim")
+    default = build_optimizer(a, "sgd", 0.05, 1e-3, scales=scales)  # as target_train/app.py builds it
+    eager = build_optimizer(b, "sgd", 0.05, 1e-3, scales=scales, compiled=False)
+    assert type(default) is RepOptSGD and default.compiled and default.eager_reason is None
+    assert not default._step_supports_amp_scaling  # GradScaler unscales and skips inf steps before step()
+    assert not eager.compiled and eager.param_groups[0]["fused"] is True  # the eager step: mask pass + fused SGD
+    calls = []
+    kernel = optim_mod._masked_sgd_kernel()
+    monkeypatch.setattr(optim_mod, "_masked_sgd_kernel", lambda: lambda *args: calls.append(1) or kernel(*args))
+    _train_pair([a, b], [default, eager], steps=6)
+    assert len(calls) == 6 and default.compiled  # every step ran the compiled kernel, none fell back
+    assert not _optim_warnings(caplog)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert float((pa - pb).detach().abs().max() / pb.detach().abs().max().clamp_min(1e-12)) <= 1e-5, name
+    assert (a.stage1[0].conv.weight - start.stage1[0].conv.weight).abs().max() > 1e-3
+    for p, q in zip(a.parameters(), b.parameters()):  # torch's momentum_buffer layout either way
+        u, v = default.state[p]["momentum_buffer"], eager.state[q]["momentum_buffer"]
+        assert float((u - v).abs().max() / v.abs().max().clamp_min(1e-12)) <= 1e-4
+
+
+def test_default_step_below_the_size_threshold_or_with_a_chosen_kernel_is_eager(caplog):
+    caplog.set_level("DEBUG", logger="target_train.optim")
+    model = make_model(torch.float32)
+    small = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9)
+    assert not small.compiled and "parameters, under the" in small.eager_reason
+    chosen = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9, compiled=None, foreach=True)
+    assert not chosen.compiled and chosen.eager_reason == "foreach/fused chosen"
+    never = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9, compiled=False)
+    assert not never.compiled and never.eager_reason == "compiled=False"
+    assert not _optim_warnings(caplog)  # none of these is a fallback
+
+
+def test_fallback_when_compilation_fails_trains_the_eager_step(monkeypatch, caplog):
+    """A compilation that raises at the first step (no compiler, an inductor error) does not stop the
+    run: one warning, then that step and every later one are the eager masked step, exactly."""
+    import target_train.optim as optim_mod
+
+    monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)
+    monkeypatch.setattr(optim_mod, "compiled_step_unavailable", lambda *a, **k: None)  # looks available
+    attempts = []
+
+    def failing_kernel():
+        def kernel(*args):
+            attempts.append(1)
+            raise RuntimeError("backend='inductor' raised:\nInvalidCxxCompiler: No working C++ compiler found")
+        return kernel
+
+    monkeypatch.setattr(optim_mod, "_masked_sgd_kernel", failing_kernel)
+    caplog.set_level("INFO", logger="target_train.optim")
+    model = make_model(torch.float64)
+    ref = copy.deepcopy(model)
+    masks = sgd_masks(model)
+    init = [p.detach().clone() for p in model.parameters()]
+    groups = param_groups(model, 3e-2)
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    opt = RepOptSGD(groups, masks, lr=0.03, momentum=0.9, nesterov=True)
+    eager = RepOptSGD(param_groups(ref, 3e-2), sgd_masks(ref), lr=0.03, momentum=0.9, nesterov=True, compiled=False)
+    assert opt.compiled
+    steps_grads = []
+    for step in range(4):
+        feed_grads([model, ref], step, seed=1)
+        steps_grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        eager.step()
+    assert len(attempts) == 1 and not opt.compiled  # tried once, then never again
+    assert opt.eager_reason.startswith("compilation failed (RuntimeError: backend='inductor' raised:")
+    warnings = _optim_warnings(caplog)
+    assert len(warnings) == 1 and "compiling the single-pass step failed" in warnings[0], warnings
+    assert_params_equal(model, ref)  # exactly the eager step, from the failed step on
+    params = list(model.parameters())
+    expected = reference_masked_sgd(init, [masks.get(p) for p in params], steps_grads, lr=0.03, momentum=0.9,
+                                    wd=[wd_of[id(p)] for p in params], nesterov=True)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-13, atol=1e-15, msg=name)
+
+
+def test_compiled_step_unavailable_falls_back_at_construction_or_raises_when_required(monkeypatch, caplog):
+    import target_train.optim as optim_mod
+
+    monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)
+    monkeypatch.setattr(optim_mod, "compiled_step_unavailable",
+                        lambda *a, **k: "no working C++ compiler for inductor's CPU kernels (InvalidCxxCompiler)")
+    caplog.set_level("INFO", logger="target_train.optim")
+    model = make_model(torch.float32)
+    opt = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9)
+    assert not opt.compiled and "C++ compiler" in opt.eager_reason and opt.param_groups[0]["fused"] is True
+    warnings = _optim_warnings(caplog)
+    assert len(warnings) == 1 and "not available" in warnings[0] and "fused SGD" in warnings[0]
+    before = model.stage0.conv.weight.detach().clone()
+    feed_grads([model], 0)
+    opt.step()
+    assert not torch.equal(model.stage0.conv.weight, before)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9, compiled=True)
+
+
+def test_compiled_step_required_raises_when_compilation_fails(monkeypatch):
+    import target_train.optim as optim_mod
+
+    def kernel(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(optim_mod, "compiled_step_unavailable", lambda *a, **k: None)
+    monkeypatch.setattr(optim_mod, "_masked_sgd_kernel", lambda: kernel)
+    model = make_model(torch.float32)
+    opt = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9, compiled=True)
+    feed_grads([model], 0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())  # nothing half-made is kept
+
+
+def test_compiled_step_unavailable_reasons():
+    from target_train.optim import compiled_step_unavailable
+
+    w = torch.zeros(2, 2)
+    assert "dampening" in compiled_step_unavailable([w], dampening=0.1)
+    assert "meta" in compiled_step_unavailable([torch.zeros(2, device="meta")])
+    assert "torch.int64" in compiled_step_unavailable([torch.zeros(2, dtype=torch.int64)])
+    with torch._dynamo.config.patch(disable=True):
+        assert "TorchDynamo is disabled" in compiled_step_unavailable([w])
+    assert compiled_step_unavailable([w]) is None or "TorchDynamo" not in compiled_step_unavailable([w])
+
+
+def test_compile_step_is_ignored_with_a_warning_for_adamw(caplog):
+    caplog.set_level("WARNING", logger="target_train.optim")
+    model = make_model(torch.float32)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.05, scales=signed_scales(), compiled=True)
+    assert type(opt) is RepOptAdamW
+    assert any("only RepOptSGD has a compiled step" in w for w in _optim_warnings(caplog))
