@@ -19,6 +19,12 @@ from . import rundir
 from .errors import ConfigError
 from .family import family_names, family_of, get_family, get_spec
 
+# The values of the string settings, checked with the config before anything runs (the code that
+# uses each one raises the same error should it ever be reached with another value).
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("warmup_cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+PROGRESS_MODES = ("auto", "bar", "log", "off")
 RANDAUGMENT_MAX_MAGNITUDE = 30  # torchvision's RandAugment with its default 31 magnitude bins
 
 
@@ -126,6 +132,7 @@ class OptimConfig(Checked):
     compile_step: Optional[bool] = None
 
     def check(self, prefix: str = "") -> None:
+        require(self.name in OPTIMIZERS, prefix + "name", self.name, "one of " + ", ".join(OPTIMIZERS))
         require(self.lr > 0, prefix + "lr", self.lr, "> 0")
         require(self.base_batch_size >= 1, prefix + "base_batch_size", self.base_batch_size, ">= 1")
         require(0 <= self.momentum < 1, prefix + "momentum", self.momentum, "in [0, 1)")
@@ -143,6 +150,7 @@ class SchedConfig(Checked):
     min_lr: float = 0.0  # cosine floor
 
     def check(self, prefix: str = "") -> None:
+        require(self.name in SCHEDULES, prefix + "name", self.name, "one of " + ", ".join(SCHEDULES))
         require(self.warmup_epochs >= 0, prefix + "warmup_epochs", self.warmup_epochs, ">= 0")
         require(0 <= self.warmup_start_factor <= 1, prefix + "warmup_start_factor", self.warmup_start_factor, "in [0, 1]")
         require(self.min_lr >= 0, prefix + "min_lr", self.min_lr, ">= 0")
@@ -229,7 +237,8 @@ class TrainConfig(Checked):
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default
     resume: bool = False  # continue from last.pt in the run directory
-    progress: str = "auto"  # auto (bar on a TTY) | bar | log | off
+    progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | off
+    progress_every_s: float = 30.0  # progress=log: one line (step, loss, images/s, ETA) every this many seconds
     deterministic: bool = False  # torch.use_deterministic_algorithms
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (smoke tests, benchmarks)
     run_dir: Optional[str] = None  # null: Hydra's output directory
@@ -243,6 +252,9 @@ class TrainConfig(Checked):
             raise ConfigError(f"{prefix}arch={self.arch.name} is a {arch_family} architecture but {prefix}family={self.family}; "
                               f"choose one of its members ({members}) or {prefix}family={arch_family}")
         require(self.epochs >= 1, prefix + "epochs", self.epochs, ">= 1")
+        require(self.amp in AMP_MODES, prefix + "amp", self.amp, "one of " + ", ".join(AMP_MODES))
+        require(self.progress in PROGRESS_MODES, prefix + "progress", self.progress, "one of " + ", ".join(PROGRESS_MODES))
+        require(self.progress_every_s > 0, prefix + "progress_every_s", self.progress_every_s, "> 0 (seconds)")
         require(self.sched.warmup_epochs <= self.epochs, prefix + "sched.warmup_epochs", self.sched.warmup_epochs,
                 f"<= epochs ({self.epochs}): the warm-up must end within the run")
         require(0 <= self.label_smoothing < 1, prefix + "label_smoothing", self.label_smoothing, "in [0, 1)")

@@ -7,9 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .config import OPTIMIZERS
 from .errors import ConfigError
-
-OPTIMIZERS = ("sgd", "adamw")
 IDENTITY_SCALES = ("scale_identity.weight", "fusion_scale.weight")  # the weight-decayed 1-D scales
 
 

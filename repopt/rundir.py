@@ -31,7 +31,7 @@ LOCK_FILE = ".lock"
 SHARED_SEARCHES = "searches"  # <sweep>/searches/<hash>/: stage-one runs shared by the jobs of a sweep (not jobs)
 # Keys that may differ between the run on disk and the one requested: none of them changes what is
 # trained or written. Matched as a dotted sub-path, so "logger" covers "hs.logger.name" too.
-SETTINGS_ALLOWED = ("resume", "run_dir", "progress", "logger", "data.num_workers", "data.cache_dir", "data.download",
+SETTINGS_ALLOWED = ("resume", "run_dir", "progress", "progress_every_s", "logger", "data.num_workers", "data.cache_dir", "data.download",
                     "data.verify_checksums")
 
 

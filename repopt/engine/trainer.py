@@ -23,7 +23,6 @@ import logging
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from ..config import TrainConfig, to_plain
 from ..data.mix import BatchMix
@@ -45,6 +43,7 @@ from .callbacks import Callback, registered
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import WeightEMA
 from .meter import EpochMeter, evaluate
+from .progress import EpochProgress
 from .runtime import Runtime
 from .step import TrainStep
 from .stopping import StopSignal, agree_on_stop
@@ -235,11 +234,9 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
-    def _progress(self, epoch: int):
-        mode = self.cfg.progress
-        show = self.runtime.is_main and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
-        return tqdm(total=self.steps_per_epoch, initial=self.state.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-                    disable=not show, leave=False, dynamic_ncols=True)
+    def _progress(self, epoch: int) -> EpochProgress:
+        return EpochProgress(self.cfg.progress, epoch, self.cfg.epochs, self.state.step_in_epoch, self.steps_per_epoch,
+                             self.cfg.progress_every_s, show=self.runtime.is_main)
 
     def _check_finite(self, losses: list[torch.Tensor], first_step: int) -> None:
         values = torch.stack(losses).float()
@@ -283,7 +280,7 @@ class Trainer:
                     self._check_finite(pending, pending_first)
                     pending, pending_first = [], st.global_step
                     agree_on_stop(stop, rt)
-                bar.update(1)
+                bar.advance(loss, len(y))
                 if stop.received is not None:
                     break
         finally:

@@ -1,0 +1,43 @@
+"""Progress in every log, and string settings checked with the config (issue: a command line that respects the user)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hypersearch.app import main as hs_main
+from repopt.engine.progress import EpochProgress
+from tests.conftest import TINY, TINY_STEPS, run_hydra
+
+
+def test_progress_log_reports_step_loss_speed_and_eta(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("progress=")]
+    run_dir = tmp_path / "run"
+    run_hydra(hs_main, overrides + ["progress=log", "progress_every_s=1e-9", f"hydra.run.dir={run_dir}"])
+    log_file = (run_dir / "app.log").read_text()  # the run's own log file has them, not only the terminal
+    lines = [line.split(" - ", 1)[1] for line in log_file.splitlines() if "[repopt.progress]" in line]
+    pattern = re.compile(r"^epoch (\d)/2  step (\d+)/(\d+)  loss (\d+\.\d{4})  (\d+) img/s  ETA \d+:\d\d:\d\d$")
+    parsed = [pattern.match(line) for line in lines]
+    assert lines and all(parsed), lines
+    # a line after every step but the last of each epoch (that one is the epoch's own summary line)
+    assert [(int(m[1]), int(m[2])) for m in parsed] == [(e, s) for e in (1, 2) for s in range(1, TINY_STEPS)]
+    assert all(int(m[3]) == TINY_STEPS and 1.0 < float(m[4]) < 5.0 for m in parsed)
+
+
+def test_auto_progress_logs_when_stderr_is_not_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert EpochProgress("auto", 0, 1, 0, 10, 30.0).mode == "log"
+    assert EpochProgress("auto", 0, 1, 0, 10, 30.0, show=False).mode == "off"
+
+
+@pytest.mark.parametrize("override,key", [("optim.name=sgdd", "optim.name"), ("sched.name=cosine", "sched.name"),
+                                          ("amp=fp8", "amp"), ("progress=verbose", "progress"),
+                                          ("progress_every_s=0", "progress_every_s")])
+def test_string_settings_are_checked_before_anything_runs(tmp_path, capsys, override, key):
+    run_dir = tmp_path / "run"
+    run_hydra(hs_main, TINY + [override, f"hydra.run.dir={run_dir}"], expect_exit=1)
+    err = capsys.readouterr()
+    assert f"error: {key}=" in err.err and "must be" in err.err
+    assert "data synthetic" not in err.out + err.err  # refused before the data was loaded
+    assert not (run_dir / "last.pt").exists()
