@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any, Optional
 
 from repopt.config import Checked, register_schema, require
@@ -150,7 +151,10 @@ class TuneConfig(Checked):
         require(self.max_retry is None or self.max_retry >= 0, "max_retry", self.max_retry, ">= 0 or null")
         require(self.db_timeout > 0, "db_timeout", self.db_timeout, "> 0")
         require(self.poll_seconds > 0, "poll_seconds", self.poll_seconds, "> 0")
-        require(bool(self.space), "space", self.space, "at least one parameter (choose a preset: tune=<name>)")
+        if not self.space:
+            presets = sorted(p.name.removesuffix(".yaml") for p in (files("conf") / "tune").iterdir() if p.name.endswith(".yaml"))
+            raise ConfigError(f"no search space: choose a study with tune=<name> ({', '.join(presets)}), "
+                              f"e.g. python -m pipelines.tune tune=quickstart")
         base_keys = {override_key(o) for o in self.base}
         for key in self.space:
             if key in base_keys:

@@ -41,3 +41,18 @@ def test_string_settings_are_checked_before_anything_runs(tmp_path, capsys, over
     assert f"error: {key}=" in err.err and "must be" in err.err
     assert "data synthetic" not in err.out + err.err  # refused before the data was loaded
     assert not (run_dir / "last.pt").exists()
+
+
+def test_tune_help_and_a_missing_study_are_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import _env
+
+    shown = subprocess.run([sys.executable, "-m", "pipelines.tune", "--help"], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr and "tune" in shown.stdout
+    missing = subprocess.run([sys.executable, "-m", "pipelines.tune"], cwd=tmp_path, env=_env(), capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "error: no search space: choose a study with tune=<name> (hs_recipe, quickstart)" in missing.stderr
