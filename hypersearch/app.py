@@ -57,6 +57,7 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            metrics_extra=metrics_extra)
+    log.info("run directory %s; %s, mode %s", run_dir, arch.name, cfg.mode)
     metrics = trainer.fit(finish=False)  # completed only once the scales are on disk
     if not runtime.is_main:
         return metrics

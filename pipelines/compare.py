@@ -482,6 +482,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --out is not writable (a file, a read-only or full disk): nothing was read wrongly
+        print(f"error: cannot write the comparison into {out}: {exc.strerror or exc}; choose another folder with "
+              f"--out DIR", file=sys.stderr)
+        return 1
     print((out / "comparison.md").read_text())
     print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and plots ({len(table)} settings)")
     return 0

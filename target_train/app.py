@@ -82,6 +82,9 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
 @tracked("target_train", ("metrics.json", "history.csv", "deploy.pt"))
 def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     run = build_target_run(cfg, run_dir)
+    c = run.scales
+    log.info("run directory %s; %s with %s; scales: %s%s", run_dir, cfg.model, type(run.optimizer).__name__, c.kind,
+             f" {c.file.path} (sha256 {c.file.sha256[:12]}...)" if c.file else "")
     metrics = run.trainer.fit(finish=False)  # completed only once deploy.pt is on disk
     if run.trainer.runtime.is_main:
         deploy = {}

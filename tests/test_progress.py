@@ -56,3 +56,28 @@ def test_tune_help_and_a_missing_study_are_one_line_not_a_traceback(tmp_path):
                              text=True, timeout=120)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "error: no search space: choose a study with tune=<name> (hs_recipe, quickstart)" in missing.stderr
+
+
+def test_compare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    from pipelines.compare import main as compare_main
+    from repopt.results import StageMetrics, Status, write_result
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    write_result(job / "metrics.json", StageMetrics(status=Status.COMPLETED, stage="hypersearch", top1=50.0))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert compare_main([str(tmp_path / "sweep"), "--out", str(blocker / "out"), "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the comparison into {blocker / 'out'}") and "--out DIR" in err
+    assert "Traceback" not in err and blocker.read_text() == "not a folder"
+
+
+def test_stage_two_says_where_it_runs_and_which_scales_it_loaded(tmp_path, capsys, artifacts):
+    from target_train.app import main as target_main
+
+    run_dir = tmp_path / "run"
+    run_hydra(target_main, TINY + ["epochs=1", f"scales={artifacts['run_dir']}", f"hydra.run.dir={run_dir}"])
+    out = capsys.readouterr().out
+    assert f"run directory {run_dir}; target with RepOptSGD; scales: file {artifacts['run_dir'] / 'scales.safetensors'} (sha256 " in out
