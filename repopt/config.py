@@ -243,6 +243,10 @@ class TrainConfig(Checked):
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (smoke tests, benchmarks)
     run_dir: Optional[str] = None  # null: Hydra's output directory
 
+    def __post_init__(self) -> None:
+        if self.progress in ("False", "false"):  # YAML reads a bare `off` (progress: off) as false
+            self.progress = "off"
+
     def check(self, prefix: str = "") -> None:
         require(self.family in family_names(), prefix + "family", self.family, "one of " + ", ".join(family_names()))
         super().check(prefix)
