@@ -48,13 +48,17 @@ log = logging.getLogger("pipelines.search_and_train")
 T = TypeVar("T")
 
 
-def _finished_stage(path: Path, cfg) -> StageMetrics | None:
+def _finished_stage(path: Path, cfg=None) -> StageMetrics | None:
     """The stage's result when it completed the same work (config, manifest); None: run it (again).
 
-    A completed stage recorded with other settings is refused: its directory belongs to another job."""
+    A completed stage recorded with other settings is refused: its directory belongs to another job.
+    Without ``cfg`` (the pruning step, whose settings are part of the job's, checked for the whole
+    job) the status alone decides."""
     result = read_result(path, StageMetrics)
     if result is None or result.status != Status.COMPLETED:
         return None
+    if cfg is None:
+        return result
     changed = changed_settings(result.config, to_plain(cfg), to_plain(type(cfg)()), cfg.SETTINGS_ALLOWED)
     if changed:
         raise RunRefused(f"{path.parent} holds a completed stage run with other settings ({'; '.join(changed)}); "
@@ -71,12 +75,6 @@ def _resume_if_completed(cfg: T, stage_dir: Path) -> T:
     from its own checkpoint: its settings were just checked to be the requested ones."""
     result = read_result(stage_dir / "metrics.json", StageMetrics)
     return replace(cfg, resume=True) if result is not None and result.status == Status.COMPLETED else cfg
-
-
-def _finished_step(path: Path) -> StageMetrics | None:
-    """A step on the finished target (pruning): its settings are part of the job's, checked for the whole job."""
-    result = read_result(path, StageMetrics)
-    return result if result is not None and result.status == Status.COMPLETED else None
 
 
 def _finished_export(path: Path) -> dict | None:
@@ -206,7 +204,7 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))
         summary.pruned = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
-                                    lambda: _finished_step(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
+                                    lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
     summary.status = Status.COMPLETED
     summary.hs_top1 = summary.hs.top1 if summary.hs else None
     summary.top1, summary.top5 = summary.target.top1, summary.target.top5

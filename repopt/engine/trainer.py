@@ -160,7 +160,8 @@ class Trainer:
 
     def check_finite_state(self) -> None:
         """A loss can stay finite while a weight or a BN statistic does not (an absurd lr): that is
-        divergence too, and such a state is never checkpointed. Once per save: no cost per step."""
+        divergence too, and such a state is never checkpointed. Once before each epoch's (or a stop's)
+        checkpoints: no cost per step."""
         bad = non_finite_entries(self.model, *([self.ema.module] if self.ema is not None else []))
         if bad:
             kept = (f"the last good checkpoint ({self.last_path.name}) is kept" if self.last_path.exists()
@@ -170,7 +171,6 @@ class Trainer:
                                   f"Lower optim.lr or check the data", self.state.global_step)
 
     def save(self, name: str = "last.pt") -> None:
-        self.check_finite_state()
         self.state.wall_seconds = self._wall()
         self._segment_start = time.perf_counter()
         if self.runtime.is_main:
@@ -180,7 +180,6 @@ class Trainer:
     def save_best_ema(self, name: str = "best.pt") -> None:
         """The checkpoint ``last.pt`` is about to hold, with the EMA's weights as its ``model``
         (``model_source: "ema"``): what the export of ``best.pt`` then folds."""
-        self.check_finite_state()
         self.state.wall_seconds = self._wall()
         self._segment_start = time.perf_counter()
         if self.runtime.is_main:
@@ -324,6 +323,7 @@ class Trainer:
             epoch = st.epoch
             self._train_epoch(epoch)
             if self._stop.received is not None and st.step_in_epoch < self.steps_per_epoch:
+                self.check_finite_state()  # never checkpoint a diverged state (an epoch's end checks in _end_epoch)
                 self.save()
                 self.write_metrics(Status.INTERRUPTED)
                 raise Interrupted(
