@@ -73,3 +73,18 @@ def test_export_step_adds_int8_columns(in_tmp):
         assert (sweep / job / "target" / "model.int8.onnx").is_file()
     table = compare([sweep], plots=False)
     assert "int8_top1" in table and "INT8 top-1" in (sweep / "comparison.md").read_text()
+
+
+def test_a_reused_sweep_dir_with_other_settings_is_refused_and_with_the_same_skips(in_tmp):
+    """A sweep run again into its own hydra.sweep.dir: changed settings never exit 0 with the old
+    numbers (each job refuses, the sweep exits 1); unchanged settings skip and keep the wall times."""
+    sweep = in_tmp / "sweep"
+    base = ["-m"] + pipeline_overrides() + ["variant=searched,plain", f"hydra.sweep.dir={sweep}"]
+    run_hydra(pipeline_main, base)
+    before = [read_json(sweep / str(n) / "metrics.json") for n in range(2)]
+    run_hydra(pipeline_main, base + ["target.epochs=2"], expect_exit=1)
+    assert [read_json(sweep / str(n) / "metrics.json") for n in range(2)] == before
+    run_hydra(pipeline_main, base + ["resume=true"])
+    after = [read_json(sweep / str(n) / "metrics.json") for n in range(2)]
+    assert [a["wall_seconds"] for a in after] == [b["wall_seconds"] for b in before]
+    assert [a["top1"] for a in after] == [b["top1"] for b in before]
