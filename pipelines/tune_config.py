@@ -94,6 +94,12 @@ class PrunerConfig(Checked):
     """How trials are stopped early from their per-epoch test top-1 (steps: see TARGET_STEP_OFFSET)."""
 
     name: str = "median"  # median | hyperband | threshold | none
+    # Stage one's epochs are reported (they show in study.md) but the pruner is asked only from the
+    # target's first epoch on: stage one's own top-1 does not predict the target's (the paper's
+    # finding, and docs/results/ablation_cifar10.md: searched scales level with their init while HS
+    # top-1 keeps rising), so pruning on it would stop trials by a number that does not rank them.
+    # true: ask after every HS epoch too (a study that optimizes hs_top1, or a known-bad recipe).
+    during_search: bool = False
     n_startup_trials: int = 5  # no trial is pruned before this many trials have completed (any pruner)
     n_warmup_steps: int = 0  # median, threshold: no pruning before this step
     interval_steps: int = 1  # median, threshold

@@ -119,10 +119,12 @@ class PruningCallback(Callback):
     ``TARGET_STEP_OFFSET`` + e - 1) and asks the pruner. When it says prune, a stage that has epochs
     left is stopped at once (``request_stop``: last.pt, then ``Interrupted``); after a stage's last
     epoch the job ends before the next stage (``after_stage``). A target that ran all its epochs is
-    a finished trial and is not pruned."""
+    a finished trial and is not pruned. Unless ``during_search``, stage one's epochs are reported but
+    the pruner is not asked (see ``PrunerConfig.during_search``)."""
 
-    def __init__(self, trial):
+    def __init__(self, trial, during_search: bool = False):
         self.trial = trial
+        self.during_search = during_search
         self.pruned: PruneDecision | None = None
 
     def on_epoch_end(self, trainer, row: dict) -> None:
@@ -134,7 +136,7 @@ class PruningCallback(Callback):
         step = epoch - 1 + (TARGET_STEP_OFFSET if stage == "target" else 0)
         self.trial.report(float(value), step)
         last = trainer.state.epoch >= trainer.cfg.epochs
-        if stage == "target" and last:
+        if (stage == "target" and last) or (stage == "hs" and not self.during_search):
             return
         if self.trial.should_prune():
             self.pruned = PruneDecision(stage, epoch, step, float(value))
@@ -234,7 +236,7 @@ class TrialRunner:
         log.info("trial %d%s: %s", trial.number, f" (re-run of trial {retry})" if retry is not None else "",
                  " ".join(overrides[len(self.cfg.base):]))
         t0 = time.perf_counter()
-        pruning = PruningCallback(trial) if len(self.cfg.objectives) == 1 else None
+        pruning = PruningCallback(trial, self.cfg.pruner.during_search) if len(self.cfg.objectives) == 1 else None
         variant = None
         try:
             composed, pipeline_cfg = pipeline_config(overrides)

@@ -219,9 +219,19 @@ def _trainer(stage: str, epochs: int, done: int):
 
 
 def test_pruning_callback_steps_and_where_it_stops():
-    # HS epoch 1 of 3: prune -> the trainer is asked to stop at once
-    trial = _Trial({0})
+    # by default HS epochs are reported but the pruner is not asked: nothing stops, whatever it would say
+    trial = _Trial({0, 1})
     cb = PruningCallback(trial)
+    trainer, stopped = _trainer("hypersearch", 2, 1)
+    cb.on_epoch_end(trainer, {"epoch": 1, "test_top1": 12.5})
+    trainer.state.epoch = 2
+    cb.on_epoch_end(trainer, {"epoch": 2, "test_top1": 13.5})
+    assert trial.reported == [(0, 12.5), (1, 13.5)] and trial.asked == [] and stopped == [] and cb.pruned is None
+    cb.after_stage("hs", None)
+
+    # during_search: HS epoch 1 of 3: prune -> the trainer is asked to stop at once
+    trial = _Trial({0})
+    cb = PruningCallback(trial, during_search=True)
     trainer, stopped = _trainer("hypersearch", 3, 1)
     cb.on_epoch_end(trainer, {"epoch": 1, "test_top1": 12.5})
     assert trial.reported == [(0, 12.5)] and stopped == [True] and cb.pruned.stage == "hs"
@@ -230,7 +240,7 @@ def test_pruning_callback_steps_and_where_it_stops():
 
     # the last HS epoch: nothing left to stop; the job ends before stage two
     trial = _Trial({1})
-    cb = PruningCallback(trial)
+    cb = PruningCallback(trial, during_search=True)
     trainer, stopped = _trainer("hypersearch", 2, 2)
     cb.on_epoch_end(trainer, {"epoch": 2, "test_top1": 20.0})
     assert stopped == [] and cb.pruned.step == 1
@@ -264,6 +274,7 @@ def test_presets_compose_with_every_end_of_their_space(preset):
     cfg = _tune_config([f"tune={preset}"])
     assert cfg.space and cfg.study_dir == f"outputs/tune/{cfg.study_name}"
     check_space(cfg)  # the base plus each end of every dimension is a valid pipeline config
+    assert cfg.pruner.during_search is False  # no preset prunes on stage one's own top-1
 
 
 def test_bad_space_and_changed_study_are_errors_before_any_trial(tmp_path):
