@@ -40,7 +40,7 @@ from typing import Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from repopt.app import run_guarded
 from repopt.config import LoggerConfig, register_schema, require, to_typed
@@ -55,8 +55,8 @@ from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from . import quantize as q
 from .config import TargetConfig
 from .deploy import MAX_REL_DIFF, cpu_fp32, save_deployed
-from .export import (ExportConfig, OnnxMismatchError, calibration_batches, data_config, export_onnx, find_run, load_data,
-                     load_model, run_log_dir, stored_config)
+from .finished_run import calibration_batches, data_config, find_run, load_data, load_model, stored_config
+from .onnx_io import OnnxMismatchError, export_onnx
 from .handler import fuse, grad_masks
 from .optim import build_optimizer
 from .pruning.channels import IMPORTANCES, check_prunable, prune_vgg, require_torch_pruning
@@ -113,7 +113,6 @@ class PruneConfig:
 
 
 register_schema("prune_schema", PruneConfig)
-OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run, "prune_logs"), replace=True)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -283,11 +282,10 @@ def _deploy_and_measure(work: Path, cfg: PruneConfig, model, unpruned, data, ima
 
 def _int8(work: Path, cfg: PruneConfig, data) -> dict:
     """Static INT8 of pruned.onnx with the export's default settings, FP32 and INT8 top-1 on the test set."""
-    e = ExportConfig()
-    settings = q.choose_settings(e.activation_type, e.reduce_range, e.per_channel, e.calibration_method)
+    settings = q.default_settings()
     int8_path = work / "pruned.int8.onnx"
     calibrated = q.quantize(work / "pruned.onnx", int8_path,
-                            calibration_batches(data, cfg.calibration_images, e.calibration_batch), settings, work)
+                            calibration_batches(data, cfg.calibration_images, q.CALIBRATION_BATCH), settings, work)
     sessions = {"fp32": q.session(work / "pruned.onnx", cfg.threads), "int8": q.session(int8_path, cfg.threads)}
     acc = q.evaluate(sessions, ((x.cpu(), y.cpu()) for x, y in data.test.epoch(0)), data.num_classes)
     return {"calibration_images": calibrated, "fp32_top1": acc["fp32_top1"], "int8_top1": acc["int8_top1"],

@@ -27,6 +27,14 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("auto", "uint8", "int8")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
+# The INT8 scheme every step uses unless told otherwise (export's settings default to these; prune's
+# optional INT8 uses them as they are).
+ACTIVATION_TYPE = "auto"
+REDUCE_RANGE: Optional[bool] = None
+PER_CHANNEL = True
+CALIBRATION_METHOD = "minmax"
+CALIBRATION_BATCH = 32
+
 
 def require_onnxruntime():
     """Import onnx + onnxruntime, or say how to install them."""
@@ -65,6 +73,11 @@ class QuantSettings:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def default_settings() -> "QuantSettings":
+    """The default INT8 scheme (the constants above) on this machine."""
+    return choose_settings(ACTIVATION_TYPE, REDUCE_RANGE, PER_CHANNEL, CALIBRATION_METHOD)
 
 
 def choose_settings(activation_type: str, reduce_range: Optional[bool], per_channel: bool,

@@ -20,6 +20,7 @@ from repopt.engine import load_checkpoint  # noqa: E402
 from repopt.numerics import rel_diff  # noqa: E402
 from repopt.vgg import RepOptVGG  # noqa: E402
 from target_train import export as export_mod  # noqa: E402
+from target_train import finished_run, onnx_io  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
 from target_train.fuse import fuse  # noqa: E402
@@ -205,19 +206,19 @@ def test_torchscript_export_is_deterministic(target_run, tmp_path):
     model, _ = trained_model(target_run)
     deployed = fuse(model)
     for name in ("a.onnx", "b.onnx"):
-        export_mod.export_onnx(deployed, tmp_path / name, 32, 17, "torchscript")
+        onnx_io.export_onnx(deployed, tmp_path / name, 32, 17, "torchscript")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    assert export_mod.onnx_opset(tmp_path / "a.onnx") == 17
+    assert onnx_io.onnx_opset(tmp_path / "a.onnx") == 17
 
 
 def test_dynamo_exporter_matches(target_run, tmp_path):
     model, ckpt = trained_model(target_run)
-    export_mod.export_onnx(fuse(model), tmp_path / "d.onnx", 32, 18, "dynamo")
+    onnx_io.export_onnx(fuse(model), tmp_path / "d.onnx", 32, 18, "dynamo")
     x = first_test_batch(ckpt)[:7]
     with torch.no_grad():
         reference = model(x).numpy()
     assert rel_diff(ort_logits(tmp_path / "d.onnx", x), reference) <= 1e-4
-    assert export_mod.onnx_opset(tmp_path / "d.onnx") >= 18
+    assert onnx_io.onnx_opset(tmp_path / "d.onnx") >= 18
 
 
 def test_settings_follow_onnxruntime_cpu_guidance():
@@ -229,14 +230,14 @@ def test_settings_follow_onnxruntime_cpu_guidance():
     assert (s.activation_type, s.reduce_range, s.per_channel) == ("QInt8", False, False)
     s = quant_mod.choose_settings("int8", True, True, "minmax", machine="x86_64", vnni=True)
     assert (s.activation_type, s.reduce_range) == ("QInt8", True)
-    with pytest.raises(export_mod.ConfigError):
+    with pytest.raises(quant_mod.ConfigError):
         quant_mod.choose_settings("fp8", None, True, "minmax")
 
 
 def test_calibration_images_are_unaugmented_training_images(target_run):
     _, ckpt = trained_model(target_run)
     data = build_data(to_typed(ckpt["config"]["data"], DataConfig), "cpu", seed=0)
-    batches = list(export_mod.calibration_batches(data, 10, 4))
+    batches = list(finished_run.calibration_batches(data, 10, 4))
     assert [b.shape[0] for b in batches] == [4, 4, 2]
     x = torch.cat(batches)
     idx = (torch.arange(10) * data.train.num_samples) // 10
@@ -244,9 +245,9 @@ def test_calibration_images_are_unaugmented_training_images(target_run):
     expected = data.train.images.index_select(0, idx).float() * scale + bias  # no crop, no flip
     torch.testing.assert_close(x, expected)
     # and the same images come out twice: nothing random in the calibration set
-    torch.testing.assert_close(torch.cat(list(export_mod.calibration_batches(data, 10, 4))), x)
+    torch.testing.assert_close(torch.cat(list(finished_run.calibration_batches(data, 10, 4))), x)
     # the worker-DataLoader path (used for large image folders) gives the same images
     cfg = to_typed({**ckpt["config"]["data"], "loader": "dataloader", "num_workers": 0}, DataConfig)
     loader_data = build_data(cfg, "cpu", seed=0)
     assert type(loader_data.train).__name__ == "LoaderBatches"
-    torch.testing.assert_close(torch.cat(list(export_mod.calibration_batches(loader_data, 10, 4))), x)
+    torch.testing.assert_close(torch.cat(list(finished_run.calibration_batches(loader_data, 10, 4))), x)
