@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from repopt.app import run_app
-from repopt.optim import param_groups, plain_optimizer
+from repopt.optim import build_plain, optimizer_kwargs
 from repopt.results import StageMetrics
 from repopt.rundir import without_allowed
 from repopt.scales import SCALES_FILENAME
@@ -51,9 +51,7 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
         set_constant_init(model)
     model = place(model, runtime)
     lr = scaled_lr(cfg)
-    o = cfg.optim
-    optimizer = plain_optimizer(param_groups(model, o.weight_decay), o.name, lr, momentum=o.momentum, nesterov=o.nesterov,
-                                betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused)
+    optimizer = build_plain(model, lr, **optimizer_kwargs(cfg.optim))
     extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
     trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
                            metrics_extra=metrics_extra)

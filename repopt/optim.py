@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,12 +62,41 @@ def closure_loss(closure):
         return closure()
 
 
-def plain_optimizer(groups: list[dict], name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = True,
-                    betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class StepOptions:
+    """How an optimizer steps beyond its name, learning rate and weight decay: what the builders take
+    (``OptimConfig`` holds the same as the user writes it; ``optimizer_kwargs`` converts)."""
+
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    foreach: bool | None = None
+    fused: bool | None = None
+    compiled: bool | None = None  # stage two's RepOptSGD only: its torch.compile-d step (None: auto)
+
+
+def optimizer_kwargs(cfg) -> dict:
+    """The one adapter from an ``OptimConfig`` to the builders:
+    ``build_plain(model, lr, **optimizer_kwargs(cfg.optim))`` (and stage two's ``build_optimizer``).
+    The learning rate stays outside: the apps scale it by the batch size first."""
+    return {"name": cfg.name, "weight_decay": cfg.weight_decay,
+            "options": StepOptions(momentum=cfg.momentum, nesterov=cfg.nesterov, betas=tuple(cfg.betas), eps=cfg.eps,
+                                   foreach=cfg.foreach, fused=cfg.fused, compiled=cfg.compile_step)}
+
+
+def plain_optimizer(groups: list[dict], name: str, lr: float, options: StepOptions = StepOptions()) -> torch.optim.Optimizer:
     """torch's SGD or AdamW over ``groups`` (whose entries carry their own weight decay)."""
+    o = options
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, **sgd_options(groups, momentum, nesterov, foreach, fused))
+        return torch.optim.SGD(groups, lr=lr, **sgd_options(groups, o.momentum, o.nesterov, o.foreach, o.fused))
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=o.foreach)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_plain(model: nn.Module, lr: float, *, name: str = "sgd", weight_decay: float = 4e-5,
+                options: StepOptions = StepOptions()) -> torch.optim.Optimizer:
+    """torch's SGD or AdamW over the official decay groups of ``model`` (stage one, and stage two
+    without scales)."""
+    return plain_optimizer(param_groups(model, weight_decay), name, lr, options)

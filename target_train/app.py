@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from repopt.app import run_app
-from repopt.host import seed_everything
+from repopt.optim import optimizer_kwargs
 from repopt.results import StageMetrics
 from repopt.engine import Trainer
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
@@ -56,19 +56,15 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
         choice = resolve_scales(cfg.scales, arch, cfg.scales_transform)  # before the data: a bad scales file fails fast
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
-    runtime, data = start(cfg)
-    seed_everything(cfg.seed)
+    runtime, data = start(cfg)  # seeds the run (model init below draws from the seeded generator)
     build = build_target_model if cfg.model == "target" else build_baseline_model
     model = build(arch, data.num_classes)
     if choice.scales is not None and cfg.reinit:  # reinit=false: the ablation "masks only"
         reinitialize(model, choice.scales, use_identity_scales=cfg.use_identity_scales)
     model = place(model, runtime)
     lr = scaled_lr(cfg)
-    o = cfg.optim
     masks_from = choice.scales if cfg.masks else None  # masks=false: the ablation "re-init only", a plain optimizer
-    optimizer = build_optimizer(model, o.name, lr, o.weight_decay, scales=masks_from, momentum=o.momentum,
-                                nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach, fused=o.fused,
-                                compiled=o.compile_step)
+    optimizer = build_optimizer(model, lr=lr, scales=masks_from, **optimizer_kwargs(cfg.optim))
     extra, metrics_extra = run_records("target_train", arch, data, cfg.model)
     if choice.scales is not None:
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from

@@ -18,13 +18,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import replace
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from repopt.errors import ConfigError
-from repopt.optim import OPTIMIZERS, closure_loss, default_fused, param_groups, plain_optimizer
+from repopt.optim import OPTIMIZERS, StepOptions, build_plain, closure_loss, default_fused, param_groups
 
 from .handler import grad_masks as make_grad_masks
 from .handler import reinitialize
@@ -333,34 +334,36 @@ class RepOptAdamW(torch.optim.AdamW):
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1 ** t) for t in step_values])
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *, scales: Mapping[str, torch.Tensor] | None = None,
-                    masks: Mapping[str, torch.Tensor] | None = None, momentum: float = 0.9, nesterov: bool = True, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
-                    foreach: bool | None = None, fused: bool | None = None, compiled: bool | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, weight_decay: float = 4e-5, *,
+                    scales: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
+                    options: StepOptions = StepOptions(), **changes) -> torch.optim.Optimizer:
     """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
 
+    ``build_optimizer(model, lr=lr, scales=scales, **optimizer_kwargs(cfg.optim))`` from a config;
+    ``changes`` replace single ``StepOptions`` fields (``compiled=False``).
     The masks follow the optimizer (power 2 for SGD, |s| for AdamW). Re-initialization is separate
     (``reinitialize``) because a resumed run must not re-initialize; ``build_repopt`` does both.
     ``masks`` (name-keyed, built for this optimizer's rule) replaces ``scales`` where the masks no
     longer follow from the architecture: a pruned model's sliced masks (``target_train/pruning``).
     """
-    groups = param_groups(model, weight_decay)
+    o = replace(options, **changes)
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if scales is not None and masks is not None:
         raise ConfigError("pass scales or masks, not both: the masks are either built from the scales or given")
     if scales is None and masks is None:
-        return plain_optimizer(groups, name, lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-                               foreach=foreach, fused=fused)
+        return build_plain(model, lr, name=name, weight_decay=weight_decay, options=o)
     if getattr(model, "mode", None) != "target":
         raise ConfigError("scales (grad masks) apply to the straight-through target model only")
+    groups = param_groups(model, weight_decay)
     by_param = masks_by_param(model, make_grad_masks(model, scales, rule=name) if masks is None else masks)
     if name == "sgd":
         # foreach / fused as given: RepOptSGD picks its own default (the compiled step, or the fused kernel)
-        return RepOptSGD(groups, by_param, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                         foreach=foreach, fused=fused, compiled=compiled)
-    if compiled:
+        return RepOptSGD(groups, by_param, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                         foreach=o.foreach, fused=o.fused, compiled=o.compiled)
+    if o.compiled:
         log.warning("compiled=True (optim.compile_step=true) is ignored for %s: only RepOptSGD has a compiled step", name)
-    return RepOptAdamW(groups, by_param, lr=lr, betas=tuple(betas), eps=eps, foreach=foreach)
+    return RepOptAdamW(groups, by_param, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=o.foreach)
 
 
 def build_repopt(model: nn.Module, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,

@@ -49,6 +49,7 @@ from repopt.errors import ConfigError, DataError
 from repopt.host import cpu_name
 from repopt.io import write_json
 from repopt.numerics import rel_diff
+from repopt.optim import optimizer_kwargs
 from repopt.results import StageMetrics, Status
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
@@ -201,10 +202,8 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
     log.info("pruned widths %s; top-1 %.2f before fine-tuning", [len(k) for k in plan.kept.values()], pruned["test_top1"])
 
     lr = scaled_lr(tcfg)
-    o = tcfg.optim
-    optimizer = build_optimizer(model, o.name, lr, o.weight_decay, masks=slice_masks(masks, plan) if masks is not None else None,
-                                momentum=o.momentum, nesterov=o.nesterov, betas=o.betas, eps=o.eps, foreach=o.foreach,
-                                fused=o.fused)
+    optimizer = build_optimizer(model, lr=lr, masks=slice_masks(masks, plan) if masks is not None else None,
+                                **optimizer_kwargs(tcfg.optim))
     extra, metrics_extra = run_records("prune", arch, data, mode)
     metrics_extra.update(model=mode, optimizer=type(optimizer).__name__)
     trainer = make_trainer(tcfg, runtime, data, model, optimizer, work, lr, checkpoint_extra={**extra, "plan": plan.to_dict()},

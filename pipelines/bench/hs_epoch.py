@@ -19,7 +19,7 @@ import torch
 from hypersearch.model import build_hs_model
 from repopt.arch import get_arch
 from repopt.engine import TrainStep
-from target_train import build_optimizer
+from repopt.optim import StepOptions, build_plain
 
 from .common import DataSources, Settings, Stopwatch, free_memory, place, runtime
 
@@ -34,7 +34,7 @@ def _one_variant(label: str, mode, arch, bundle, lr: float, settings: Settings) 
     torch.manual_seed(settings.seed)
     model = place(build_hs_model(arch, bundle.num_classes, mode="hs", fused_forward=True), settings)
     model.train()
-    optimizer = build_optimizer(model, "sgd", lr, WD, momentum=MOMENTUM, nesterov=True)
+    optimizer = build_plain(model, lr, name="sgd", weight_decay=WD, options=StepOptions(momentum=MOMENTUM, nesterov=True))  # as stage one builds it
     forward = model
     if mode is not None:
         forward = torch.compile(model, mode=None if mode == "default" else mode)
