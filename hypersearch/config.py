@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repopt.blocks import CSLA_MODES
+from repopt.csla import CSLA_MODES
 from repopt.config import TrainConfig, register_schema, require
 
 SCALE_INITS = ("paper", "constant")

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from repopt.errors import ConfigError
-from repopt.family import CSLA_MODES, build_model
-from repopt.vgg import unwrap
+from repopt.csla import CSLA_MODES
+from repopt.family import build_model
+from repopt.modules import unwrap
 
 
 def build_hs_model(arch, num_classes: int, mode: str = "hs", fused_forward: bool = False) -> nn.Module:

@@ -37,7 +37,7 @@ from pipelines.bench import hs_epoch, loader, opt_step, train_step
 from pipelines.bench.common import (SECTIONS, DataSources, Settings, cpu_busy_fraction, load_average, machine_info,
                                     parse_data)
 from pipelines.bench.report import evaluate_targets, format_table
-from repopt.arch import arch_names, get_arch
+from repopt.vgg.arch import arch_names, get_arch
 from repopt.engine.runtime import resolve_device
 from repopt.errors import ConfigError
 from repopt.io import write_text

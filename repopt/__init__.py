@@ -1,10 +1,9 @@
 """Shared core of the RepOpt pipeline: the model families and their specs, the scales-file contract."""
 
-from .arch import ArchSpec, BlockSpec, arch_names, get_arch
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, RepOptError, ScalesError
 from .family import FAMILIES, build_model, family_of, get_family, get_spec, spec_from_dict
 from .scales import ScalesFile, load_scales, read_metadata, read_scales, resolve_scales_path, save_scales, validate_scales
-from .vgg import RepOptVGG
+from .vgg import ArchSpec, BlockSpec, RepOptVGG, arch_names, get_arch
 
 __all__ = [
     "ArchSpec", "BlockSpec", "arch_names", "get_arch", "RepOptVGG",

@@ -19,7 +19,7 @@ import torch
 from repopt.errors import ConfigError
 from repopt.io import atomic_path
 from repopt.numerics import rel_diff
-from repopt.vgg import unwrap
+from repopt.modules import unwrap
 
 from .handler import fuse
 

@@ -7,8 +7,8 @@
 * ``fuse(model)``: the deployed model (every BN and branch folded) of any trained mode.
 
 The optimizers, the apps and the export only call the dispatching functions below. To add a
-family, write its three functions and register them in ``HANDLERS`` (its specs and model class
-go in ``repopt/family.py``).
+family, write its three functions in ``target_train/families/<family>.py`` and register them in
+``HANDLERS`` (its specs and model class: ``repopt/<family>/``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import torch
 from torch import nn
 
 from repopt.family import family_of
-from repopt.vgg import unwrap
+from repopt.modules import unwrap
 
-from . import fuse as vgg_fuse
-from . import ghostnet
-from . import masks as vgg_masks
-from . import reinit as vgg_reinit
+from .families import ghostnet, vgg
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class Handler:
 
 
 HANDLERS: dict[str, Handler] = {
-    "vgg": Handler(vgg_reinit.reinitialize, vgg_masks.grad_masks, vgg_fuse.fuse),
+    "vgg": Handler(vgg.reinitialize, vgg.grad_masks, vgg.fuse),
     "ghostnet": Handler(ghostnet.reinitialize, ghostnet.grad_masks, ghostnet.fuse),
 }
 

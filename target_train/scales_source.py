@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from repopt.arch import ArchSpec
+from repopt.vgg.arch import ArchSpec
 from repopt.errors import ScalesError
 from repopt.io import read_json
 from repopt.family import get_spec

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import repopt
-from repopt.arch import ArchSpec, get_arch
+from repopt.vgg.arch import ArchSpec, get_arch
 from repopt.errors import ConfigError
 from repopt.vgg import MODES, RepOptVGG
 

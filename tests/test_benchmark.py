@@ -11,7 +11,7 @@ import torch
 
 from pipelines.bench.reference import LoopMaskedAdamW, LoopMaskedSGD
 from pipelines.benchmark import main
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.optim import param_groups
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 

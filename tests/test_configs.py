@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 import pipelines.config  # noqa: F401  (registers the pipeline schema)
 import target_train.export  # noqa: F401  (registers the export schema)
 from pipelines.config import PipelineConfig
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from hypersearch.config import HSConfig
 from repopt.config import to_typed
 from target_train.config import TargetConfig

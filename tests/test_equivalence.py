@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repopt.arch import BlockSpec
-from repopt.blocks import CSLABlock, TargetBlock
-from target_train.masks import block_mask
+from repopt.vgg.arch import BlockSpec
+from repopt.vgg.blocks import CSLABlock, TargetBlock
+from target_train.families.vgg import block_mask
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
 from target_train.verify import BOUNDS, run_equivalence
 

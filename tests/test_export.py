@@ -13,7 +13,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from repopt.arch import ArchSpec  # noqa: E402
+from repopt.vgg.arch import ArchSpec  # noqa: E402
 from repopt.config import DataConfig, to_typed  # noqa: E402
 from repopt.data import build_data  # noqa: E402
 from repopt.engine import load_checkpoint  # noqa: E402
@@ -23,7 +23,7 @@ from target_train import export as export_mod  # noqa: E402
 from target_train import finished_run, onnx_io  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
-from target_train.fuse import fuse  # noqa: E402
+from target_train.families.vgg import fuse  # noqa: E402
 from tests.conftest import read_json, run_hydra, train_tiny_target  # noqa: E402
 
 EXPORT_FAST = ["calibration_images=64", "latency_runs=3", "latency_warmup=1", "threads=1"]

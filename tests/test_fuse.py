@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from repopt.arch import get_arch
-from repopt.blocks import DeployBlock
+from repopt.vgg.arch import get_arch
+from repopt.vgg.blocks import DeployBlock
 from repopt.numerics import rel_diff
 from repopt.vgg import RepOptVGG
 from target_train import build_repvgg_model, build_target_model, fuse
-from target_train.fuse import fold_block
+from target_train.families.vgg import fold_block
 
 MODES = ("target", "repvgg", "hs", "csla")
 STRIDES = (None, (1, 1, 2, 2, 2))

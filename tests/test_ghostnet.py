@@ -13,7 +13,7 @@ from repopt.family import build_model, family_of, get_spec
 from repopt.ghostnet.blocks import GhostModule, depthwise_identity
 from repopt.numerics import rel_diff
 from repopt.scales import load_scales, random_scales, read_scales
-from target_train.ghostnet import module_mask
+from target_train.families.ghostnet import module_mask
 from target_train.handler import fuse, grad_masks, reinitialize
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
 from target_train.verify import DEFAULT_EPS, GHOSTNET_BOUNDS, main as verify_main, run_equivalence

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import target_train
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError, ScalesError
 from repopt.vgg import RepOptVGG
 from target_train import build_target_model, grad_masks, masks_by_param, reinitialize

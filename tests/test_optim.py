@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError
 from repopt.scales import random_scales
 from repopt.vgg import RepOptVGG

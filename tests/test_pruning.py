@@ -18,7 +18,7 @@ from repopt.scales import random_scales  # noqa: E402
 from target_train import quantize as q  # noqa: E402
 from target_train.app import main as target_main  # noqa: E402
 from target_train.finished_run import load_model  # noqa: E402
-from target_train.fuse import fuse  # noqa: E402
+from target_train.families.vgg import fuse  # noqa: E402
 from target_train.handler import grad_masks  # noqa: E402
 from target_train.prune import main as prune_main  # noqa: E402
 from target_train.pruning.channels import ChannelPlan, prune_vgg  # noqa: E402

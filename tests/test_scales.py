@@ -15,7 +15,7 @@ import torch
 
 import repopt
 from repopt import load_scales, read_metadata, resolve_scales_path, save_scales
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.errors import ScalesError
 from repopt.scales import SCALES_FILENAME, read_scales, random_scales
 from repopt.vgg import RepOptVGG

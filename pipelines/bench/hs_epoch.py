@@ -17,7 +17,7 @@ import math
 import torch
 
 from hypersearch.model import build_hs_model
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.engine import TrainStep
 from repopt.optim import StepOptions, build_plain
 

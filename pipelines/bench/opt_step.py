@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError
 from repopt.optim import param_groups
 from repopt.scales import random_scales

@@ -17,7 +17,7 @@ import math
 import torch
 
 from hypersearch.model import build_hs_model
-from repopt.arch import get_arch
+from repopt.vgg.arch import get_arch
 from repopt.engine import TrainStep
 from repopt.scales import random_scales
 from target_train import build_optimizer, build_repopt, build_repvgg_model, build_target_model

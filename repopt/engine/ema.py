@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import EMAConfig
-from ..vgg import unwrap
+from ..modules import unwrap
 
 
 class WeightEMA:

@@ -2,6 +2,7 @@
 and is removed from the target (docs/design.md, "The model family")."""
 
 from .arch import GHOST_SCALE_KINDS, BottleneckSpec, GhostSpec, ghost_arch_names, get_ghost_arch
+from .family import FAMILY
 from .model import RepOptGhostNet
 
-__all__ = ["GhostSpec", "BottleneckSpec", "GHOST_SCALE_KINDS", "ghost_arch_names", "get_ghost_arch", "RepOptGhostNet"]
+__all__ = ["GhostSpec", "BottleneckSpec", "GHOST_SCALE_KINDS", "ghost_arch_names", "get_ghost_arch", "RepOptGhostNet", "FAMILY"]

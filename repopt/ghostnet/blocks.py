@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import ScaleLayer
+from ..csla import ScaleLayer
 from ..errors import ConfigError
 from .arch import BottleneckSpec, cheap_scale_init, make_divisible
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import CSLA_MODES
+from ..csla import CSLAModel
 from ..errors import ConfigError
 from .arch import GhostSpec, get_ghost_arch
 from .blocks import GHOST_MODES, ConvBnAct, GhostBottleneck, GhostModule
 
 
-class RepOptGhostNet(nn.Module):
+class RepOptGhostNet(CSLAModel):
     """Stem, the bottleneck groups and a 1x1 ConvBnAct as ``blocks``, pooling, 1x1 head, dropout, linear."""
 
     def __init__(self, arch: GhostSpec | str, num_classes: int, mode: str = "target", fused_forward: bool = False):
@@ -43,15 +43,9 @@ class RepOptGhostNet(nn.Module):
         """(module path, ghost module) in network order: the re-parameterized units."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, GhostModule)]
 
-    def fused_kernels(self) -> dict[str, torch.Tensor]:
-        """hs/csla: the target parameter each ghost module re-parameterizes, and the kernel its branches sum to."""
-        return {f"{path}.cheap_operation.0.weight": m.fused_kernel() for path, m in self.ghost_modules()}
-
-    def scale_parameters(self) -> dict[str, nn.Parameter]:
-        """The CSLA scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""
-        if self.mode not in CSLA_MODES:
-            raise ConfigError(f"a {self.mode!r} model has no branch scales; build it with mode='hs' or 'csla'")
-        return {key: self.get_parameter(key) for key in self.arch.scale_shapes()}
+    def reparam_units(self) -> list[tuple[str, nn.Module]]:
+        """(target depthwise weight, ghost module) per ghost module: the unit whose CSLA pair folds into it."""
+        return [(f"{path}.cheap_operation.0.weight", m) for path, m in self.ghost_modules()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.act1(self.bn1(self.conv_stem(x))))

@@ -18,7 +18,8 @@ from torch import nn
 
 from repopt.errors import ConfigError
 from repopt.family import family_of
-from repopt.vgg import RepOptVGG, unwrap
+from repopt.modules import unwrap
+from repopt.vgg import RepOptVGG
 
 IMPORTANCES = ("l2", "bn_scale")  # group L2 magnitude | BN scale |gamma| (needs BN layers: not the deploy form)
 PRUNABLE_MODES = ("target", "deploy", "repvgg")

@@ -14,7 +14,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from repopt.blocks import CSLABlock, ScaleLayer, fuse_branches
+from repopt.csla import ScaleLayer
+from repopt.vgg.blocks import CSLABlock, fuse_branches
 from repopt.vgg import RepOptVGG
 
 from .channels import ChannelPlan

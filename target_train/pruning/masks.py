@@ -13,10 +13,10 @@ from typing import Mapping
 
 import torch
 
-from repopt.arch import ArchSpec
+from repopt.vgg.arch import ArchSpec
 from repopt.scales import parse_scale_key
 
-from ..masks import block_mask
+from ..families.vgg import block_mask
 from .channels import ChannelPlan
 
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from ..csla import CSLA_MODES, CSLAModel
+from ..errors import ConfigError
 from .arch import ArchSpec, BlockSpec, get_arch
-from .blocks import CSLA_MODES, CSLABlock, DeployBlock, RepVGGBlock, TargetBlock
-from .errors import ConfigError
+from .blocks import CSLABlock, DeployBlock, RepVGGBlock, TargetBlock
 
 MODES = ("hs", "csla", "target", "repvgg", "deploy")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Module:
@@ -30,7 +24,7 @@ def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Mo
     raise ConfigError(f"unknown model mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-class RepOptVGG(nn.Module):
+class RepOptVGG(CSLAModel):
     """RepOpt-VGG in any mode, with the official module names (``stage0``, ``stage1.0``, ``linear``)."""
 
     def __init__(self, arch: ArchSpec | str, num_classes: int, mode: str = "target", fused_forward: bool = False):
@@ -54,15 +48,9 @@ class RepOptVGG(nn.Module):
         modules = dict(self.named_modules())
         return [(spec, modules[spec.name]) for spec in self.arch.blocks]
 
-    def fused_kernels(self) -> dict[str, torch.Tensor]:
-        """hs/csla: the target parameter each block re-parameterizes, and the kernel its branches sum to."""
-        return {f"{spec.name}.conv.weight": block.fused_kernel() for spec, block in self.blocks()}
-
-    def scale_parameters(self) -> dict[str, nn.Parameter]:
-        """The CSLA branch scales under their scales-file keys (``arch.scale_shapes()`` order); hs/csla only."""
-        if self.mode not in CSLA_MODES:
-            raise ConfigError(f"a {self.mode!r} model has no branch scales; build it with mode='hs' or 'csla'")
-        return {key: self.get_parameter(key) for key in self.arch.scale_shapes()}
+    def reparam_units(self) -> list[tuple[str, nn.Module]]:
+        """(target conv weight, CSLA block) per block: the unit each block's branches fold into."""
+        return [(f"{spec.name}.conv.weight", block) for spec, block in self.blocks()]
 
     def forward(self, x):
         for stage in (self.stage0, self.stage1, self.stage2, self.stage3, self.stage4):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 IMAGENET_STRIDES = (2, 2, 2, 2, 2)
 SCALE_KINDS = ("scale_conv", "scale_1x1", "scale_identity")

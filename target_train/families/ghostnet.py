@@ -1,4 +1,5 @@
-"""The RepOpt-GhostNet handler: re-initialization, grad masks and deploy folding (docs/design.md, "The math").
+"""Stage two's part of the GhostNet family (docs/design.md, "The math"): re-initialization, grad
+masks and deploy folding; registered in ``target_train/handler.py``.
 
 Each ghost module's CSLA pair is the depthwise cheap operation scaled by s_cheap plus the fusion
 (identity) branch scaled by s_fusion; the target keeps only the depthwise conv W. As for VGG, a
@@ -22,9 +23,7 @@ from repopt.errors import ConfigError
 from repopt.ghostnet import RepOptGhostNet
 from repopt.ghostnet.blocks import depthwise_identity
 from repopt.scales import validate_scales
-from repopt.vgg import unwrap
-
-from .fuse import fold_bn
+from repopt.modules import fold_bn, unwrap
 
 
 def module_mask(s_cheap: torch.Tensor, kernel: int, rule: str) -> torch.Tensor:

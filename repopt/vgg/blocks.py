@@ -1,4 +1,4 @@
-"""The block kinds of the family, one per mode (docs/design.md, "The model family").
+"""The block kinds of the VGG family, one per mode (docs/design.md, "The model family").
 
 All of them keep the official key layout so that scale files, checkpoints and folded weights
 line up by name: ``conv``/``scale_conv``/``conv_1x1``/``scale_1x1``/``scale_identity``/``bn`` for
@@ -13,22 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..csla import CSLA_MODES, ScaleLayer
+from ..errors import ConfigError
 from .arch import BlockSpec
-from .errors import ConfigError
-
-CSLA_MODES = ("hs", "csla")  # hs: every scale learns; csla: only the identity scales learn
-
-
-class ScaleLayer(nn.Module):
-    """A per-channel multiplier (the official ``ScaleLayer`` without bias)."""
-
-    def __init__(self, num_features: int, scale_init: float = 1.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((num_features,), float(scale_init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.view(1, -1, 1, 1)
-
 
 def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
     """A (C, C, 3, 3) kernel that is 1 at the centre of the diagonal: the identity as a 3x3 conv."""

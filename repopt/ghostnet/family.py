@@ -1,0 +1,20 @@
+"""The GhostNet family's record for the registry (``repopt/family.py``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..csla import Family
+from .arch import GhostSpec, get_ghost_arch, ghost_arch_names
+
+
+def build(spec, num_classes: int, mode: str, fused_forward: bool = False) -> nn.Module:
+    from .model import RepOptGhostNet
+
+    return RepOptGhostNet(spec, num_classes, mode=mode, fused_forward=fused_forward)
+
+
+FAMILY = Family(
+    "ghostnet", "RepOpt-GhostNet: RepGhost bottlenecks whose fusion branch lives in the optimizer",
+    ghost_arch_names, get_ghost_arch, GhostSpec.from_dict, build, "rep",
+    {"ghostnet_0_5x": "RepOptGhostNet_0_5x_scales.pth"}, "ghostnet_0_5x")

@@ -1,0 +1,21 @@
+"""The VGG family's record for the registry (``repopt/family.py``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..csla import Family
+from .arch import ArchSpec, arch_names, get_arch
+
+
+def build(spec, num_classes: int, mode: str, fused_forward: bool = False) -> nn.Module:
+    from .model import RepOptVGG
+
+    return RepOptVGG(spec, num_classes, mode=mode, fused_forward=fused_forward)
+
+
+FAMILY = Family(
+    "vgg", "RepOpt-VGG: plain 3x3 conv -> BN -> ReLU stages (CSLA: 3x3 + 1x1 + identity)",
+    arch_names, get_arch, ArchSpec.from_dict, build, "repvgg",
+    {n: f"RepOpt-VGG-{n}-scales.pth" for n in ("B1", "B2", "L1", "L2")}, "B1",
+    overrides=("num_blocks", "width_multiplier"))
