@@ -44,7 +44,7 @@ class PipelineConfig(Checked):
     quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
     prune: bool = False  # last step: channel pruning + fine-tuning of the target (target_train.prune; vgg only)
     pruning: PruneConfig = field(default_factory=PruneConfig)  # its settings (pruning.run is set by the job)
-    run_dir: Optional[str] = None
+    run_dir: Optional[str] = None  # the job directory; null: Hydra's output directory
 
     def check(self, prefix: str = "") -> None:
         for stage in ("hs", "target"):

@@ -122,7 +122,7 @@ class PrunerConfig(Checked):
 
 @dataclass
 class TuneConfig(Checked):
-    study_name: str = "study"
+    study_name: str = "study"  # the study in its storage (and its folder name)
     study_dir: Optional[str] = None  # trial_<n>/ job dirs, study.db, study.md; null: outputs/tune/<study_name>
     n_trials: int = 20  # the study's total (COMPLETE, PRUNED, FAIL, RUNNING): running the command again continues it
     objectives: list[str] = field(default_factory=lambda: ["top1"])  # see OBJECTIVES; two or more: multi-objective

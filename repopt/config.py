@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import cli_help  # noqa: F401  (registers ${repopt_help:<app>}, the --help page of every root config)
 from . import rundir
 from .errors import ConfigError
 from .family import family_names, family_of, get_family, get_spec
@@ -46,7 +47,7 @@ class Checked:
 
 @dataclass
 class ArchConfig(Checked):
-    name: str = "B1"  # a member of a family (repopt/arch.py, repopt/ghostnet/arch.py); the fields below override its parts
+    name: str = "B1"  # a member of a family (repopt/vgg/arch.py, repopt/ghostnet/arch.py); the fields below override its parts
     strides: Optional[list[int]] = None  # five strides (stem, then each downsampling stage); null = ImageNet (2,2,2,2,2)
     num_blocks: Optional[list[int]] = None  # vgg: blocks in stages 1-4; null = the named member's
     width_multiplier: Optional[list[float]] = None  # vgg: width multipliers of stages 1-4; null = the named member's
@@ -71,23 +72,23 @@ class DataConfig(Checked):
     verify_checksums: bool = True  # check torchvision's md5 of the CIFAR/FashionMNIST files
     image_size: int = 32  # training / evaluation resolution
     batch_size: int = 256  # global batch size
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # evaluation batch (no gradients: larger than training fits)
     loader: str = "auto"  # auto | device | dataloader: device keeps uint8 tensors and augments on the device
     num_workers: int = 4  # DataLoader workers (dataloader path)
     crop_padding: int = 4  # random crop with this zero padding (small-image sets)
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flip of training images
     random_resized_crop: bool = False  # ImageNet-style training crop (dataloader path)
     train_subset: Optional[int] = None  # use only the first N training images (quick runs)
-    test_subset: Optional[int] = None
+    test_subset: Optional[int] = None  # evaluate on the first N test images only
     cache_dir: Optional[str] = None  # decoded-tensor cache for image folders; null = <root>/.repopt-cache
-    synthetic_num_classes: int = 10
-    synthetic_train_size: int = 512
-    synthetic_test_size: int = 256
+    synthetic_num_classes: int = 10  # data=synthetic: classes of the generated set
+    synthetic_train_size: int = 512  # data=synthetic: training images
+    synthetic_test_size: int = 256  # data=synthetic: test images
     drop_last: bool = True  # static shapes for compile / CUDA graphs
     randaugment_magnitude: Optional[int] = None  # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
     randaugment_num_ops: int = 2  # RandAugment ops applied in sequence to each training image
     mean: Optional[list[float]] = None  # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
-    std: Optional[list[float]] = None
+    std: Optional[list[float]] = None  # per-channel std (0..1 scale), given with mean
     eval_crop_fraction: Optional[float] = None  # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
 
     def check(self, prefix: str = "") -> None:
@@ -117,12 +118,12 @@ class DataConfig(Checked):
 class OptimConfig(Checked):
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1  # at base_batch_size; scaled linearly by batch_size / base_batch_size
-    base_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = True
+    base_batch_size: int = 256  # the batch size lr is given for
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd: Nesterov momentum
     weight_decay: float = 4e-5  # official groups: conv/linear weights and identity scales only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw: moment decay rates
+    eps: float = 1e-8  # adamw: added to the second moment's root
     foreach: Optional[bool] = None  # null: torch's default
     fused: Optional[bool] = None  # SGD only; null: fused kernel where torch has one
     # stage two, RepOptSGD: mask+decay+momentum+step in one torch.compile-d pass. null (auto): compiled
@@ -145,7 +146,7 @@ class OptimConfig(Checked):
 @dataclass
 class SchedConfig(Checked):
     name: str = "warmup_cosine"  # warmup_cosine | constant
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 5.0  # linear warm-up length (fractions allowed; stepped every iteration)
     warmup_start_factor: float = 0.0  # lr at step 0 = factor * lr (linear warm-up)
     min_lr: float = 0.0  # cosine floor
 
@@ -181,7 +182,7 @@ class LoggerConfig(Checked):
 class EMAConfig(Checked):
     """An exponential moving average of the weights (and BN statistics), kept beside the model."""
 
-    enabled: bool = False
+    enabled: bool = False  # keep an EMA of the weights
     decay: float = 0.9999  # ema = decay * ema + (1 - decay) * weights, at every update
     every: int = 1  # update after every N-th optimizer step
     evaluate: bool = True  # evaluate the EMA each epoch and deliver it: best.pt and deploy.pt hold its weights
@@ -227,14 +228,14 @@ class TrainConfig(Checked):
     ema: EMAConfig = field(default_factory=EMAConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment tracking: none | tensorboard | mlflow
-    epochs: int = 240
-    seed: int = 0
+    epochs: int = 240  # training epochs (the paper: 240 for both stages on CIFAR-100)
+    seed: int = 0  # model init, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     compile: Optional[bool] = False  # torch.compile the training model; null = auto (on CUDA only)
     compile_mode: Optional[str] = "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: Optional[bool] = None  # channels_last memory format; null = auto (on CUDA)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default
     resume: bool = False  # continue from last.pt in the run directory
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | off

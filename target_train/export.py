@@ -55,14 +55,14 @@ log = logging.getLogger("target_train.export")
 class ExportConfig:
     run: Optional[str] = None  # the stage-two run directory (required)
     checkpoint: str = "best"  # best | last (best falls back to last when the run has no best.pt)
-    opset: int = 17
+    opset: int = 17  # ONNX opset of model.onnx
     exporter: str = "torchscript"  # torchscript (exact opset, fast) | dynamo (torch.export based, opset >= 18)
     calibration_images: int = 512  # training images, evaluation transform
-    calibration_batch: int = q.CALIBRATION_BATCH
+    calibration_batch: int = q.CALIBRATION_BATCH  # images per calibration batch
     calibration_method: str = q.CALIBRATION_METHOD  # minmax | entropy | percentile
     eval_images: Optional[int] = None  # null = the whole test set
-    latency_runs: int = 20
-    latency_warmup: int = 3
+    latency_runs: int = 20  # latency: median over this many timed runs ...
+    latency_warmup: int = 3  # ... after this many untimed ones
     data_root: Optional[str] = None  # override the data root stored in the run's config
     per_channel: bool = q.PER_CHANNEL  # int8 weights: one scale per output channel; false: one per tensor
     activation_type: str = q.ACTIVATION_TYPE  # auto (uint8 on x86-64, int8 on ARM) | uint8 | int8

@@ -78,7 +78,7 @@ class PruneConfig:
     round_to: Optional[int] = 8  # kept widths rounded down to a multiple of this; null = exact
     repvgg_mode: str = "deploy"  # RepVGG runs: deploy (prune the folded model) | branches (prune the multi-branch model)
     epochs: int = 3  # fine-tuning epochs (cosine from lr_factor x the run's lr to its min_lr, no warm-up)
-    lr_factor: float = 0.1
+    lr_factor: float = 0.1  # fine-tuning lr = lr_factor x the run's optim.lr (cosine, no warm-up)
     max_steps_per_epoch: Optional[int] = None  # cap fine-tuning steps per epoch (smoke tests)
     out: str = "pruned"  # the result folder, inside the run directory
     overwrite: bool = False  # replace an existing result folder of that name
@@ -86,11 +86,11 @@ class PruneConfig:
     data_root: Optional[str] = None  # override the data root stored in the run's config
     eval_images: Optional[int] = None  # null = the whole test set
     latency_runs: int = 20  # ONNX Runtime: median over this many runs, after latency_warmup runs
-    latency_warmup: int = 3
+    latency_warmup: int = 3  # untimed runs before the latency_runs
     threads: Optional[int] = None  # ONNX Runtime intra-op threads; null = its default
-    opset: int = 17
+    opset: int = 17  # ONNX opset of pruned.onnx
     int8: bool = False  # also quantize pruned.onnx (static INT8, as target_train.export) and evaluate it
-    calibration_images: int = 512
+    calibration_images: int = 512  # int8=true: training images for the INT8 calibration
     progress: str = "auto"  # auto | bar | log | off
 
     def check(self, prefix: str = "", need_run: bool = True) -> None:

@@ -1,5 +1,5 @@
 """Weight statistics of a folded model's layers: how long-tailed each kernel is, which is what makes
-an int8 grid (per tensor or per channel) lose precision (docs/design.md, "Quantization")."""
+an int8 grid (per tensor or per channel) lose precision; recorded in quant.json."""
 
 from __future__ import annotations
 

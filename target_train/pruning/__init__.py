@@ -5,7 +5,7 @@
 * ``csla``: the CSLA twin pruned with the same plan (the equivalence after pruning);
 * ``measure``: parameters and MACs of the deployed model.
 
-A pruned model folds with the family's ``fuse`` (``target_train/fuse.py`` reads every width off
+A pruned model folds with the family's ``fuse`` (``target_train/families/vgg.py`` reads every width off
 the folded kernels) and is timed with ``quantize.latency_table``.
 
 The command-line step is ``python -m target_train.prune`` (``target_train/prune.py``).
