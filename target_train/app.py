@@ -53,7 +53,7 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
             log.warning("model=%s trains with a plain optimizer: scales=%s is not used", cfg.model, cfg.scales)
         choice = ScalesChoice("none", None)
     else:
-        choice = resolve_scales(cfg.scales, arch, cfg.scales_transform)  # before the data: a bad scales file fails fast
+        choice = resolve_scales(cfg.scales, arch, cfg.scales_transform, cfg.scales_from)  # before the data: a bad scales file fails fast
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)  # seeds the run (model init below draws from the seeded generator)

@@ -8,6 +8,7 @@ from typing import ClassVar, Optional
 from repopt.config import TrainConfig, register_schema, require
 from repopt.errors import ConfigError
 from repopt.family import FAMILIES, get_family
+from repopt.scales import SCALES_FROM
 
 MODELS = ("target", *(f.baseline_mode for f in FAMILIES.values()))  # target, or a family's baseline
 SCALES_TRANSFORMS = ("none", "channel_mean")
@@ -23,6 +24,7 @@ class TargetConfig(TrainConfig):
 
     model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | rep (ghostnet baseline, RepGhostNet)
     scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
+    scales_from: str = "model"  # an official HS checkpoint (latest.pth): the scales of its model | ema state dict
     scales_transform: str = "none"  # none | channel_mean: each layer's scales replaced by their mean over channels (ablation)
     reinit: bool = True  # re-initialize the target from the scales (false: the ablation "masks only")
     masks: bool = True  # modify the gradients with the scales' masks (false: the ablation "re-init only", plain optimizer)
@@ -32,6 +34,7 @@ class TargetConfig(TrainConfig):
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
         require(self.model in MODELS, prefix + "model", self.model, "one of " + ", ".join(MODELS))
+        require(self.scales_from in SCALES_FROM, prefix + "scales_from", self.scales_from, "one of " + ", ".join(SCALES_FROM))
         require(self.scales_transform in SCALES_TRANSFORMS, prefix + "scales_transform", self.scales_transform,
                 "one of " + ", ".join(SCALES_TRANSFORMS))
         baseline = get_family(self.family).baseline_mode

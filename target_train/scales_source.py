@@ -1,5 +1,7 @@
 """What ``scales=`` means in stage two: a file, a run directory, ``official:X``, ``none``, ``init``,
-``ones`` or ``official_mean[:X]``, and the ablation's ``scales_transform`` applied to them.
+``ones`` or ``official_mean[:X]``, and the ablation's ``scales_transform`` applied to them. For an
+official HS checkpoint, ``scales_from`` picks its ``model`` state dict (the official extraction) or
+its ``ema``.
 
 The constants of the paper's ablation (its Table 4), besides the searched scales: ``init`` (the HS
 initialization), ``ones`` (every scale 1), ``channel_mean`` (a transform: each layer's scales
@@ -30,16 +32,21 @@ class ScalesChoice:
     scales: dict[str, torch.Tensor] | None
     file: ScalesFile | None = None
     transform: str = "none"  # none | channel_mean
+    scales_from: str = "model"  # model | ema: the state dict of an HS checkpoint the scales came from
 
     def describe(self) -> dict:
-        """The provenance recorded in the run's metrics: kind, path, sha256 and metadata of the file read."""
+        """The provenance recorded in the run's metrics: kind, path, sha256 and metadata of the file read,
+        and the checkpoint state dict the scales came from."""
         f = self.file
         return {"kind": self.kind, "path": str(f.path) if f else None, "sha256": f.sha256 if f else None,
-                "transform": self.transform, "metadata": dict(f.metadata) if f else {}}
+                "transform": self.transform, "scales_from": self.scales_from, "metadata": dict(f.metadata) if f else {}}
 
     def identity(self) -> dict:
-        """What makes two runs' scales the same: their kind and the sha256 of the file read (not its path)."""
+        """What makes two runs' scales the same: their kind and the sha256 of the file read (not its path),
+        and which of its state dicts when not ``model``: one checkpoint holds two sets of scales."""
         identity = {"kind": self.kind, "sha256": self.file.sha256 if self.file else None}
+        if self.scales_from != "model":
+            identity["scales_from"] = self.scales_from
         return identity if self.transform == "none" else {**identity, "transform": self.transform}
 
 
@@ -51,16 +58,17 @@ def is_unused(spec: str | None) -> bool:
 OFFICIAL_MEAN = "official_mean"
 
 
-def resolve_scales(spec: str | None, arch: ArchSpec, transform: str = "none") -> ScalesChoice:
+def resolve_scales(spec: str | None, arch: ArchSpec, transform: str = "none", scales_from: str = "model") -> ScalesChoice:
     """Load and validate the scales named by ``spec`` for ``arch`` (pre-flight, before any training),
-    then apply ``transform`` (``none`` | ``channel_mean``)."""
-    choice = _resolve(spec, arch)
+    then apply ``transform`` (``none`` | ``channel_mean``). ``scales_from`` (``model`` | ``ema``) picks
+    the state dict of an HS checkpoint; the constants (``init``, ``ones``, ``official_mean``) ignore it."""
+    choice = _resolve(spec, arch, scales_from)
     if transform == "channel_mean" and choice.scales is not None:
-        choice = ScalesChoice(choice.kind, channel_mean(choice.scales), choice.file, transform)
+        choice = ScalesChoice(choice.kind, channel_mean(choice.scales), choice.file, transform, choice.scales_from)
     return choice
 
 
-def _resolve(spec: str | None, arch: ArchSpec) -> ScalesChoice:
+def _resolve(spec: str | None, arch: ArchSpec, scales_from: str = "model") -> ScalesChoice:
     if is_unused(spec):
         return ScalesChoice("none", None)
     text = str(spec).strip()
@@ -72,9 +80,10 @@ def _resolve(spec: str | None, arch: ArchSpec) -> ScalesChoice:
         member = official_member(arch, text.partition(":")[2])
         file = read_scales(OFFICIAL_PREFIX + member, get_spec(member))
         return ScalesChoice(OFFICIAL_MEAN, broadcast_means(file.tensors, arch), file)
-    file = read_scales(text, arch)
+    file = read_scales(text, arch, scales_from)
     check_recorded_hash(file)
-    return ScalesChoice("official" if text.startswith(OFFICIAL_PREFIX) else "file", file.tensors, file)
+    kind = "official" if text.startswith(OFFICIAL_PREFIX) else "file"
+    return ScalesChoice(kind, file.tensors, file, scales_from=scales_from)
 
 
 def channel_mean(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,8 +40,14 @@ def depthwise_identity(channels: int, kernel: int, dtype=None, device=None) -> t
     return eye
 
 
+def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """relu6(x + 3) / 6, written as the official ``hard_sigmoid``: ``F.hardsigmoid`` computes the same
+    forward, but its float64 backward multiplies by float32(1/6), 3e-8 off the exact division."""
+    return F.relu6(x + 3.0) / 6.0
+
+
 class SqueezeExcite(nn.Module):
-    """Channel gate: x * hardsigmoid(expand(relu(reduce(avgpool(x)))))."""
+    """Channel gate: x * hard_sigmoid(expand(relu(reduce(avgpool(x)))))."""
 
     def __init__(self, channels: int, se_ratio: float):
         super().__init__()
@@ -52,7 +58,7 @@ class SqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * F.hardsigmoid(self.conv_expand(self.act1(self.conv_reduce(self.avg_pool(x)))))
+        return x * hard_sigmoid(self.conv_expand(self.act1(self.conv_reduce(self.avg_pool(x)))))
 
 
 class ConvBnAct(nn.Module):
