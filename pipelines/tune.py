@@ -7,7 +7,8 @@ in ``<study_dir>/trial_<n>/``; the objective is the target's test top-1 (or seve
 trial in either stage. The study lives in a database (default: SQLite ``<study_dir>/study.db``):
 running the same command again continues it, ``n_trials`` is the study's total, and a completed or
 pruned trial is never run again. Several workers (processes, machines, SLURM array tasks) share a
-study through one ``storage=<URL>``; a trial whose worker died (no heartbeat for ``grace_period``
+study through one ``storage=<URL>`` and take trials one at a time (``ClaimLock``: a file lock on
+SQLite, an advisory lock on PostgreSQL); a trial whose worker died (no heartbeat for ``grace_period``
 seconds) or was stopped by a signal is failed and re-run, with the same parameters, as a new trial.
 At the end ``<study_dir>/study.md`` and ``history.png`` describe the study;
 ``python -m pipelines.compare <study_dir>`` tables the trials as jobs.
@@ -15,6 +16,7 @@ At the end ``<study_dir>/study.md`` and ``history.png`` describe the study;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -75,8 +77,12 @@ def make_storage(cfg: TuneConfig, url: str):
             url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
-        raise ConfigError(f"storage={storage_text(url)}: cannot open it ({type(exc).__name__}: {exc}); give an "
-                          f"SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) whose driver is installed") from None
+        raise cannot_open(url, exc) from None
+
+
+def cannot_open(url: str, exc: Exception) -> ConfigError:
+    return ConfigError(f"storage={storage_text(url)}: cannot open it ({type(exc).__name__}: {exc}); give an "
+                       f"SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) whose driver is installed")
 
 
 def make_sampler(cfg: SamplerConfig, seed: int | None):
@@ -119,28 +125,67 @@ def _after_startup(inner, n: int):
 
 
 class ClaimLock:
-    """Lets one worker at a time fail stale trials, count the budget and take a trial. For an SQLite
-    study it is a file lock beside the database (the workers share one machine); other databases
-    take no lock, so two workers that claim at the same instant can overshoot ``n_trials`` by one.
-    Re-entrant release: the objective releases it as soon as Optuna has handed out its trial."""
+    """Lets one worker at a time fail stale trials, count the budget and take a trial, so that workers
+    that claim at the same instant never overshoot ``n_trials``; the same lock guards creating the
+    study. Re-entrant release: the objective releases it as soon as Optuna has handed out its trial.
 
-    def __init__(self, database: Path | None):
+    * SQLite: a file lock beside the database (the workers share one machine).
+    * PostgreSQL: a session advisory lock in the database itself (``pg_advisory_lock``, its key
+      derived from the study name), taken on a connection of its own: exclusive across machines,
+      and a worker that dies loses its connection, so the server drops its lock.
+    * Other databases: no lock (a warning says so once); two workers that claim at the same instant
+      can overshoot ``n_trials`` by one.
+    """
+
+    def __init__(self, url: str, study_name: str):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(url).get_backend_name()
+        except (ArgumentError, ValueError):  # not a URL: make_storage says so
+            backend = None
+        database = _sqlite_file(url)
         self._file = open(database.with_name(database.name + ".lock"), "a") if database else None
+        self._advisory = _AdvisoryLock(url, study_name) if backend == "postgresql" else None
+        if backend not in (None, "sqlite", "postgresql", *_UNLOCKED_WARNED):
+            _UNLOCKED_WARNED.add(backend)
+            log.warning("storage backend %s: claims are not exclusive (a lock is taken for SQLite and PostgreSQL "
+                        "only), so workers that claim at the same instant can overshoot n_trials", backend)
         self._held = False
 
     def acquire(self) -> None:
-        if self._file is not None and not self._held:
+        if self._held:
+            return
+        if self._file is not None:
             import fcntl
 
             fcntl.flock(self._file, fcntl.LOCK_EX)
             self._held = True
+        elif self._advisory is not None:
+            self._advisory.acquire()
+            self._held = True
 
     def release(self) -> None:
-        if self._held:
+        if not self._held:
+            return
+        self._held = False
+        if self._file is not None:
             import fcntl
 
             fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._held = False
+        else:
+            self._advisory.release()
+
+    def close(self) -> None:
+        """Release the lock and let go of its file or connection."""
+        self.release()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._advisory is not None:
+            self._advisory.close()
+            self._advisory = None
 
     def __enter__(self):
         self.acquire()
@@ -148,6 +193,82 @@ class ClaimLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+_UNLOCKED_WARNED: set[str] = set()  # backends whose missing lock was already reported by this process
+
+
+def advisory_key(study_name: str) -> int:
+    """The study's advisory-lock key: a signed 64-bit integer (``pg_advisory_lock(bigint)``), the
+    same on every machine and Python (not ``hash()``, which is salted per process)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"repopt.tune:{study_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class _AdvisoryLock:
+    """``pg_advisory_lock(key)`` on one dedicated connection in autocommit, so no transaction stays
+    open between claims. The connection asks the server for TCP keepalives: a worker whose machine
+    vanished while holding the lock is noticed in about a minute, not after the system's two hours."""
+
+    KEEPALIVES = (("tcp_keepalives_idle", 30), ("tcp_keepalives_interval", 10), ("tcp_keepalives_count", 3))
+
+    def __init__(self, url: str, study_name: str):
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.url, self.key = url, advisory_key(study_name)
+        try:
+            self._engine = create_engine(url, poolclass=NullPool)
+        except (ImportError, ValueError) as exc:  # no driver, a bad URL
+            raise cannot_open(url, exc) from None
+        self._connection = None
+
+    def _connect(self):
+        from sqlalchemy import exc, text
+
+        if self._connection is None or self._connection.closed or self._connection.invalidated:
+            self._drop_connection()
+            try:
+                connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            except exc.OperationalError as error:  # no server there, refused, wrong password
+                raise cannot_open(self.url, error.orig or error) from None
+            for name, value in self.KEEPALIVES:  # ignored on a Unix socket
+                connection.execute(text(f"SET {name} = {int(value)}"))
+            self._connection = connection
+        return self._connection
+
+    def acquire(self) -> None:
+        from sqlalchemy import exc, text
+
+        statement = text("SELECT pg_advisory_lock(:key)")
+        try:
+            self._connect().execute(statement, {"key": self.key})
+        except exc.DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            self._connect().execute(statement, {"key": self.key})  # the connection had dropped: once more on a new one
+
+    def release(self) -> None:
+        from sqlalchemy import exc, text
+
+        try:
+            if not self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key}).scalar():
+                log.warning("the claim lock was no longer held: its connection to the database had dropped")
+        except exc.SQLAlchemyError as error:  # closing the connection releases the lock on the server
+            log.warning("could not release the claim lock (%s); dropping its connection instead", error)
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
+
+    def close(self) -> None:
+        self._drop_connection()
+        self._engine.dispose()
 
 
 def next_action(study, n_trials: int) -> str:
@@ -234,11 +355,19 @@ def check_same_study(study, cfg: TuneConfig, url: str) -> None:
 
 def run_study(cfg: TuneConfig):
     """Create or continue the study, run trials until it has ``n_trials``, write ``study.md``."""
-    optuna = require_optuna()
+    require_optuna()
     study_dir = prepare_run_dir(cfg.study_dir or Path("outputs") / "tune" / cfg.study_name)
     check_space(cfg)
     url = storage_url(cfg, study_dir)
-    claim = ClaimLock(_sqlite_file(url))
+    claim = ClaimLock(url, cfg.study_name)
+    try:
+        return _run_claimed(cfg, study_dir, url, claim)
+    finally:
+        claim.close()
+
+
+def _run_claimed(cfg: TuneConfig, study_dir: Path, url: str, claim: ClaimLock):
+    optuna = require_optuna()
     with claim:  # creating the tables and the study: one worker at a time
         storage = make_storage(cfg, url)
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=list(cfg.directions),

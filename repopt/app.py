@@ -32,6 +32,7 @@ from .errors import CheckpointError, ConfigError, Interrupted, RepOptError, Scal
 from .io import write_bytes, write_text
 from .results import Result, StageMetrics, Status, record_failure, status_of
 from .rundir import SETTINGS_ALLOWED, RunLock, RunRefused, check_same_work, holds_work, is_main_process, remove_stale_temps
+from .scheduler import being_requeued
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,7 +141,9 @@ def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lamb
     except RepOptError as exc:
         if isinstance(exc, Interrupted):
             log.warning(str(exc))
-            if is_multirun():  # the sweep records it and exits 130 once every job has stopped
+            # the sweep records it and exits 130 once every job has stopped; but a job SLURM is requeueing
+            # leaves no result, so that its launcher (submitit) waits for the job's next run
+            if is_multirun() and not being_requeued():
                 return result_type(status=Status.INTERRUPTED, error=str(exc))
             sys.exit(EXIT_INTERRUPTED)
         if not isinstance(exc, RunRefused):  # a refused run changes nothing on disk

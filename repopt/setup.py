@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .engine.trainer import steps_per_epoch
 from .errors import ConfigError
 from .family import family_of
 from .host import seed_everything
+from .scheduler import restarted_by_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,17 @@ def run_records(stage: str, arch, data, mode: str) -> tuple[dict, dict]:
 
 def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float,
                  **kwargs) -> Trainer:
-    """Scheduler + trainer; with ``resume=true`` the run continues from ``run_dir/last.pt``."""
+    """Scheduler + trainer; with ``resume=true``, or in a job its scheduler started again (a requeued
+    SLURM job, repopt/scheduler.py), the run continues from ``run_dir/last.pt``."""
     scheduler = build_scheduler(optimizer, cfg.sched, steps_per_epoch(cfg, data), cfg.epochs, base_lr)
     kwargs.setdefault("checkpoint_extra", {})
     kwargs["checkpoint_extra"].setdefault("config", to_plain(cfg))
     trainer = Trainer(model, optimizer, scheduler, data, cfg, runtime, run_dir, **kwargs)
-    if cfg.resume:
+    restarted = not cfg.resume and restarted_by_scheduler()
+    if cfg.resume or restarted:
+        if restarted:
+            log.info("restarted by the scheduler (SLURM_RESTART_COUNT=%s): continuing this run as with resume=true",
+                     os.environ.get("SLURM_RESTART_COUNT"))
         if not trainer.restore():
             log.info("resume=true but %s has no last.pt yet: starting from scratch", run_dir)
     elif trainer.last_path.exists():

@@ -284,6 +284,18 @@ class MLflowTracker(Tracker):
 _OPEN: list[Tracker] = []  # the trackers of the functions running now, innermost last (the pipeline's job run first)
 
 
+def _push(tracker: Tracker) -> None:
+    """Enter ``tracker`` in ``_OPEN``. The wrapper of ``tracked`` goes through these two functions and
+    never names ``_OPEN``: wrapping a function of ``__main__`` (``python -m pipelines.search_and_train``
+    under the joblib or submitit launcher) it is pickled by value, with a copy of each global it names,
+    and a job's run entered in a copy of the list would be unseen by its stages (no nesting)."""
+    _OPEN.append(tracker)
+
+
+def _pop(tracker: Tracker) -> None:
+    _OPEN.remove(tracker)
+
+
 def open_tracker(cfg: LoggerConfig, run_dir: Path, stage: str, config: dict | None = None, resume: bool = False,
                  scales_of: ScalesOf | None = None) -> Tracker:
     """The tracker ``cfg`` asks for; a ``Tracker`` that does nothing for ``none`` and on ranks other than 0.
@@ -323,7 +335,7 @@ def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), 
             run_dir = Path(run_dir)
             tracker = open_tracker(logger, run_dir, stage, to_plain(cfg), bool(getattr(cfg, "resume", False)), scales_of)
             status, result, error = Status.FAILED, None, None
-            _OPEN.append(tracker)
+            _push(tracker)
             try:
                 with active(tracker) if attach else contextlib.nullcontext():
                     result = train(cfg, run_dir, **kwargs)
@@ -336,7 +348,7 @@ def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), 
                 status, error = Status.INTERRUPTED, "interrupted by the user"
                 raise
             finally:
-                _OPEN.remove(tracker)
+                _pop(tracker)
                 tracker.finish(status, result, [run_dir / f for f in files], error)
 
         return run
