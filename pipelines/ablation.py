@@ -34,10 +34,10 @@ from repopt.scales import SCALES_FILENAME, load_scales, read_metadata
 
 from .compare import collect, distinct
 from .config import VARIANTS
-from .stats import welch
+from .compare.stats import welch
 
 log = logging.getLogger("pipelines.ablation")
-ORDER = ["plain", "repvgg", "searched", "reinit_only", "masks_only", "init", "ones", "channel_mean", "official_mean"]
+ORDER = ["plain", "repvgg", "qarepvgg", "searched", "reinit_only", "masks_only", "init", "ones", "channel_mean", "official_mean"]
 SEED = "hs.seed"
 
 
@@ -148,7 +148,7 @@ def official_drift(name: str = "B1") -> pd.DataFrame:
 def report(table_dirs: list[Path], budget_dirs: list[Path], out: Path, default_epochs: int = 8) -> str:
     table, budget = completed(table_dirs), completed(budget_dirs) if budget_dirs else pd.DataFrame(columns=["variant"])
     out.mkdir(parents=True, exist_ok=True)
-    parts = ["# Ablation and search budget\n", "Completed jobs only; Welch 95 % intervals (`pipelines/stats.py`); "
+    parts = ["# Ablation and search budget\n", "Completed jobs only; Welch 95 % intervals (`pipelines/compare/stats.py`); "
              "`*`: the interval excludes 0.\n", "## The variants\n", markdown(variant_table(table)), ""]
     parts += ["Variants: " + "; ".join(f"`{v}`: {VARIANTS[v]}" for v in ORDER if v in set(table["variant"])) + ".\n"]
     init = table[table["variant"] == "init"]["target_top1"]

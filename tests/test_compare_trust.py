@@ -16,7 +16,7 @@ from scipy import stats
 
 from pipelines.compare import UNREADABLE, compare, latest_sweep
 from pipelines.compare import main as compare_main
-from pipelines.stats import welch
+from pipelines.compare.stats import welch
 from repopt.errors import ConfigError
 from repopt.results import JobMetrics, StageMetrics, Status, write_result
 

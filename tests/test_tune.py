@@ -27,8 +27,8 @@ optuna = pytest.importorskip("optuna")
 from pipelines.compare import compare  # noqa: E402
 from pipelines.tune import main as tune_main  # noqa: E402
 from pipelines.tune import run_study  # noqa: E402
-from pipelines.tune_config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig  # noqa: E402
-from pipelines.tune_trial import PruningCallback, check_space  # noqa: E402
+from pipelines.tune.config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig  # noqa: E402
+from pipelines.tune.trial import PruningCallback, check_space  # noqa: E402
 from repopt.config import to_typed  # noqa: E402
 from repopt.errors import ConfigError  # noqa: E402
 from tests.conftest import REPO, _env, pipeline_overrides, read_json, run_hydra  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from pipelines import tune  # noqa: E402
+from pipelines.tune import claim as tune  # noqa: E402
 from pipelines.tune import ClaimLock, advisory_key  # noqa: E402
 from pipelines.tune import main as tune_main  # noqa: E402
 from tests.conftest import _env, read_json, run_hydra  # noqa: E402

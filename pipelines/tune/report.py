@@ -12,21 +12,12 @@ from pathlib import Path
 from repopt.io import write_json, write_text
 from repopt.plots import pyplot, save_png
 
-from .tune_config import TARGET_STEP_OFFSET, TuneConfig
-from .tune_trial import trial_dir, trial_record
+from .config import TARGET_STEP_OFFSET, TuneConfig
+from .storage import storage_text
+from .trial import trial_dir, trial_record
 
 log = logging.getLogger("pipelines.tune")
 HISTORY_PNG = "history.png"
-
-
-def storage_text(url: str) -> str:
-    """The storage URL without its password."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: show its scheme only
-        return url.split("://", 1)[0] + "://..."
 
 
 def sync_trial_files(study, study_dir: Path) -> None:

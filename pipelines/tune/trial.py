@@ -25,9 +25,9 @@ from repopt.errors import ConfigError, Interrupted, RepOptError
 from repopt.io import write_json, write_text
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, record_failure, status_of, write_result
 
-from .config import PipelineConfig
-from .search_and_train import run_pipeline
-from .tune_config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig
+from ..config import PipelineConfig
+from ..search_and_train import run_pipeline
+from .config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig
 
 log = logging.getLogger("pipelines.tune")
 
