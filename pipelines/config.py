@@ -8,6 +8,7 @@ from typing import Optional
 from hypersearch.config import HSConfig
 from repopt.config import Checked, LoggerConfig, register_schema
 from repopt.errors import ConfigError
+from repopt.family import get_family
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
 from target_train.prune import PruneConfig
@@ -20,6 +21,8 @@ VARIANTS = {
     "plain": "the same plain target trained with plain SGD (no re-parameterization)",
     "init": "the RepOpt target with the un-searched HS init constants",
     "repvgg": "the structural re-parameterization baseline: RepVGG (family=ghostnet: RepGhostNet, model=rep)",
+    "qarepvgg": "the quantization-friendly re-parameterization baseline: QARepVGG (model=qarepvgg: BN after the branch "
+                "sum, none on the 1x1 and identity; vgg only)",
     "custom": "the RepOpt target with target.scales as given (a file, a run dir or official:X)",
     "ones": "the RepOpt target with every scale 1",
     "channel_mean": "the RepOpt target with the searched scales, each layer's replaced by their mean over channels",
@@ -37,7 +40,7 @@ class PipelineConfig(Checked):
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # the job's run; hs.logger and target.logger follow it
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
-    variant: str = "searched"  # one of VARIANTS: searched | plain | init | repvgg | custom | ones | channel_mean | official_mean | reinit_only | masks_only
+    variant: str = "searched"  # one of VARIANTS: searched | plain | init | repvgg | qarepvgg | custom | ones | channel_mean | official_mean | reinit_only | masks_only
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
     shared_search: bool = False  # true: stage one runs in <sweep>/searches/<its settings' hash>/, once for every job that has the same stage-one settings (job/hs links to it)
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
@@ -52,6 +55,9 @@ class PipelineConfig(Checked):
             if value != self.family:
                 raise ConfigError(f"{stage}.family={value} differs from family={self.family}: the scales stage one "
                                   f"searches fit only its own family; set family=... for both stages")
+        if self.variant == "qarepvgg" and "qarepvgg" not in get_family(self.family).baseline_modes:
+            raise ConfigError(f"variant=qarepvgg trains QARepVGG, a vgg baseline; family={self.family} has no such "
+                              f"model (its baseline is variant=repvgg)")
         if self.prune and self.family != "vgg":
             raise ConfigError(f"prune=true prunes VGG targets; family={self.family} has no pruning step (set prune=false)")
         if self.prune:

@@ -142,6 +142,7 @@ def stage_configs(cfg: PipelineConfig):
         "ones": dict(scales="ones"),
         "official_mean": dict(scales="official_mean"),
         "repvgg": dict(scales="none", model=get_family(target.family).baseline_mode),
+        "qarepvgg": dict(scales="none", model="qarepvgg"),  # PipelineConfig.check: vgg only
     }
     if cfg.variant == "custom" and (not target.scales or str(target.scales).lower() in ("none", "init")):
         raise ConfigError("variant=custom needs target.scales=<file | run dir | official:X>")

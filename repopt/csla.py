@@ -62,7 +62,13 @@ class Family:
     official: Mapping[str, str]  # released scales: official name -> packaged file
     default_arch: str
     overrides: tuple[str, ...] = ()  # keyword overrides ``lookup`` takes besides the name (vgg: num_blocks, width_multiplier)
+    baselines: tuple[str, ...] = ()  # further re-parameterization baselines stage two can train (vgg: qarepvgg)
+
+    @property
+    def baseline_modes(self) -> tuple[str, ...]:
+        """Every baseline stage two trains with a plain optimizer and folds with ``fuse``: the main one first."""
+        return (self.baseline_mode, *self.baselines)
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return (*CSLA_MODES, "target", self.baseline_mode, "deploy")
+        return (*CSLA_MODES, "target", *self.baseline_modes, "deploy")

@@ -2,8 +2,8 @@
 
 Loads the scales (``scales=`` file | stage-one run dir | ``official`` | ``official:B1`` | ``none`` |
 ``init``), re-initializes the target of the chosen family (``family=vgg|ghostnet``) from them, builds
-the grad masks and trains with the RepOptimizer (``model=repvgg`` / ``model=rep`` trains the family's
-structural re-param baseline instead). Writes into the run
+the grad masks and trains with the RepOptimizer (``model=repvgg`` / ``model=qarepvgg`` / ``model=rep``
+trains one of the family's structural re-param baselines instead, with a plain optimizer). Writes into the run
 directory: ``.hydra/``, ``metrics.json``, ``history.csv``, ``last.pt``, ``best.pt`` and
 ``deploy.pt`` (the folded conv+ReLU model as a torch.export program).
 """
@@ -57,8 +57,10 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)  # seeds the run (model init below draws from the seeded generator)
-    build = build_target_model if cfg.model == "target" else build_baseline_model
-    model = build(arch, data.num_classes)
+    if cfg.model == "target":
+        model = build_target_model(arch, data.num_classes)
+    else:
+        model = build_baseline_model(arch, data.num_classes, cfg.model)
     if choice.scales is not None and cfg.reinit:  # reinit=false: the ablation "masks only"
         reinitialize(model, choice.scales, use_identity_scales=cfg.use_identity_scales)
     model = place(model, runtime)

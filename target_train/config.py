@@ -10,7 +10,7 @@ from repopt.errors import ConfigError
 from repopt.family import FAMILIES, get_family
 from repopt.scales import SCALES_FROM
 
-MODELS = ("target", *(f.baseline_mode for f in FAMILIES.values()))  # target, or a family's baseline
+MODELS = ("target", *(m for f in FAMILIES.values() for m in f.baseline_modes))  # target, or one of a family's baselines
 SCALES_TRANSFORMS = ("none", "channel_mean")
 
 
@@ -22,7 +22,7 @@ class TargetConfig(TrainConfig):
     # content, checked by sha256 against the checkpoint's record (``scales_identity``)
     SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = TrainConfig.SETTINGS_ALLOWED + ("scales",)
 
-    model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | rep (ghostnet baseline, RepGhostNet)
+    model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | qarepvgg (vgg, QARepVGG) | rep (ghostnet baseline, RepGhostNet)
     scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
     scales_from: str = "model"  # an official HS checkpoint (latest.pth): the scales of its model | ema state dict
     scales_transform: str = "none"  # none | channel_mean: each layer's scales replaced by their mean over channels (ablation)
@@ -37,10 +37,11 @@ class TargetConfig(TrainConfig):
         require(self.scales_from in SCALES_FROM, prefix + "scales_from", self.scales_from, "one of " + ", ".join(SCALES_FROM))
         require(self.scales_transform in SCALES_TRANSFORMS, prefix + "scales_transform", self.scales_transform,
                 "one of " + ", ".join(SCALES_TRANSFORMS))
-        baseline = get_family(self.family).baseline_mode
-        if self.model not in ("target", baseline):
+        family = get_family(self.family)
+        if self.model not in ("target", *family.baseline_modes):
+            others = "".join(f"{prefix}model={m}, " for m in family.baselines)
             raise ConfigError(f"{prefix}model={self.model} is not a {self.family} model; the {self.family} baseline is "
-                              f"{prefix}model={baseline} (or {prefix}model=target)")
+                              f"{prefix}model={family.baseline_mode} (or {others}{prefix}model=target)")
 
 
 register_schema("target_train_schema", TargetConfig)

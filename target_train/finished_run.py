@@ -73,10 +73,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
         arch = spec_from_dict(ckpt["arch"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    baseline = family_of(arch).baseline_mode
-    if stage not in (None, "target_train") or mode not in ("target", baseline):
+    baselines = family_of(arch).baseline_modes
+    if stage not in (None, "target_train") or mode not in ("target", *baselines):
         raise CheckpointError(f"{path}: not a stage-two checkpoint (stage={stage!r}, mode={mode!r}); "
-                              f"point run= at a run of python -m target_train (model=target or model={baseline})")
+                              f"point run= at a run of python -m target_train "
+                              f"(model=target or {' or '.join(f'model={m}' for m in baselines)})")
     try:
         model = build_model(arch, int(ckpt["num_classes"]), mode)
         model.load_state_dict(ckpt["model"])

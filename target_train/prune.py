@@ -14,7 +14,8 @@ Structured channel pruning of a trained stage-two VGG, fine-tuned, measured and 
      importance and ratio (``repvgg_mode=deploy``, the default: what is deployed is what is
      pruned, every layer free), then fine-tuned as a plain VGG with plain SGD. ``repvgg_mode=branches``
      prunes the multi-branch model instead (its identity branches tie whole chains of layers to one
-     channel set), fine-tunes it as RepVGG and folds it afterwards;
+     channel set), fine-tunes it as RepVGG and folds it afterwards. A QARepVGG run (``model=qarepvgg``)
+     is pruned the same way in either mode (method ``qarepvgg-deploy`` / ``qarepvgg-branches``);
 3. fine-tune for ``epochs`` on the run's data config at ``lr_factor`` x the run's learning rate;
 4. fold, export ``pruned.pt`` (torch.export, loads without this package) and ``pruned.onnx``,
    check ONNX Runtime against PyTorch, and time both the unpruned and the pruned model through
@@ -76,7 +77,7 @@ class PruneConfig:
     ratio: float = 0.5  # fraction of each layer's output channels to remove, in [0, 1)
     importance: str = "l2"  # l2 (group L2 magnitude) | bn_scale (|BN gamma|; not for the deploy form)
     round_to: Optional[int] = 8  # kept widths rounded down to a multiple of this; null = exact
-    repvgg_mode: str = "deploy"  # RepVGG runs: deploy (prune the folded model) | branches (prune the multi-branch model)
+    repvgg_mode: str = "deploy"  # RepVGG/QARepVGG runs: deploy (prune the folded model) | branches (prune the multi-branch model)
     epochs: int = 3  # fine-tuning epochs (cosine from lr_factor x the run's lr to its min_lr, no warm-up)
     lr_factor: float = 0.1  # fine-tuning lr = lr_factor x the run's optim.lr (cosine, no warm-up)
     max_steps_per_epoch: Optional[int] = None  # cap fine-tuning steps per epoch (smoke tests)
@@ -131,7 +132,7 @@ def finetune_config(ckpt: dict, run_dir: Path, cfg: PruneConfig) -> TargetConfig
 def method_of(mode: str, scales, cfg: PruneConfig) -> str:
     if mode == "target":
         return "repopt" if scales is not None else "plain"
-    return f"repvgg-{cfg.repvgg_mode}"
+    return f"{mode}-{cfg.repvgg_mode}"  # a re-parameterization baseline: repvgg-deploy, qarepvgg-branches, ...
 
 
 def evaluate_model(model: torch.nn.Module, data, runtime) -> dict:
@@ -188,7 +189,8 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
     method = method_of(mode, scales, cfg)
     arch = model.arch
     unpruned = fuse(model)  # the deployed model the pruned one is measured against (load_model: CPU, fp32)
-    if mode == "repvgg" and cfg.repvgg_mode == "deploy":
+    baseline = mode != "target"  # load_model admits only the target and the family's re-parameterization baselines
+    if baseline and cfg.repvgg_mode == "deploy":
         model = copy.deepcopy(unpruned).train()
 
     model = place(model, runtime)
@@ -219,7 +221,7 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
         summary["int8"] = _int8(work, cfg, cpu_data)
     summary.update(
         method=method, ratio=cfg.ratio, importance=cfg.importance, round_to=cfg.round_to,
-        repvgg_mode=cfg.repvgg_mode if mode == "repvgg" else None, source_run=str(run_dir), checkpoint=str(ckpt_path),
+        repvgg_mode=cfg.repvgg_mode if baseline else None, source_run=str(run_dir), checkpoint=str(ckpt_path),
         top1_before=before["test_top1"], top5_before=before["test_top5"],
         top1_pruned=pruned["test_top1"], top5_pruned=pruned["test_top5"],
         top1_finetuned=finetuned["test_top1"], top5_finetuned=finetuned["test_top5"],

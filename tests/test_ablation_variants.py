@@ -79,7 +79,7 @@ def test_every_variant_composes_to_its_stage_settings():
         assert (hs is not None) == searches == (variant in SEARCHING), variant
         assert (target.scales, target.scales_transform, target.reinit, target.masks, target.model) == (
             scales, transform, reinit, masks, "target"), variant
-    assert set(expected) | {"repvgg", "custom"} == set(VARIANTS)
+    assert set(expected) | {"repvgg", "qarepvgg", "custom"} == set(VARIANTS)
 
 
 def test_channel_mean_masks_are_the_masks_of_the_averaged_scales(tmp_path, searched):

@@ -2,7 +2,8 @@
 
 All of them keep the official key layout so that scale files, checkpoints and folded weights
 line up by name: ``conv``/``scale_conv``/``conv_1x1``/``scale_1x1``/``scale_identity``/``bn`` for
-HS/CSLA, ``conv``/``bn`` for the target, ``rbr_dense``/``rbr_1x1``/``rbr_identity`` for RepVGG.
+HS/CSLA, ``conv``/``bn`` for the target, ``rbr_dense``/``rbr_1x1``/``rbr_identity`` for RepVGG,
+and the same plus the post-sum ``bn`` for QARepVGG (YOLOv6's ``QARepVGGBlock`` names).
 """
 
 from __future__ import annotations
@@ -124,6 +125,37 @@ class RepVGGBlock(nn.Module):
         if hasattr(self, "rbr_identity"):
             out = out + self.rbr_identity(x)
         return self.relu(out)
+
+
+class QARepVGGBlock(nn.Module):
+    """The quantization-friendly baseline (QARepVGG, Chu et al. 2022; YOLOv6 v3):
+    BN(BN(3x3) + 1x1 (+ x)) -> ReLU.
+
+    Only the 3x3 branch keeps its own BN; the 1x1 conv (no bias) and the identity enter the sum
+    unnormalized and one BN follows the sum. RepVGG's per-branch BNs each rescale their branch by
+    gamma/sigma before the sum, so the folded kernel inherits wide, outlier-heavy per-channel ranges
+    that INT8 post-training quantization clips; here the sum is scaled once, as a whole. Folds
+    exactly into the same ``DeployBlock`` (``target_train/families/vgg.py``, ``fold_block``).
+    """
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.rbr_dense = _conv_bn(spec.in_channels, spec.out_channels, 3, spec.stride)
+        self.rbr_1x1 = nn.Conv2d(spec.in_channels, spec.out_channels, 1, spec.stride, 0, bias=False)
+        if spec.has_identity:
+            self.rbr_identity = nn.Identity()
+        self.bn = nn.BatchNorm2d(spec.out_channels)
+        self.relu = nn.ReLU()
+
+    @property
+    def has_identity(self) -> bool:
+        return hasattr(self, "rbr_identity")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.has_identity:
+            out = out + self.rbr_identity(x)
+        return self.relu(self.bn(out))
 
 
 class DeployBlock(nn.Module):

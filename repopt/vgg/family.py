@@ -18,4 +18,4 @@ FAMILY = Family(
     "vgg", "RepOpt-VGG: plain 3x3 conv -> BN -> ReLU stages (CSLA: 3x3 + 1x1 + identity)",
     arch_names, get_arch, ArchSpec.from_dict, build, "repvgg",
     {n: f"RepOpt-VGG-{n}-scales.pth" for n in ("B1", "B2", "L1", "L2")}, "B1",
-    overrides=("num_blocks", "width_multiplier"))
+    overrides=("num_blocks", "width_multiplier"), baselines=("qarepvgg",))

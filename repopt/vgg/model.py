@@ -7,9 +7,9 @@ from torch import nn
 from ..csla import CSLA_MODES, CSLAModel
 from ..errors import ConfigError
 from .arch import ArchSpec, BlockSpec, get_arch
-from .blocks import CSLABlock, DeployBlock, RepVGGBlock, TargetBlock
+from .blocks import CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock
 
-MODES = ("hs", "csla", "target", "repvgg", "deploy")
+MODES = ("hs", "csla", "target", "repvgg", "qarepvgg", "deploy")
 
 
 def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Module:
@@ -19,6 +19,8 @@ def make_block(spec: BlockSpec, mode: str, fused_forward: bool = False) -> nn.Mo
         return TargetBlock(spec)
     if mode == "repvgg":
         return RepVGGBlock(spec)
+    if mode == "qarepvgg":
+        return QARepVGGBlock(spec)
     if mode == "deploy":
         return DeployBlock(spec)
     raise ConfigError(f"unknown model mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -15,8 +15,10 @@ Grad masks ("grad mults"):
 
 Deploy folding: any trained mode becomes a plain 3x3 conv(+bias) -> ReLU stack. ``target``: conv·BN
 folds into one conv with bias. ``repvgg``: each branch's BN folds into its kernel, the 1x1 kernel is
-padded to 3x3 and the identity becomes a diagonal kernel; the three sum. ``hs``/``csla``: the scaled
-branches sum into one kernel first, then BN folds.
+padded to 3x3 and the identity becomes a diagonal kernel; the three sum. ``qarepvgg``: the 3x3
+branch's BN folds into its kernel, the raw padded 1x1 kernel and the identity add to it, then the
+post-sum BN folds onto that sum's kernel *and* bias (bias = (b3 - mean)*gamma/sigma + beta).
+``hs``/``csla``: the scaled branches sum into one kernel first, then BN folds.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from repopt.errors import ConfigError
 from repopt.modules import fold_bn, unwrap
 from repopt.scales import validate_scales
 from repopt.vgg import RepOptVGG
-from repopt.vgg.blocks import CSLABlock, DeployBlock, RepVGGBlock, TargetBlock, fuse_branches, identity_kernel
+from repopt.vgg.blocks import (CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock, fuse_branches,
+                               identity_kernel)
 
 
 # ---------------------------------------------------------------------------- re-initialization
@@ -121,6 +124,14 @@ def fold_block(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             ki, bi = fold_bn(eye, block.rbr_identity)
             kernel, bias = kernel + ki, bias + bi
         return kernel, bias
+    if isinstance(block, QARepVGGBlock):
+        kernel, b3 = fold_bn(block.rbr_dense.conv.weight, block.rbr_dense.bn)
+        kernel = kernel + F.pad(block.rbr_1x1.weight, [1, 1, 1, 1])  # a fresh tensor: the identity adds in place
+        if block.has_identity:
+            kernel[:, :, 1, 1].diagonal().add_(1.0)
+        bn = block.bn  # the post-sum BN scales the sum's bias b3 too, not only its kernel
+        t = bn.weight / (bn.running_var + bn.eps).sqrt()
+        return kernel * t.view(-1, 1, 1, 1), (b3 - bn.running_mean) * t + bn.bias
     if isinstance(block, DeployBlock):
         return block.conv.weight.clone(), block.conv.bias.clone()
     raise TypeError(f"cannot fold a {type(block).__name__}")

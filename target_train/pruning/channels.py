@@ -22,7 +22,7 @@ from repopt.modules import unwrap
 from repopt.vgg import RepOptVGG
 
 IMPORTANCES = ("l2", "bn_scale")  # group L2 magnitude | BN scale |gamma| (needs BN layers: not the deploy form)
-PRUNABLE_MODES = ("target", "deploy", "repvgg")
+PRUNABLE_MODES = ("target", "deploy", "repvgg", "qarepvgg")
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,10 @@ def check_prunable(model: nn.Module) -> RepOptVGG:
     model = unwrap(model)
     if not isinstance(model, RepOptVGG):  # the VGG family's model class
         family = family_of(model.arch).name if hasattr(model, "arch") else type(model).__name__
-        raise ConfigError(f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG), not a {family} "
+        raise ConfigError(f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG, QARepVGG), not a {family} "
                           f"model: a GhostNet's depthwise and ghost channels need their own coupling rules")
     if model.mode not in PRUNABLE_MODES:
-        raise ConfigError(f"cannot prune a {model.mode!r} model; prune the trained target, its deployed form or a RepVGG "
+        raise ConfigError(f"cannot prune a {model.mode!r} model; prune the trained target, its deployed form or a (QA)RepVGG "
                           f"({', '.join(PRUNABLE_MODES)})")
     return model
 
