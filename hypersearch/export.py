@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from repopt.family import get_family
 from repopt.io import write_text
 from repopt.plots import pyplot, save_png
 from repopt.scales import SCALES_FILENAME, ScalesFile, parse_scale_key, save_scales
@@ -16,14 +16,13 @@ from repopt.scales import SCALES_FILENAME, ScalesFile, parse_scale_key, save_sca
 log = logging.getLogger(__name__)
 
 
-_STAGE = re.compile(r"^(?:stage|blocks\.)(\d+)")
-
-
 def parse_key(key: str) -> tuple[str, int, str]:
     """``(block, stage, kind)`` of a scale key: the stage is VGG's ``stageN`` or GhostNet's group ``blocks.G`` (-1: neither)."""
     parsed = parse_scale_key(key)
-    block, kind = parsed[1:] if parsed else (key.rsplit(".", 1)[0], "scale")
-    stage = _STAGE.match(block)
+    if parsed is None:
+        return key.rsplit(".", 1)[0], -1, "scale"
+    family, block, kind = parsed
+    stage = get_family(family).stage_of_block.match(block)
     return block, int(stage[1]) if stage else -1, kind
 
 

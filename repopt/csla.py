@@ -4,6 +4,7 @@ learnable per-channel scale, the ``Family`` record a family registers, and the t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -61,6 +62,12 @@ class Family:
     baseline_mode: str  # the structural re-parameterization baseline trained by stage two
     official: Mapping[str, str]  # released scales: official name -> packaged file
     default_arch: str
+    # its scales-file keys: group 1 the block, group 2 the branch kind (``stage1.0`` / ``scale_conv``)
+    scale_key: re.Pattern
+    # a key only a whole HS state dict has (a conv of the model, not a scale): tells a checkpoint from a scales file
+    model_key: re.Pattern
+    # the stage of a block name (group 1), for per-stage summaries of the scales
+    stage_of_block: re.Pattern
     overrides: tuple[str, ...] = ()  # keyword overrides ``lookup`` takes besides the name (vgg: num_blocks, width_multiplier)
     baselines: tuple[str, ...] = ()  # further re-parameterization baselines stage two can train (vgg: qarepvgg)
 

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import pickle
-import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,12 +41,8 @@ FORMAT = "repopt-scales"
 FORMAT_VERSION = "1"
 SCALES_FILENAME = "scales.safetensors"
 OFFICIAL_PREFIX = "official:"
-# The scale keys of each family (official layouts), and the keys that mark a full HS state dict.
-_FAMILY_KEYS = {
-    "vgg": re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$"),
-    "ghostnet": re.compile(r"(?:^|\.)(blocks\.\d+\.\d+\.ghost[12])\.(fusion_scale|cheap_operation\.1)\.weight$"),
-}
-_MODEL_KEY = re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$|primary_conv\.0\.weight$|running_mean$")
+# The scale keys of each family (official layouts; each family's ``scale_key``).
+_FAMILY_KEYS = {name: fam.scale_key for name, fam in FAMILIES.items()}
 # The state dict of an official HS checkpoint the scales are read from: ``model`` (what the official
 # extraction loads) or ``ema`` (the moving average its search keeps beside it).
 SCALES_FROM = ("model", "ema")
@@ -61,6 +56,11 @@ def parse_scale_key(key: str) -> tuple[str, str, str] | None:
         if match:
             return family, match[1], match[2]
     return None
+
+
+def _is_model_key(key: str) -> bool:
+    """A key only a whole HS state dict has: a family's model key, or any BN's running mean."""
+    return key.endswith("running_mean") or any(fam.model_key.search(key) for fam in FAMILIES.values())
 
 
 def _is_scale_key(key: str) -> bool:
@@ -493,7 +493,7 @@ def _parse(data: bytes, path: Path, scales_from: str = "model") -> tuple[dict, d
 def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     """Keep the scale tensors; a full state dict (HS checkpoint) also holds convs and BN, which we drop
     (and, from a torch zip file, never read)."""
-    full_state_dict = any(_MODEL_KEY.search(str(k)) for k in raw)
+    full_state_dict = any(_is_model_key(str(k)) for k in raw)
     scales = {}
     for key, value in raw.items():
         key = str(key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from ..csla import Family
@@ -18,4 +20,7 @@ FAMILY = Family(
     "vgg", "RepOpt-VGG: plain 3x3 conv -> BN -> ReLU stages (CSLA: 3x3 + 1x1 + identity)",
     arch_names, get_arch, ArchSpec.from_dict, build, "repvgg",
     {n: f"RepOpt-VGG-{n}-scales.pth" for n in ("B1", "B2", "L1", "L2")}, "B1",
+    scale_key=re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$"),
+    model_key=re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$"),
+    stage_of_block=re.compile(r"^stage(\d+)"),
     overrides=("num_blocks", "width_multiplier"), baselines=("qarepvgg",))
