@@ -30,7 +30,7 @@ from target_train.masks import masks_by_param
 from target_train.model import build_target_model
 from target_train.optim import RepOptSGD
 from target_train.scales_source import channel_mean, resolve_scales
-from tests.conftest import pipeline_overrides, read_json, run_hydra
+from tests.helpers.runs import pipeline_overrides, read_json, run_hydra
 
 TINY_TARGET = ["arch.name=tiny", "arch.strides=[1,2,2,2,1]", "data.name=synthetic", "data.batch_size=32",
                "data.synthetic_train_size=64", "data.synthetic_test_size=32", "epochs=1", "sched.warmup_epochs=0",

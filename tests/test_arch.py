@@ -300,7 +300,7 @@ def test_overrides_end_to_end_hs_scales_target(tmp_path, capsys):
     from repopt.engine import load_checkpoint
     from repopt.scales import read_metadata
     from target_train.app import main as target_main
-    from tests.conftest import TINY, read_json, run_hydra
+    from tests.helpers.runs import TINY, read_json, run_hydra
 
     spec = ["arch.num_blocks=[1,1,2,1]", "arch.width_multiplier=[0.25,0.25,0.25,0.25]"]
     expected = get_arch("tiny", [1, 2, 2, 2, 1], num_blocks=[1, 1, 2, 1], width_multiplier=[0.25] * 4)

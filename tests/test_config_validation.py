@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import pipeline_overrides, run_hydra
+from tests.helpers.runs import pipeline_overrides, run_hydra
 from hypersearch.app import main as hs_main
 from hypersearch.config import HSConfig
 from pipelines.config import PipelineConfig

@@ -24,7 +24,7 @@ from repopt import get_arch, load_scales
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.errors import CheckpointError, RepOptError, ScalesError
-from tests.conftest import TINY, TINY_STEPS, _all_finite, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, _all_finite, run_hydra
 
 OFFICIAL = ("B1", "B2", "L1", "L2")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from repopt.engine import load_checkpoint
-from tests.conftest import DDP_BOUND, TINY, read_json, worst_rel_diff
+from tests.helpers.runs import DDP_BOUND, TINY, read_json, worst_rel_diff
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")

@@ -12,7 +12,7 @@ from pipelines.compare import main as compare_main
 from pipelines.search_and_train import main as pipeline_main
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import active
-from tests.conftest import (
+from tests.helpers.runs import (
     TINY,
     TINY_STEPS,
     _all_finite,

@@ -16,7 +16,7 @@ from repopt.vgg import RepOptVGG
 from target_train.app import main as target_main
 from target_train.config import TargetConfig
 from target_train.deploy import load_deployed
-from tests.conftest import TINY, TINY_STEPS, read_json, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, read_json, run_hydra
 
 ARCH = get_arch("tiny", [1, 2, 2, 2, 1])
 

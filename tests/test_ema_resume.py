@@ -13,7 +13,7 @@ import torch
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from target_train.app import main as target_main
-from tests.conftest import TINY, TINY_STEPS, read_json, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, read_json, run_hydra
 from tests.test_ema import _inner
 
 TIMING = ["epoch_seconds", "images_per_sec"]

@@ -9,7 +9,7 @@ import pytest
 
 from repopt.engine import load_checkpoint
 from target_train.app import main as target_main
-from tests.conftest import DDP_BOUND, TINY, TINY_STEPS, _env, read_json, run_hydra, worst_rel_diff
+from tests.helpers.runs import DDP_BOUND, TINY, TINY_STEPS, _env, read_json, run_hydra, worst_rel_diff
 from tests.test_ddp import _torchrun
 
 EMA = ["scales=init", "deploy=false", "ema.enabled=true", "ema.decay=0.7"]

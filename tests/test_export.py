@@ -24,7 +24,7 @@ from target_train import finished_run, onnx_io  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
 from target_train.families.vgg import fuse  # noqa: E402
-from tests.conftest import read_json, run_hydra, train_tiny_target  # noqa: E402
+from tests.helpers.runs import read_json, run_hydra, train_tiny_target  # noqa: E402
 
 EXPORT_FAST = ["calibration_images=64", "latency_runs=3", "latency_warmup=1", "threads=1"]
 QUANT_FIELDS = ("fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "top1_drop", "calibration_images", "eval_images",

@@ -17,7 +17,7 @@ from repopt.errors import ConfigError
 from repopt.family import build_model, spec_from_dict
 from repopt.scales import read_scales
 from target_train.config import TargetConfig
-from tests.conftest import logits_without_the_project, pipeline_overrides, read_json, run_hydra
+from tests.helpers.runs import logits_without_the_project, pipeline_overrides, read_json, run_hydra
 
 
 def _compose(name, overrides=()):
@@ -116,7 +116,7 @@ def test_ema_and_mixup_train_a_ghostnet_target_on_the_device_loader(tmp_path):
     from repopt.family import get_spec
     from target_train.app import main as target_main
     from target_train.deploy import load_deployed
-    from tests.conftest import TINY
+    from tests.helpers.runs import TINY
 
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith("arch")] + [

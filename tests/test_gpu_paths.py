@@ -28,7 +28,7 @@ from repopt.engine import Runtime, TrainStep, load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.engine.runtime import resolve_compile_mode
 from repopt.scales import random_scales
-from tests.conftest import _env, read_json, run_hydra
+from tests.helpers.runs import _env, read_json, run_hydra
 
 DEVICE_VARIABLE = "REPOPT_GPU_CHECK_DEVICE"
 

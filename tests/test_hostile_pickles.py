@@ -17,7 +17,7 @@ from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales
 from repopt.engine import load_checkpoint
 from repopt.errors import CheckpointError, ScalesError
-from tests.conftest import TINY, read_json, run_hydra
+from tests.helpers.runs import TINY, read_json, run_hydra
 
 
 class _TouchBySystem:

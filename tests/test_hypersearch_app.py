@@ -7,7 +7,7 @@ import torch
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales, read_metadata
 from repopt.engine.callbacks import Callback, active
-from tests.conftest import TINY, read_json, run_hydra
+from tests.helpers.runs import TINY, read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_cifar100
 
 RUN_FILES = ["metrics.json", "history.csv", "last.pt", "scales.safetensors", "scales.csv", "scales.png",

@@ -15,7 +15,7 @@ from repopt.errors import ConfigError
 from target_train.app import main as target_main
 from repopt.scales import resolve_scales_path
 from target_train.config import TargetConfig
-from tests.conftest import read_json, run_hydra
+from tests.helpers.runs import read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_imagefolder
 
 CPU = torch.device("cpu")

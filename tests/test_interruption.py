@@ -21,8 +21,8 @@ from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
-from tests.conftest import SIGNAL_RUN as BASE_SIGNAL_RUN
-from tests.conftest import (SIGNAL_STEPS, TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json,
+from tests.helpers.runs import SIGNAL_RUN as BASE_SIGNAL_RUN
+from tests.helpers.runs import (SIGNAL_STEPS, TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json,
                             run_hydra, wait_until)
 
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 
 from repopt.engine import load_checkpoint
-from tests.conftest import TINY, _env, _sha256, read_json
+from tests.helpers.runs import TINY, _env, _sha256, read_json
 
 
 def test_joblib_sweep_of_four_seeds_gives_four_complete_distinct_jobs(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _env, pipeline_overrides, read_json
+from tests.helpers.runs import _env, pipeline_overrides, read_json
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -90,7 +90,7 @@ def test_compiled_step_with_grad_scaler_skips_an_inf_step():
 
 def test_stage_two_app_trains_with_the_compiled_step(in_tmp):
     from target_train.app import main as target_main
-    from tests.conftest import TINY, read_json, run_hydra
+    from tests.helpers.runs import TINY, read_json, run_hydra
 
     run_hydra(target_main, TINY + ["epochs=1", "scales=init", "deploy=false", "optim.compile_step=true",
                                    f"hydra.run.dir={in_tmp / 'run'}"])

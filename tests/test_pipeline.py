@@ -8,7 +8,7 @@ from pipelines.compare import compare
 from pipelines.compare import main as compare_main
 from pipelines.search_and_train import main as pipeline_main
 from repopt.io import sha256_file
-from tests.conftest import pipeline_overrides, read_json, run_hydra
+from tests.helpers.runs import pipeline_overrides, read_json, run_hydra
 
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hypersearch.app import main as hs_main
-from tests.conftest import TINY, read_json, run_hydra
+from tests.helpers.runs import TINY, read_json, run_hydra
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -8,7 +8,7 @@ import pytest
 
 from hypersearch.app import main as hs_main
 from repopt.engine.progress import EpochProgress
-from tests.conftest import TINY, TINY_STEPS, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, run_hydra
 
 
 def test_progress_log_reports_step_loss_speed_and_eta(tmp_path):
@@ -47,7 +47,7 @@ def test_tune_help_and_a_missing_study_are_one_line_not_a_traceback(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import _env
+    from tests.helpers.runs import _env
 
     shown = subprocess.run([sys.executable, "-m", "pipelines.tune", "--help"], cwd=tmp_path, env=_env(),
                            capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ from target_train.prune import main as prune_main  # noqa: E402
 from target_train.pruning.channels import ChannelPlan, prune_vgg  # noqa: E402
 from target_train.pruning.masks import identity_pairs, rebuild_masks, slice_masks, slice_scales  # noqa: E402
 from target_train.verify import BOUNDS, run_equivalence  # noqa: E402
-from tests.conftest import TINY, logits_without_the_project, run_hydra, train_tiny_target  # noqa: E402
+from tests.helpers.runs import TINY, logits_without_the_project, run_hydra, train_tiny_target  # noqa: E402
 
 FAST = ["latency_runs=2", "latency_warmup=0", "threads=1", "progress=off"]
 
@@ -260,7 +260,7 @@ def test_ghostnet_runs_are_refused_clearly(workdir, capsys):
 def test_pipeline_prune_step_and_the_comparison_columns(workdir):
     from pipelines.compare import compare
     from pipelines.search_and_train import main as pipeline_main
-    from tests.conftest import pipeline_overrides
+    from tests.helpers.runs import pipeline_overrides
 
     job = workdir / "job"
     run_hydra(pipeline_main, pipeline_overrides() + [
@@ -279,7 +279,7 @@ def test_pipeline_prune_step_and_the_comparison_columns(workdir):
 
 def test_pipeline_checks_the_pruning_settings_before_training(workdir, capsys):
     from pipelines.search_and_train import main as pipeline_main
-    from tests.conftest import pipeline_overrides
+    from tests.helpers.runs import pipeline_overrides
 
     run_hydra(pipeline_main, pipeline_overrides() + ["prune=true", "pruning.ratio=2", f"hydra.run.dir={workdir / 'bad'}"],
               expect_exit=1)

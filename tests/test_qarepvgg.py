@@ -29,7 +29,7 @@ from target_train.config import MODELS, TargetConfig
 from target_train.families.vgg import fold_block, fuse
 from target_train.finished_run import load_model
 from target_train.model import build_baseline_model
-from tests.conftest import logits_without_the_project, pipeline_overrides, read_json, run_hydra, train_tiny_target
+from tests.helpers.runs import logits_without_the_project, pipeline_overrides, read_json, run_hydra, train_tiny_target
 from tests.test_fuse import make_trained_like
 
 pytestmark = pytest.mark.usefixtures("single_thread")

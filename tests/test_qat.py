@@ -21,7 +21,7 @@ from target_train.export import main as export_main  # noqa: E402
 from target_train.handler import fuse  # noqa: E402
 from target_train.optim import RepOptSGD  # noqa: E402
 from target_train.qat import main as qat_main  # noqa: E402
-from tests.conftest import TINY, read_json, run_hydra  # noqa: E402
+from tests.helpers.runs import TINY, read_json, run_hydra  # noqa: E402
 
 FAST = ["latency_runs=3", "latency_warmup=1", "threads=1"]
 EXPORT_FAST = ["calibration_images=64"] + FAST

@@ -1,7 +1,7 @@
 """Real data: the shared CIFAR-10 (JPEG) set, skipped when it is not present."""
 
 from hypersearch.app import main as hs_main
-from tests.conftest import read_json, run_hydra
+from tests.helpers.runs import read_json, run_hydra
 
 
 def test_hypersearch_learns_real_cifar10(cifar10_jpeg, tmp_path):

@@ -28,7 +28,7 @@ from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.scheduler import being_requeued, restarted_by_scheduler
 from tests.helpers.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-from tests.conftest import SIGNAL_RUN, SIGNAL_STEPS, TINY, TINY_STEPS, _env, _sha256, pipeline_overrides, read_json, run_hydra, wait_until
+from tests.helpers.runs import SIGNAL_RUN, SIGNAL_STEPS, TINY, TINY_STEPS, _env, _sha256, pipeline_overrides, read_json, run_hydra, wait_until
 
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from repopt.engine import load_checkpoint
 from repopt.io import write_json
 from repopt.sweep import JobOutcome, SweepGuard, is_loky_worker_cmdline, loky_workers, read_outcomes, summarize
-from tests.conftest import SIGNAL_RUN, SIGNAL_STEPS, TINY, _env, read_json, wait_until
+from tests.helpers.runs import SIGNAL_RUN, SIGNAL_STEPS, TINY, _env, read_json, wait_until
 
 
 

@@ -16,7 +16,7 @@ from target_train import build_target_model, grad_masks, reinitialize
 from target_train.app import build_target_run
 from target_train.app import main as target_main
 from target_train.optim import RepOptSGD
-from tests.conftest import TINY, logits_without_the_project, read_json, run_hydra
+from tests.helpers.runs import TINY, logits_without_the_project, read_json, run_hydra
 
 TARGET_FILES = ["metrics.json", "history.csv", "last.pt", "best.pt", "deploy.pt", ".hydra/config.yaml"]
 ARCH = get_arch("tiny", [1, 2, 2, 2, 1])

@@ -30,7 +30,7 @@ from repopt.io import sha256_file
 from repopt import tracking
 from target_train.app import main as target_main
 from target_train.config import TargetConfig
-from tests.conftest import REPO, TINY, pipeline_overrides, read_json, run_hydra
+from tests.helpers.runs import REPO, TINY, pipeline_overrides, read_json, run_hydra
 
 CONF_DIR = REPO / "conf"
 

@@ -31,7 +31,7 @@ from pipelines.tune.config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig  # n
 from pipelines.tune.trial import PruningCallback, check_space  # noqa: E402
 from repopt.config import to_typed  # noqa: E402
 from repopt.errors import ConfigError  # noqa: E402
-from tests.conftest import REPO, _env, pipeline_overrides, read_json, run_hydra  # noqa: E402
+from tests.helpers.runs import REPO, _env, pipeline_overrides, read_json, run_hydra  # noqa: E402
 
 CONF = REPO / "conf"
 

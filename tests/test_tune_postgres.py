@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 from pipelines.tune import claim as tune  # noqa: E402
 from pipelines.tune import ClaimLock, advisory_key  # noqa: E402
 from pipelines.tune import main as tune_main  # noqa: E402
-from tests.conftest import _env, read_json, run_hydra  # noqa: E402
+from tests.helpers.runs import _env, read_json, run_hydra  # noqa: E402
 from tests.helpers.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fixtures)
 from tests.test_tune import _tune_command, write_preset  # noqa: E402
 

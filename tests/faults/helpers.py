@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import _env, pipeline_overrides, read_json
+from tests.helpers.runs import _env, pipeline_overrides, read_json
 
 # One job of the pipeline on the tiny model: one epoch of stage one, two of stage two (so that a
 # fault inside stage two's training leaves a checkpoint to resume from), deploy.pt exported.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from repopt.rundir import RunLock
-from tests.conftest import read_json
+from tests.helpers.runs import read_json
 from tests.faults.helpers import KILLED, TERMINATED, assert_same_outcome, outcome, run_job
 
 # point, action, what it stands for

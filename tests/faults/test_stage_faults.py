@@ -47,7 +47,7 @@ from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.rundir import flatten
 from target_train.app import main as target_main
-from tests.conftest import TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json, run_hydra
 from tests.faults.helpers import KILLED, model_weights, same_tensors
 
 pytestmark = pytest.mark.usefixtures("single_thread")
