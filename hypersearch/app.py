@@ -71,6 +71,6 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     return trainer.complete(SCALES_ARTIFACTS, scales_file=str(written.path), scales_sha256=written.sha256)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="hypersearch")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="hypersearch")
 def main(cfg: DictConfig):
     return run_app(cfg, HSConfig, train_hypersearch)

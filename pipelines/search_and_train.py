@@ -219,7 +219,7 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="search_and_train")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="search_and_train")
 def main(cfg: DictConfig):
     return run_app(cfg, PipelineConfig, run_pipeline, JobMetrics)
 

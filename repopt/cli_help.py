@@ -128,7 +128,7 @@ def _schema(app: str) -> type:
 
 
 def _conf_text(name: str) -> str:
-    return (files("conf") / f"{name}.yaml").read_text()
+    return (files("repopt.conf") / f"{name}.yaml").read_text()
 
 
 def _intro(text: str) -> list[str]:
@@ -160,7 +160,7 @@ def _groups(text: str) -> list[tuple[str, str, str]]:
 
 
 def _options(group: str) -> list[str]:
-    folder = files("conf") / group
+    folder = files("repopt.conf") / group
     try:
         return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
     except (FileNotFoundError, NotADirectoryError):

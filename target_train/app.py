@@ -94,6 +94,6 @@ def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="target_train")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="target_train")
 def main(cfg: DictConfig):
     return run_app(cfg, TargetConfig, train_target)

@@ -224,7 +224,7 @@ def run_export_app(cfg: DictConfig) -> dict | None:
     return run_guarded(lambda: export_run(to_typed(cfg, ExportConfig)))
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="export")
 def main(cfg: DictConfig):
     return run_export_app(cfg)
 

@@ -316,7 +316,7 @@ def run_prune_app(cfg: DictConfig) -> StageMetrics | None:
     return run_guarded(body)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="prune")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="prune")
 def main(cfg: DictConfig):
     return run_prune_app(cfg)
 

@@ -500,7 +500,7 @@ def run_qat_app(cfg: DictConfig) -> dict | None:
     return run_guarded(lambda: qat_run(to_typed(cfg, QatConfig)))
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="qat")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="qat")
 def main(cfg: DictConfig):
     return run_qat_app(cfg)
 

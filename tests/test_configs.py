@@ -19,7 +19,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _compose(name, overrides=()):
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         return compose(name, overrides=list(overrides))
 
 

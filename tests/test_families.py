@@ -21,7 +21,7 @@ from tests.helpers.runs import logits_without_the_project, pipeline_overrides, r
 
 
 def _compose(name, overrides=()):
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         return compose(name, overrides=list(overrides))
 
 

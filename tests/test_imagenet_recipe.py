@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def _recipe(*overrides: str) -> TargetConfig:
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = compose("target_train", overrides=["experiment=target_imagenet", "data.root=/data/imagenet", *overrides])
     return to_typed(cfg, TargetConfig)
 

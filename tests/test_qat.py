@@ -233,7 +233,7 @@ def test_failed_check_leaves_the_run_as_it_was(trained_run, workdir, monkeypatch
 def test_config_composes_with_the_schema_defaults():
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = compose("qat", overrides=["run=/tmp/somewhere"])
     # the yaml restates the schema's defaults, nothing else
     assert qat_mod.to_typed(cfg, qat_mod.QatConfig) == qat_mod.QatConfig(run="/tmp/somewhere")

@@ -93,7 +93,7 @@ def test_tensorboard_pipeline_stages_inherit_the_logger(in_tmp):
 
 @pytest.mark.parametrize("root,schema", [("hypersearch", HSConfig), ("target_train", TargetConfig)])
 def test_stage_apps_select_the_logger(root, schema):
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = to_typed(compose(root, ["logger=mlflow", "logger.experiment=e"]), schema)
         assert to_typed(compose(root), schema).logger == LoggerConfig()  # none by default
     assert (cfg.logger.name, cfg.logger.experiment, cfg.logger.tracking_uri) == ("mlflow", "e", None)
@@ -104,7 +104,7 @@ def test_pipeline_stages_follow_every_logger_key():
     values = {"name": "mlflow", "tracking_uri": "sqlite:///x.db", "experiment": "e", "artifact_location": "/a",
               "artifacts": False, "scales": False}
     assert set(values) == {f.name for f in dataclasses.fields(LoggerConfig)}
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = to_typed(compose("search_and_train", [f"logger.{k}={v}" for k, v in values.items()]), PipelineConfig)
     assert cfg.logger == cfg.hs.logger == cfg.target.logger == LoggerConfig(**values)
     raw = yaml.safe_load((CONF_DIR / "search_and_train.yaml").read_text())

@@ -265,7 +265,7 @@ def test_pruning_callback_steps_and_where_it_stops():
 def _tune_config(overrides: list[str]) -> TuneConfig:
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("repopt.conf", version_base="1.3"):
         return to_typed(compose("tune", overrides=overrides), TuneConfig)
 
 

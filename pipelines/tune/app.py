@@ -154,7 +154,7 @@ def _run_claimed(cfg: TuneConfig, study_dir: Path, url: str, claim: ClaimLock):
     return study
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="tune")
+@hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="tune")
 def main(cfg: DictConfig):
     run_guarded(lambda: run_study(to_typed(cfg, TuneConfig)))
 

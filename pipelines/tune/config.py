@@ -158,7 +158,7 @@ class TuneConfig(Checked):
         require(self.db_timeout > 0, "db_timeout", self.db_timeout, "> 0")
         require(self.poll_seconds > 0, "poll_seconds", self.poll_seconds, "> 0")
         if not self.space:
-            presets = sorted(p.name.removesuffix(".yaml") for p in (files("conf") / "tune").iterdir() if p.name.endswith(".yaml"))
+            presets = sorted(p.name.removesuffix(".yaml") for p in (files("repopt.conf") / "tune").iterdir() if p.name.endswith(".yaml"))
             raise ConfigError(f"no search space: choose a study with tune=<name> ({', '.join(presets)}), "
                               f"e.g. python -m pipelines.tune tune=quickstart")
         base_keys = {override_key(o) for o in self.base}

@@ -71,7 +71,7 @@ def compose_pipeline(overrides: list[str]) -> DictConfig:
     try:
         if GlobalHydra.instance().is_initialized():  # inside the tune app: its search path (plus any --config-dir)
             return compose(config_name="search_and_train", overrides=overrides)
-        with initialize_config_module("conf", version_base="1.3"):
+        with initialize_config_module("repopt.conf", version_base="1.3"):
             return compose(config_name="search_and_train", overrides=overrides)
     except HydraException as exc:  # a key the pipeline does not have, a group option that does not exist, ...
         message = " ".join(str(exc).split())
