@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import torch
@@ -19,6 +20,7 @@ from repopt.optim import build_plain, optimizer_kwargs
 from repopt.results import StageMetrics
 from repopt.rundir import without_allowed
 from repopt.scales import SCALES_FILENAME
+from repopt.engine import Callback
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
 
@@ -43,7 +45,7 @@ def tracked_scales(model) -> dict[str, torch.Tensor]:
 
 
 @tracked("hypersearch", ("metrics.json", "history.csv", "scales.safetensors"), scales_of=tracked_scales)
-def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
+def train_hypersearch(cfg: HSConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> StageMetrics:
     arch = cfg.arch.spec()
     runtime, data = start(cfg)
     model = build_hs_model(arch, data.num_classes, mode=cfg.mode, fused_forward=cfg.fused_forward)
@@ -53,7 +55,7 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path) -> StageMetrics:
     lr = scaled_lr(cfg)
     optimizer = build_plain(model, lr, **optimizer_kwargs(cfg.optim))
     extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
-    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
+    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra, callbacks=callbacks,
                            metrics_extra=metrics_extra)
     log.info("run directory %s; %s, mode %s", run_dir, arch.name, cfg.mode)
     metrics = trainer.fit(finish=False)  # completed only once the scales are on disk

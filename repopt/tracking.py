@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .config import LoggerConfig, to_plain
-from .engine.callbacks import Callback, active
+from .engine.callbacks import Callback
 from .errors import ConfigError
 from .io import read_json, write_json
 from .results import JobMetrics, Status, status_of
@@ -319,8 +319,8 @@ def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), 
     """Wrap an app's ``train(cfg, run_dir) -> result`` with the tracker of ``cfg.logger``.
 
     ``files``: the run directory's files logged as artifacts when it ends (those that exist).
-    ``attach``: send the epochs of the trainers created inside (false for the pipeline job, whose
-    stages have their own runs). ``cfg.logger`` missing or ``none``: ``train`` runs as it is.
+    ``attach``: hand the tracker to ``train`` as ``callbacks=[tracker]``, which it gives the trainer it
+    builds (false for the pipeline job, whose stages have their own runs). ``cfg.logger`` missing or ``none``: ``train`` runs as it is.
     """
 
     def wrap(train):
@@ -337,8 +337,9 @@ def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), 
             status, result, error = Status.FAILED, None, None
             _push(tracker)
             try:
-                with active(tracker) if attach else contextlib.nullcontext():
-                    result = train(cfg, run_dir, **kwargs)
+                if attach:  # the tracker sees every epoch of the trainer the app builds
+                    kwargs["callbacks"] = [*kwargs.get("callbacks", ()), tracker]
+                result = train(cfg, run_dir, **kwargs)
                 status = getattr(result, "status", Status.COMPLETED)
                 return result
             except Exception as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import torch
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 from repopt.app import run_app
 from repopt.optim import optimizer_kwargs
 from repopt.results import StageMetrics
-from repopt.engine import Trainer
+from repopt.engine import Callback, Trainer
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
 
@@ -45,7 +46,7 @@ class TargetRun:
     scales: ScalesChoice
 
 
-def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
+def build_target_run(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> TargetRun:
     """Pre-flight checks, then model + re-init + masks + optimizer + trainer (resumed if asked)."""
     arch = cfg.arch.spec()
     if cfg.model != "target":  # the baseline: a plain optimizer, the scales are neither loaded nor validated
@@ -72,14 +73,14 @@ def build_target_run(cfg: TargetConfig, run_dir: Path) -> TargetRun:
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
     extra["scales_identity"] = choice.identity()  # a resume must use the same scales (by content, not path)
     metrics_extra.update(model=cfg.model, optimizer=type(optimizer).__name__, scales=choice.describe())
-    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra,
+    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra, callbacks=callbacks,
                            write_best=True, metrics_extra=metrics_extra)
     return TargetRun(trainer, model, optimizer, choice)
 
 
 @tracked("target_train", ("metrics.json", "history.csv", "deploy.pt"))
-def train_target(cfg: TargetConfig, run_dir: Path) -> StageMetrics:
-    run = build_target_run(cfg, run_dir)
+def train_target(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> StageMetrics:
+    run = build_target_run(cfg, run_dir, callbacks)
     c = run.scales
     log.info("run directory %s; %s with %s; scales: %s%s", run_dir, cfg.model, type(run.optimizer).__name__, c.kind,
              f" {c.file.path} (sha256 {c.file.sha256[:12]}...)" if c.file else "")

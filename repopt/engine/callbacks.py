@@ -1,8 +1,10 @@
 """Hooks into a running training loop, for code that drives an app from outside (tests, search drivers).
 
 A ``Callback`` sees the trainer after every step and after every finished epoch (once the
-epoch's checkpoint and history are written). Callbacks reach the trainer an app builds
-through ``active(...)``::
+epoch's checkpoint and history are written). The apps pass their own callbacks (the tracker)
+explicitly: ``Trainer(..., callbacks=[...])``, through ``make_trainer``. Code that drives an app
+from outside, without a way into its arguments (tests, the Optuna pruner, the sweep guard's stop
+watch), attaches callbacks to every trainer created inside a block with ``active(...)``::
 
     with active(MyCallback()):
         python_app_main()          # every Trainer created inside calls MyCallback

@@ -17,7 +17,7 @@ import torch
 
 from repopt.engine.callbacks import Callback
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
 
