@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from hypersearch.config import HSConfig
@@ -11,7 +11,10 @@ from repopt.errors import ConfigError
 from repopt.family import get_family
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
+from target_train.export import validate as validate_export
 from target_train.prune import PruneConfig
+from target_train.qat import QatConfig
+from target_train.qat import validate as validate_qat
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
 # baselines of the paper's comparison and its ablation (Table 4: where the constants come from, and
@@ -32,6 +35,7 @@ VARIANTS = {
     "masks_only": "gradients modified with the searched scales' masks, without the re-initialization",
 }
 SEARCHING = ("searched", "channel_mean", "reinit_only", "masks_only")
+PER_TENSOR_TAG = "per_tensor"  # ptq_per_tensor=true: target/quant-per_tensor.json, model.int8-per_tensor.onnx
 
 
 @dataclass
@@ -44,7 +48,12 @@ class PipelineConfig(Checked):
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
     shared_search: bool = False  # true: stage one runs in <sweep>/searches/<its settings' hash>/, once for every job that has the same stage-one settings (job/hs links to it)
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
-    quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job)
+    quant: ExportConfig = field(default_factory=ExportConfig)  # its settings (quant.run is set by the job; quant.tag stays "": compare reads quant.json)
+    ptq_per_tensor: bool = False  # with export=true: the export step once more with per-tensor weights (quant.* with per_channel=false, tag=per_tensor): target/quant-per_tensor.json beside quant.json
+    # after export: quantization-aware training of the target (target_train.qat, needs torchao), writing target/qat.json;
+    # it does not need export=true. The switch is "qat" and its settings "qat_train", as prune/pruning and export/quant
+    qat: bool = False
+    qat_train: QatConfig = field(default_factory=QatConfig)  # its settings (qat_train.run is set by the job)
     prune: bool = False  # last step: channel pruning + fine-tuning of the target (target_train.prune; vgg only)
     pruning: PruneConfig = field(default_factory=PruneConfig)  # its settings (pruning.run is set by the job)
     run_dir: Optional[str] = None  # the job directory; null: Hydra's output directory
@@ -62,6 +71,22 @@ class PipelineConfig(Checked):
             raise ConfigError(f"prune=true prunes VGG targets; family={self.family} has no pruning step (set prune=false)")
         if self.prune:
             self.pruning.check(prefix + "pruning.", need_run=False)
+        if self.ptq_per_tensor and not self.export:
+            raise ConfigError("ptq_per_tensor=true runs the export step a second time, per tensor; set export=true too")
+        if self.ptq_per_tensor and not self.quant.per_channel:
+            raise ConfigError("ptq_per_tensor=true adds a per-tensor PTQ beside quant.json, but quant.per_channel=false "
+                              "makes quant.json per tensor already; set one of them")
+        if self.export and self.quant.tag:
+            raise ConfigError(f"quant.tag={self.quant.tag}: the pipeline names its export files itself (quant.json, and "
+                              f"quant-{PER_TENSOR_TAG}.json with ptq_per_tensor=true), which compare reads; leave quant.tag empty")
+        # the steps' own checks, before any training: a bad setting must not wait for two stages to fail
+        for on, name, node, validate in ((self.export, "quant", self.quant, validate_export),
+                                         (self.qat, "qat_train", self.qat_train, validate_qat)):
+            if on:
+                try:
+                    validate(replace(node, run="<job>/target"))
+                except ConfigError as exc:
+                    raise ConfigError(f"{prefix}{name}.{exc}") from None
         super().check(prefix)
 
 

@@ -11,6 +11,11 @@ says completed, its recorded config equals the one asked for and every file of i
 there with its sha256; a completed stage whose files are damaged or missing runs again (resumed
 from its checkpoint). The hand-off is checked, not assumed: ``searched`` trains with exactly the
 scales file stage one recorded (by sha256), found in this job's ``hs/`` (a moved sweep resumes).
+
+After stage two come the optional steps on the target run, each skipped when its result file is
+there (the job's settings, these steps' included, were checked against the recorded ones before
+anything ran): ``export`` (quant.json), ``export_per_tensor`` (``ptq_per_tensor``:
+quant-per_tensor.json), ``qat`` (qat.json) and ``prune`` (pruned/metrics.json).
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ from repopt.rundir import SHARED_SEARCHES, RunLock, RunRefused, changed_settings
 from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
 from target_train.app import train_target
-from target_train.export import export_run
+from target_train import quantize
+from target_train.export import export_run, quant_name
 from target_train.prune import prune_run
+from target_train.qat import qat_run, require_torchao
 
-from .config import SEARCHING, VARIANTS, PipelineConfig
+from .config import PER_TENSOR_TAG, SEARCHING, VARIANTS, PipelineConfig
 
 log = logging.getLogger("pipelines.search_and_train")
 T = TypeVar("T")
@@ -78,7 +85,8 @@ def _resume_if_completed(cfg: T, stage_dir: Path) -> T:
 
 
 def _finished_export(path: Path) -> dict | None:
-    return read_json(path)  # quant.json is written only when the export finished
+    """The step's result file; export and QAT write it (quant*.json, qat.json) only when they finished."""
+    return read_json(path)
 
 
 def _run_stage(name: str, stage_dir: Path, run: Callable[[], T], finished: Callable[[], T | None],
@@ -175,6 +183,10 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     completed, before the next one starts; an exception it raises ends the job there (a search
     driver's pruner, ``pipelines.tune``)."""
     hs_cfg, target_cfg = stage_configs(cfg)
+    if cfg.export or cfg.qat:  # a missing package must not wait for two trained stages to show
+        quantize.require_onnxruntime()
+    if cfg.qat:
+        require_torchao()
     summary = JobMetrics(variant=cfg.variant, config=to_plain(cfg))
     target_dir = job_dir / "target"
     expected_scales = None
@@ -201,7 +213,16 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     if cfg.export:
         quant_cfg = replace(cfg.quant, run=str(target_dir))
         summary.quant = _run_stage("export", target_dir, lambda: export_run(quant_cfg),
-                                   lambda: _finished_export(target_dir / "quant.json"), summary, job_dir)
+                                   lambda: _finished_export(target_dir / quant_name(quant_cfg.tag)), summary, job_dir)
+    if cfg.export and cfg.ptq_per_tensor:
+        per_tensor_cfg = replace(cfg.quant, run=str(target_dir), per_channel=False, tag=PER_TENSOR_TAG)
+        summary.quant_per_tensor = _run_stage("export_per_tensor", target_dir, lambda: export_run(per_tensor_cfg),
+                                              lambda: _finished_export(target_dir / quant_name(PER_TENSOR_TAG)),
+                                              summary, job_dir)
+    if cfg.qat:
+        qat_cfg = replace(cfg.qat_train, run=str(target_dir))
+        summary.qat = _run_stage("qat", target_dir, lambda: qat_run(qat_cfg),
+                                 lambda: _finished_export(target_dir / "qat.json"), summary, job_dir)
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))
         summary.pruned = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),

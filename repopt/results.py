@@ -104,6 +104,8 @@ class JobMetrics:
     hs: Optional[StageMetrics] = None
     target: Optional[StageMetrics] = None
     quant: Optional[dict] = None  # quant.json of the export step (its own format)
+    quant_per_tensor: Optional[dict] = None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
+    qat: Optional[dict] = None  # qat.json of the quantization-aware training step (target_train.qat; qat=true)
     pruned: Optional[StageMetrics] = None  # the pruning step's metrics.json (target/<pruning.out>/)
     hs_top1: Optional[float] = None
     top1: Optional[float] = None

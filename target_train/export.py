@@ -8,16 +8,18 @@ Deployment check of a trained stage-two run (``model=target`` or the baseline, `
    PyTorch's on a real test batch (max relative difference <= 1e-4, else ``OnnxMismatchError``);
 3. static INT8 post-training quantization with ONNX Runtime (QDQ, per-channel int8 weights),
    calibrated on ``calibration_images`` training images under the evaluation transform
-   (no augmentation), written as ``model.int8.onnx``;
+   (no augmentation), written as ``model.int8.onnx`` (``model.int8-<tag>.onnx`` with ``tag``);
 4. FP32 and INT8 top-1/top-5 on the run's test set, latency per image at batch 1 and 32, and
    per-layer weight statistics of the folded convs (abs-max / std: how long-tailed the kernel
    is, which is what makes per-tensor/per-channel int8 lose precision).
 
-Results go to ``quant.json`` in the run directory. The run itself is read by ``finished_run``, the
-ONNX file written by ``onnx_io``, quantized and timed by ``quantize``, its kernels described by
-``weight_stats``. Every file is produced in a scratch folder
-first and moved into place only after all checks passed, so a failure leaves the run directory
-as it was. Hydra's own logs go to ``<run>/export_logs``.
+Results go to ``quant.json`` in the run directory. ``tag=X`` names the INT8 files ``model.int8-X.onnx``
+and ``quant-X.json`` instead, so that several PTQ settings of one run (per channel and per tensor, say)
+sit side by side; ``model.onnx`` is shared by all of them (``_place_fp32``). The run itself is read
+by ``finished_run``, the ONNX file written by ``onnx_io``, quantized and timed by ``quantize``, its
+kernels described by ``weight_stats``. Every file is produced in a scratch folder first and moved
+into place only after all checks passed, so a failure leaves the run directory as it was. Hydra's
+own logs go to ``<run>/export_logs``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -68,6 +71,22 @@ class ExportConfig:
     activation_type: str = q.ACTIVATION_TYPE  # auto (uint8 on x86-64, int8 on ARM) | uint8 | int8
     reduce_range: Optional[bool] = q.REDUCE_RANGE  # null: true on x86-64 without VNNI, else false
     threads: Optional[int] = None  # ONNX Runtime intra-op threads; null = its default
+    # appended to the file names so that several PTQ settings of one run sit side by side:
+    # model.int8-<tag>.onnx, quant-<tag>.json; "" = model.int8.onnx, quant.json. model.onnx is shared
+    tag: str = ""
+
+
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def int8_name(tag: str) -> str:
+    """The INT8 model's file name for ``tag`` (``model.int8.onnx`` untagged)."""
+    return f"model.int8-{tag}.onnx" if tag else "model.int8.onnx"
+
+
+def quant_name(tag: str) -> str:
+    """The result's file name for ``tag`` (``quant.json`` untagged): what readers look for."""
+    return f"quant-{tag}.json" if tag else "quant.json"
 
 
 register_schema("export_schema", ExportConfig)
@@ -94,6 +113,8 @@ def validate(cfg: ExportConfig) -> None:
         raise ConfigError(f"eval_images must be a positive number or null for the whole test set (got {cfg.eval_images})")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive number or null (got {cfg.threads})")
+    if cfg.tag and not TAG_PATTERN.fullmatch(cfg.tag):  # it becomes part of file names: no paths, no spaces
+        raise ConfigError(f"tag={cfg.tag!r}: use letters, digits, _ and - only (it is appended to the file names)")
 
 
 # ---------------------------------------------------------------------------- the app
@@ -121,7 +142,7 @@ def export_run(cfg: ExportConfig) -> dict:
 
 def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, model, deployed, ckpt, bundle,
                data_cfg: DataConfig, settings: q.QuantSettings, ort) -> dict:
-    fp32_path, int8_path = work / "model.onnx", work / "model.int8.onnx"
+    fp32_path, int8_path = work / "model.onnx", work / int8_name(cfg.tag)
     log.info("exporting %s (%s, %s) to ONNX opset %d (%s exporter)", ckpt_path, ckpt["mode"], ckpt["arch"]["name"],
              cfg.opset, cfg.exporter)
     export_onnx(deployed, fp32_path, data_cfg.image_size, cfg.opset, cfg.exporter)
@@ -138,6 +159,8 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
         raise OnnxMismatchError(f"ONNX Runtime's FP32 logits differ from PyTorch's by {onnx_diff:.2e} (max relative; "
                                 f"bound {MAX_REL_DIFF:.0e}); nothing was written. Try exporter=torchscript opset=17")
     log.info("ONNX FP32 vs PyTorch: max rel diff %.2e (fold alone %.2e)", onnx_diff, fused_diff)
+    fp32_record = {"bytes": fp32_path.stat().st_size, "sha256": sha256_file(fp32_path)}
+    keep_fp32 = _place_fp32(run_dir / "model.onnx", fp32_record["sha256"], cfg.tag)  # refuses before calibrating
 
     log.info("calibrating on %d training images (evaluation transform), %s activations / %s weights, per_channel=%s, "
              "reduce_range=%s", min(cfg.calibration_images, bundle.train.num_samples), settings.activation_type,
@@ -186,20 +209,39 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
                          "calibration_split": "train (evaluation transform, evenly spaced)", "preprocessed": True},
         "int8_node_types": nodes,
         "files": {
-            "model.onnx": {"bytes": fp32_path.stat().st_size, "sha256": sha256_file(fp32_path)},
-            "model.int8.onnx": {"bytes": int8_path.stat().st_size, "sha256": sha256_file(int8_path)},
+            "model.onnx": fp32_record,
+            int8_path.name: {"bytes": int8_path.stat().st_size, "sha256": sha256_file(int8_path)},
         },
+        "tag": cfg.tag,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
         "cpu": cpu_name(),
         "threads": cfg.threads,
         "created": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
     }
     # every check passed: move the files into the run directory (each rename is atomic), quant.json last
-    os.replace(fp32_path, run_dir / "model.onnx")
-    os.replace(int8_path, run_dir / "model.int8.onnx")
-    write_json(run_dir / "quant.json", result)
+    if not keep_fp32:
+        os.replace(fp32_path, run_dir / "model.onnx")
+    os.replace(int8_path, run_dir / int8_path.name)
+    write_json(run_dir / quant_name(cfg.tag), result)
     print(format_table(result))
     return result
+
+
+def _place_fp32(path: Path, sha256: str, tag: str) -> bool:
+    """Whether the run's ``model.onnx`` is already this export's FP32 file (same sha256: left as it is,
+    so a tagged export changes nothing the untagged one wrote). The torchscript export is byte-for-byte
+    deterministic, so another file means another checkpoint, opset or exporter: the untagged export
+    replaces it (as before), a tagged one is refused, since every quant*.json of the run must describe
+    the one model.onnx there."""
+    if not path.is_file():
+        return False
+    if sha256_file(path) == sha256:
+        return True
+    if tag:
+        raise ConfigError(f"tag={tag}: {path} differs from this export's FP32 model (other checkpoint, opset or "
+                          f"exporter); the tagged files share model.onnx with quant.json, so use the settings that "
+                          f"wrote it, or export untagged. Nothing was written")
+    return False
 
 
 def format_table(r: dict) -> str:

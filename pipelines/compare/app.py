@@ -13,7 +13,8 @@ differences and the plots. Writes into ``--out`` (default: the first sweep direc
   True for a job left out as a repeat of a newer one;
 * ``comparison.md``  — one row per setting (jobs that differ only in seeds are aggregated as
   mean ± std with the count): the overrides, status, HS top-1, target top-1/top-5, wall time,
-  and the INT8 columns when ``quant.json`` exists, the pruning columns when a pruning result
+  and the INT8 columns when ``quant.json`` exists (``quant-per_tensor.json``, ``qat.json``: the per-tensor
+  and QAT INT8 columns), the pruning columns when a pruning result
   (``pruned/metrics.json``, or the folder ``--pruned`` names) exists; a line says how many
   duplicate jobs were left out;
 * ``comparison.png`` (target accuracy per setting with HS accuracy beside it), ``scales.png``

@@ -55,8 +55,12 @@ class JobRow:
     hs_scales_sha256: Optional[str] = None
     scales_sha256: Optional[str] = None
     fp32_top1: Optional[float] = None
-    int8_top1: Optional[float] = _metric()
+    int8_top1: Optional[float] = _metric()  # static INT8 PTQ (quant.json)
     int8_top1_drop: Optional[float] = _metric()
+    int8_pt_top1: Optional[float] = _metric()  # the same PTQ with per-tensor weights (quant-per_tensor.json)
+    int8_pt_top1_drop: Optional[float] = _metric()
+    qat_top1: Optional[float] = _metric()  # ONNX Runtime INT8 after quantization-aware training (qat.json)
+    qat_top1_drop: Optional[float] = _metric()  # vs the FP32 folded model QAT started from
     prune_ratio: Optional[float] = _metric()  # the pruning step (target_train.prune), when its result exists
     pruned_top1_no_ft: Optional[float] = _metric()  # right after pruning
     pruned_top1: Optional[float] = _metric()  # after fine-tuning
@@ -81,7 +85,7 @@ class JobRow:
             result = read_result(job / stage / "metrics.json", StageMetrics)
             if result is not None and result.status == Status.DIVERGED:
                 row.status, row.failed_stage, row.diverged_step = Status.DIVERGED.value, stage, result.diverged_step
-        return row.with_quant(job / "target" / "quant.json").with_pruned(job / "target" / pruned / "metrics.json")
+        return row.with_quant(job / "target").with_pruned(job / "target" / pruned / "metrics.json")
 
     @classmethod
     def of_stage(cls, m: StageMetrics, job: Path, pruned: str = "pruned") -> "JobRow":
@@ -91,13 +95,21 @@ class JobRow:
                   arch_name=m.arch, depth=m.depth, dataset=m.dataset,
                   scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
                   **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
-        return row.with_quant(job / "quant.json").with_pruned(job / pruned / "metrics.json")
+        return row.with_quant(job).with_pruned(job / pruned / "metrics.json")
 
-    def with_quant(self, path: Path) -> "JobRow":
-        quant = read_json(path)
+    def with_quant(self, run_dir: Path) -> "JobRow":
+        """The INT8 columns of a target run's result files, each read from the file itself (the step's own
+        record): quant.json, quant-per_tensor.json (the pipeline's ptq_per_tensor) and qat.json."""
+        quant = read_json(run_dir / "quant.json")
         if quant:
             self.fp32_top1, self.int8_top1, self.int8_top1_drop = (quant.get("fp32_top1"), quant.get("int8_top1"),
                                                                   quant.get("top1_drop"))
+        per_tensor = read_json(run_dir / "quant-per_tensor.json")
+        if per_tensor:
+            self.int8_pt_top1, self.int8_pt_top1_drop = per_tensor.get("int8_top1"), per_tensor.get("top1_drop")
+        qat = read_json(run_dir / "qat.json")
+        if qat:
+            self.qat_top1, self.qat_top1_drop = qat.get("int8_top1"), qat.get("top1_drop")
         return self
 
     def with_pruned(self, path: Path) -> "JobRow":

@@ -81,15 +81,17 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
+QUANT_COLUMNS = ("int8_top1", "int8_top1_drop", "int8_pt_top1", "int8_pt_top1_drop", "qat_top1", "qat_top1_drop")
 PRUNE_COLUMNS = ("prune_ratio", "pruned_top1_no_ft", "pruned_top1", "pruned_macs_ratio", "pruned_ms_b1", "pruned_speedup_b1",
                  "pruned_speedup_b32")
 # the table's column titles (a column not listed is titled by its name)
 TITLES = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
-          "int8_top1_drop": "INT8 drop", "wall_seconds": "wall s", "depth": "conv layers",
+          "int8_top1_drop": "INT8 drop", "int8_pt_top1": "INT8 per-tensor top-1", "int8_pt_top1_drop": "INT8 per-tensor drop",
+          "qat_top1": "QAT INT8 top-1", "qat_top1_drop": "QAT INT8 drop", "wall_seconds": "wall s", "depth": "conv layers",
           "prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-1 (no fine-tune)", "pruned_top1": "pruned top-1",
           "pruned_macs_ratio": "MACs kept", "pruned_ms_b1": "pruned ms/img b1", "pruned_speedup_b1": "speed-up b1",
           "pruned_speedup_b32": "speed-up b32"}
-DELTA_METRICS = ("target_top1", "pruned_top1", "pruned_top1_no_ft", "int8_top1")
+DELTA_METRICS = ("target_top1", "pruned_top1", "pruned_top1_no_ft", "int8_top1", "int8_pt_top1", "qat_top1")
 
 
 def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None,
@@ -130,7 +132,7 @@ def synthetic_banner(frame: pd.DataFrame) -> str | None:
 def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
                 delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1",
                 dropped: int = 0) -> str:
-    columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", "int8_top1", "int8_top1_drop",
+    columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", *QUANT_COLUMNS,
                                                *PRUNE_COLUMNS, "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
                                    and table[c].notna().any()]
     if delta_title:
