@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from pipelines.bench import hs_epoch, loader, opt_step, train_step
-from pipelines.bench.common import (SECTIONS, DataSources, Settings, cpu_busy_fraction, load_average, machine_info,
-                                    parse_data)
+from pipelines.bench.data import DataSources, parse_data
+from pipelines.bench.machine import cpu_busy_fraction, load_average, machine_info
+from pipelines.bench.settings import SECTIONS, Settings
 from pipelines.bench.report import evaluate_targets, format_table
 from repopt.vgg.arch import arch_names, get_arch
 from repopt.engine.runtime import resolve_device

@@ -1,6 +1,10 @@
 """The pieces of ``python -m pipelines.benchmark``: one module per measured section.
 
-* ``common``     timing (CUDA events or perf_counter), peak memory, machine facts, data sources
+* ``settings``   the sections and what each is told (``Settings``: device, dtype, sizes)
+* ``timing``     synchronized calls, interleaved rounds, medians and ratios
+* ``memory``     peak memory (the device allocator's, or peak RSS on a CPU)
+* ``machine``    machine facts recorded beside every figure
+* ``data``       the shared CIFAR-10 archive or synthetic batches
 * ``reference``  the per-parameter Python-loop optimizers (the official style) used as baselines
 * ``opt_step``   section ``opt``: one optimizer step on an architecture's parameters
 * ``train_step`` section ``train``: forward + backward + optimizer step of each model kind

@@ -21,7 +21,9 @@ from repopt.vgg.arch import get_arch
 from repopt.engine import TrainStep
 from repopt.optim import StepOptions, build_plain
 
-from .common import DataSources, Settings, Stopwatch, free_memory, place, runtime
+from .data import DataSources
+from .settings import Settings, place, runtime
+from .timing import Stopwatch, free_memory
 
 log = logging.getLogger("repopt.benchmark")
 

@@ -24,7 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .common import DataSources, Settings, Stopwatch, free_memory, parse_data
+from .data import DataSources, parse_data
+from .settings import Settings
+from .timing import Stopwatch, free_memory
 
 log = logging.getLogger("repopt.benchmark")
 

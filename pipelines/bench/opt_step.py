@@ -23,7 +23,8 @@ from repopt.optim import param_groups
 from repopt.scales import random_scales
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
-from .common import Settings, free_memory, ratio, summarize_ms, sync, time_rounds, timing_note
+from .settings import Settings
+from .timing import free_memory, ratio, summarize_ms, sync, time_rounds, timing_note
 from .reference import LoopMaskedAdamW, LoopMaskedSGD
 
 log = logging.getLogger("repopt.benchmark")

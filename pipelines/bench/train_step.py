@@ -22,8 +22,9 @@ from repopt.engine import TrainStep
 from repopt.scales import random_scales
 from target_train import build_optimizer, build_repopt, build_repvgg_model, build_target_model
 
-from .common import (PeakMemory, Settings, free_memory, place, ratio, runtime, summarize_ms, time_rounds,
-                     timing_note)
+from .memory import PeakMemory
+from .settings import Settings, place, runtime
+from .timing import free_memory, ratio, summarize_ms, time_rounds, timing_note
 
 log = logging.getLogger("repopt.benchmark")
 

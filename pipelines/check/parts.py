@@ -186,7 +186,7 @@ def benchmark_part(settings: CheckSettings) -> Part:
 # ------------------------------------------------------------------------------------- HS on CIFAR
 def find_cifar10(settings: CheckSettings) -> Path:
     """The extracted shared CIFAR-10 (train/ and test/); ``Skip`` when it is nowhere to be found."""
-    from pipelines.bench.common import cifar10_root
+    from pipelines.bench.data import cifar10_root
 
     if settings.cifar10 is not None:
         candidates = [settings.cifar10]
