@@ -39,7 +39,7 @@ from repopt.errors import ConfigError, RepOptError, ScalesError
 from repopt.faults import fault_point
 from repopt.family import get_family
 from repopt.io import read_json, sha256_file
-from repopt.results import JobMetrics, StageMetrics, Status, read_result, status_of, write_result
+from repopt.results import JobMetrics, QuantResult, StageMetrics, Status, read_result, status_of, write_result
 from repopt.rundir import SHARED_SEARCHES, RunLock, RunRefused, changed_settings, file_record, verify_manifest, without_allowed
 from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
@@ -84,8 +84,13 @@ def _resume_if_completed(cfg: T, stage_dir: Path) -> T:
     return replace(cfg, resume=True) if result is not None and result.status == Status.COMPLETED else cfg
 
 
-def _finished_export(path: Path) -> dict | None:
-    """The step's result file; export and QAT write it (quant*.json, qat.json) only when they finished."""
+def _finished_export(path: Path) -> QuantResult | None:
+    """The export step's result file (quant*.json), typed; export writes it only when it finished."""
+    return read_result(path, QuantResult)
+
+
+def _finished_qat(path: Path) -> dict | None:
+    """The QAT step's qat.json (kept in its own format); QAT writes it only when it finished."""
     return read_json(path)
 
 
@@ -222,11 +227,12 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
     if cfg.qat:
         qat_cfg = replace(cfg.qat_train, run=str(target_dir))
         summary.qat = _run_stage("qat", target_dir, lambda: qat_run(qat_cfg),
-                                 lambda: _finished_export(target_dir / "qat.json"), summary, job_dir)
+                                 lambda: _finished_qat(target_dir / "qat.json"), summary, job_dir)
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))
-        summary.pruned = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
-                                    lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"), summary, job_dir)
+        summary.channel_pruning_run = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
+                                                 lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"),
+                                                 summary, job_dir)
     summary.status = Status.COMPLETED
     summary.hs_top1 = summary.hs.top1 if summary.hs else None
     summary.top1, summary.top5 = summary.target.top1, summary.target.top5

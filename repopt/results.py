@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import DivergenceError, Interrupted
 from .io import read_json, write_json
@@ -42,6 +42,90 @@ def status_of(exc: BaseException) -> Status:
 
 # A result that says one of these is the precise outcome; a later generic failure must not overwrite it.
 FINAL = (Status.COMPLETED, Status.DIVERGED, Status.INTERRUPTED, Status.PRUNED)
+
+
+@dataclass
+class ChannelPruning:
+    """The channel-pruning step's record (``python -m target_train.prune``), ``StageMetrics.channel_pruning``.
+
+    "Pruning" is the channel step throughout; "pruned" alone is ``Status.PRUNED`` (an Optuna trial)
+    or a file of this step (``pruned.pt``, the latency key ``"pruned"``). Every field is optional so
+    that a record written by another version reads back (missing keys stay None)."""
+
+    params_before: Optional[int] = None  # parameters of the deployed (folded) unpruned model
+    params_after: Optional[int] = None  # ... and of the deployed pruned model
+    params_ratio: Optional[float] = None  # params_after / params_before
+    macs_before: Optional[int] = None  # multiply-accumulates per image of the deployed unpruned model
+    macs_after: Optional[int] = None  # ... and of the deployed pruned model
+    macs_ratio: Optional[float] = None  # macs_after / macs_before
+    # "unpruned"/"pruned" (file names of this step's models) -> "batch1"/"batch32" -> ONNX Runtime ms per image
+    latency_ms_per_image: Optional[dict[str, dict[str, float]]] = None
+    speedup: Optional[dict[str, float]] = None  # "batch1"/"batch32" -> unpruned / pruned latency, timed side by side
+    latency_runs: Optional[int] = None  # the median of this many timed runs
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads (None: its default)
+    cpu: Optional[str] = None  # the CPU the latency was measured on
+    onnx_fp32_max_rel_diff: Optional[float] = None  # pruned.onnx under ONNX Runtime vs PyTorch, max relative
+    deploy_file: Optional[str] = None  # the torch.export program, relative to the result folder ("pruned.pt")
+    deploy_max_rel_diff: Optional[float] = None  # that program vs the fine-tuned PyTorch model, max relative
+    versions: Optional[dict[str, str]] = None  # torch and onnxruntime versions
+    int8: Optional[dict[str, Any]] = None  # int8=true: calibration, FP32/INT8 top-1 of pruned.int8.onnx, the quant settings
+    method: Optional[str] = None  # repopt | plain | repvgg-deploy | repvgg-branches | qarepvgg-deploy | qarepvgg-branches
+    ratio: Optional[float] = None  # fraction of each layer's output channels removed
+    importance: Optional[str] = None  # l2 | bn_scale
+    round_to: Optional[int] = None  # kept widths rounded down to a multiple of this (None: exact)
+    repvgg_mode: Optional[str] = None  # deploy | branches for RepVGG/QARepVGG runs; None for the target
+    source_run: Optional[str] = None  # the stage-two run directory that was pruned
+    checkpoint: Optional[str] = None  # the checkpoint file that was pruned
+    top1_before: Optional[float] = None  # test top-1 (%) of the unpruned model
+    top5_before: Optional[float] = None
+    top1_pruned: Optional[float] = None  # right after pruning, before fine-tuning
+    top5_pruned: Optional[float] = None
+    top1_finetuned: Optional[float] = None  # after fine-tuning (= top1_pruned with epochs=0)
+    top5_finetuned: Optional[float] = None
+    widths_before: Optional[list[int]] = None  # output channels per prunable layer, in network order
+    widths_after: Optional[list[int]] = None
+    finetune: Optional[dict[str, Any]] = None  # epochs, lr, optimizer, device, max_steps_per_epoch of the fine-tune
+    created: Optional[str] = None  # ISO time the record was written
+
+
+@dataclass
+class QuantResult:
+    """``quant.json`` (``quant-<tag>.json``) of the export step (``python -m target_train.export``):
+    ``to_dict`` of it is the file, key for key, so older readers of the file see no change."""
+
+    model: Optional[str] = None  # the run's mode: target | repvgg | qarepvgg | ...
+    arch: Optional[dict[str, Any]] = None  # the architecture spec stored in the checkpoint
+    dataset: Optional[str] = None
+    num_classes: Optional[int] = None
+    image_size: Optional[int] = None
+    checkpoint: Optional[str] = None  # the checkpoint file that was exported
+    trained_epochs: Optional[int] = None  # epochs the checkpoint had trained (None: not recorded)
+    fp32_top1: Optional[float] = None  # ONNX Runtime FP32 test top-1 (%)
+    fp32_top5: Optional[float] = None
+    int8_top1: Optional[float] = None  # ONNX Runtime INT8 test top-1 (%)
+    int8_top5: Optional[float] = None
+    top1_drop: Optional[float] = None  # fp32_top1 - int8_top1
+    top5_drop: Optional[float] = None
+    top5_k: Optional[int] = None  # the k of "top-5" (fewer than 5 classes: their count)
+    int8_fp32_agreement: Optional[float] = None  # fraction of test images where INT8 and FP32 predict the same class
+    calibration_images: Optional[int] = None  # training images the INT8 ranges were calibrated on
+    eval_images: Optional[int] = None  # test images evaluated
+    onnx_fp32_max_rel_diff: Optional[float] = None  # model.onnx under ONNX Runtime vs the trained PyTorch model
+    fused_max_rel_diff: Optional[float] = None  # the folded PyTorch model vs the trained one
+    latency_ms_per_image: Optional[dict[str, dict[str, float]]] = None  # "fp32"/"int8" -> "batch1"/"batch32" -> ms
+    latency_runs: Optional[int] = None  # the median of this many timed runs
+    layers: Optional[list[dict[str, Any]]] = None  # weight statistics of every folded conv and the head
+    layer_summary: Optional[dict[str, Any]] = None  # abs-max/std over the convs: median, max, worst layer
+    opset: Optional[int] = None  # ONNX opset of model.onnx
+    exporter: Optional[str] = None  # torchscript | dynamo
+    quantization: Optional[dict[str, Any]] = None  # the INT8 scheme and calibration settings
+    int8_node_types: Optional[dict[str, int]] = None  # op type -> count in the INT8 model
+    files: Optional[dict[str, dict[str, Any]]] = None  # file name -> {bytes, sha256} of model.onnx and the INT8 model
+    tag: Optional[str] = None  # "" for quant.json, else the X of quant-X.json
+    versions: Optional[dict[str, str]] = None  # torch, onnxruntime, onnx versions
+    cpu: Optional[str] = None  # the CPU the latency was measured on
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads (None: its default)
+    created: Optional[str] = None  # ISO time the file was written
 
 
 @dataclass
@@ -81,8 +165,8 @@ class StageMetrics:
     model: Optional[str] = None
     optimizer: Optional[str] = None
     scales: Optional[dict] = None
-    # the pruning step (stage "prune", target_train.prune): ratio, widths, MACs, accuracy before/after, latency
-    prune: Optional[dict] = None
+    # the channel-pruning step (stage "prune", target_train.prune): ratio, widths, MACs, accuracy before/after, latency
+    channel_pruning: Optional[ChannelPruning] = None
     deploy_file: Optional[str] = None
     deploy_max_rel_diff: Optional[float] = None
     # how it failed
@@ -103,10 +187,10 @@ class JobMetrics:
     wall_seconds: dict[str, float] = field(default_factory=dict)  # per stage, and "total"
     hs: Optional[StageMetrics] = None
     target: Optional[StageMetrics] = None
-    quant: Optional[dict] = None  # quant.json of the export step (its own format)
-    quant_per_tensor: Optional[dict] = None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
+    quant: Optional[QuantResult] = None  # quant.json of the export step
+    quant_per_tensor: Optional[QuantResult] = None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
     qat: Optional[dict] = None  # qat.json of the quantization-aware training step (target_train.qat; qat=true)
-    pruned: Optional[StageMetrics] = None  # the pruning step's metrics.json (target/<pruning.out>/)
+    channel_pruning_run: Optional[StageMetrics] = None  # the channel-pruning step's metrics.json (target/<pruning.out>/)
     hs_top1: Optional[float] = None
     top1: Optional[float] = None
     top5: Optional[float] = None
@@ -120,32 +204,56 @@ class JobMetrics:
 
 Result = Union[StageMetrics, JobMetrics]
 R = TypeVar("R", StageMetrics, JobMetrics)
+Record = TypeVar("Record")  # any of this module's dataclasses
+
+# Keys older versions wrote, as (type, old key) -> the field that holds them now: "prune"/"pruned"
+# named the channel-pruning records, before "pruned" was left to Status.PRUNED. A file written
+# before the rename still reads (pipelines.compare over older sweeps).
+RENAMED = {
+    (StageMetrics, "prune"): "channel_pruning",
+    (JobMetrics, "pruned"): "channel_pruning_run",
+}
 
 
-def to_dict(result: Result) -> dict:
+def to_dict(result) -> dict:
     """The JSON document of a result (enums as their values)."""
     return dataclasses.asdict(result, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v for k, v in items})
 
 
-def from_dict(cls: type[R], data: dict) -> R:
-    """The typed result of a ``metrics.json`` document; keys the type does not know are ignored
-    (files written by other versions stay readable), nested stage results are typed too."""
+def _record_type(kind) -> type | None:
+    """The dataclass inside ``Optional[X]`` (or ``X`` itself), which a nested dict is read as."""
+    for arg in (get_args(kind) if get_origin(kind) is Union else (kind,)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def from_dict(cls: type[Record], data: dict) -> Record:
+    """The typed record of a JSON document (``metrics.json``, ``quant.json``); keys the type does not
+    know are ignored and renamed keys (``RENAMED``) read into their new field (files written by
+    other versions stay readable); nested records (stage results, ChannelPruning, QuantResult) are
+    typed too."""
     hints = get_type_hints(cls)
+    data = dict(data)
+    for (owner, old), new in RENAMED.items():
+        if owner is cls and old in data and new not in data:
+            data[new] = data.pop(old)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         value = data[f.name]
         kind = hints[f.name]
+        nested = _record_type(kind)
         if kind is Status:
             value = Status(value) if value in Status._value2member_map_ else Status.FAILED
-        elif get_origin(kind) is Union and StageMetrics in get_args(kind) and isinstance(value, dict):
-            value = from_dict(StageMetrics, value)
+        elif nested is not None and isinstance(value, dict):
+            value = from_dict(nested, value)
         values[f.name] = value
     return cls(**values)
 
 
-def read_result(path: str | Path, cls: type[R]) -> R | None:
+def read_result(path: str | Path, cls: type[Record]) -> Record | None:
     """``path`` as a ``cls``; None when it is missing or not JSON (a run killed before it wrote any)."""
     data = read_json(path)
     return from_dict(cls, data) if isinstance(data, dict) else None

@@ -44,6 +44,7 @@ from repopt.errors import ConfigError, DataError
 from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json
 from repopt.numerics import rel_diff
+from repopt.results import QuantResult, to_dict
 
 from . import quantize as q
 from .deploy import MAX_REL_DIFF
@@ -118,7 +119,7 @@ def validate(cfg: ExportConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- the app
-def export_run(cfg: ExportConfig) -> dict:
+def export_run(cfg: ExportConfig) -> QuantResult:
     validate(cfg)
     ort = q.require_onnxruntime()
     run_dir, ckpt_path = find_run(cfg)
@@ -141,7 +142,7 @@ def export_run(cfg: ExportConfig) -> dict:
 
 
 def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, model, deployed, ckpt, bundle,
-               data_cfg: DataConfig, settings: q.QuantSettings, ort) -> dict:
+               data_cfg: DataConfig, settings: q.QuantSettings, ort) -> QuantResult:
     fp32_path, int8_path = work / "model.onnx", work / int8_name(cfg.tag)
     log.info("exporting %s (%s, %s) to ONNX opset %d (%s exporter)", ckpt_path, ckpt["mode"], ckpt["arch"]["name"],
              cfg.opset, cfg.exporter)
@@ -179,50 +180,50 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
     layers = layer_stats(deployed)
     import onnx
 
-    result = {
-        "model": ckpt["mode"],
-        "arch": ckpt["arch"],
-        "dataset": bundle.name,
-        "num_classes": bundle.num_classes,
-        "image_size": data_cfg.image_size,
-        "checkpoint": str(ckpt_path),
-        "trained_epochs": (ckpt.get("run") or {}).get("epoch"),
-        "fp32_top1": acc["fp32_top1"],
-        "fp32_top5": acc["fp32_top5"],
-        "int8_top1": acc["int8_top1"],
-        "int8_top5": acc["int8_top5"],
-        "top1_drop": acc["fp32_top1"] - acc["int8_top1"],
-        "top5_drop": acc["fp32_top5"] - acc["int8_top5"],
-        "top5_k": acc["top5_k"],
-        "int8_fp32_agreement": acc["agreement"],
-        "calibration_images": calibrated,
-        "eval_images": acc["images"],
-        "onnx_fp32_max_rel_diff": onnx_diff,
-        "fused_max_rel_diff": fused_diff,
-        "latency_ms_per_image": latency,
-        "latency_runs": cfg.latency_runs,
-        "layers": layers,
-        "layer_summary": summarize_layers(layers),
-        "opset": onnx_opset(fp32_path),
-        "exporter": cfg.exporter,
-        "quantization": {**settings.to_dict(), "calibration_batch": cfg.calibration_batch,
-                         "calibration_split": "train (evaluation transform, evenly spaced)", "preprocessed": True},
-        "int8_node_types": nodes,
-        "files": {
+    result = QuantResult(
+        model=ckpt["mode"],
+        arch=ckpt["arch"],
+        dataset=bundle.name,
+        num_classes=bundle.num_classes,
+        image_size=data_cfg.image_size,
+        checkpoint=str(ckpt_path),
+        trained_epochs=(ckpt.get("run") or {}).get("epoch"),
+        fp32_top1=acc["fp32_top1"],
+        fp32_top5=acc["fp32_top5"],
+        int8_top1=acc["int8_top1"],
+        int8_top5=acc["int8_top5"],
+        top1_drop=acc["fp32_top1"] - acc["int8_top1"],
+        top5_drop=acc["fp32_top5"] - acc["int8_top5"],
+        top5_k=acc["top5_k"],
+        int8_fp32_agreement=acc["agreement"],
+        calibration_images=calibrated,
+        eval_images=acc["images"],
+        onnx_fp32_max_rel_diff=onnx_diff,
+        fused_max_rel_diff=fused_diff,
+        latency_ms_per_image=latency,
+        latency_runs=cfg.latency_runs,
+        layers=layers,
+        layer_summary=summarize_layers(layers),
+        opset=onnx_opset(fp32_path),
+        exporter=cfg.exporter,
+        quantization={**settings.to_dict(), "calibration_batch": cfg.calibration_batch,
+                      "calibration_split": "train (evaluation transform, evenly spaced)", "preprocessed": True},
+        int8_node_types=nodes,
+        files={
             "model.onnx": fp32_record,
             int8_path.name: {"bytes": int8_path.stat().st_size, "sha256": sha256_file(int8_path)},
         },
-        "tag": cfg.tag,
-        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
-        "cpu": cpu_name(),
-        "threads": cfg.threads,
-        "created": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
-    }
+        tag=cfg.tag,
+        versions={"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        cpu=cpu_name(),
+        threads=cfg.threads,
+        created=_dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+    )
     # every check passed: move the files into the run directory (each rename is atomic), quant.json last
     if not keep_fp32:
         os.replace(fp32_path, run_dir / "model.onnx")
     os.replace(int8_path, run_dir / int8_path.name)
-    write_json(run_dir / quant_name(cfg.tag), result)
+    write_json(run_dir / quant_name(cfg.tag), to_dict(result))  # the fields, in order, are the file's keys
     print(format_table(result))
     return result
 
@@ -244,24 +245,24 @@ def _place_fp32(path: Path, sha256: str, tag: str) -> bool:
     return False
 
 
-def format_table(r: dict) -> str:
-    lat = r["latency_ms_per_image"]
+def format_table(r: QuantResult) -> str:
+    lat = r.latency_ms_per_image
     lines = [
-        (f"{r['model']} {r['arch']['name']} on {r['dataset']}: {r['eval_images']} test images, "
-         f"{r['calibration_images']} calibration images"),
+        (f"{r.model} {r.arch['name']} on {r.dataset}: {r.eval_images} test images, "
+         f"{r.calibration_images} calibration images"),
         f"{'':<6} {'top-1':>7} {'top-5':>7} {'ms/img b1':>10} {'ms/img b32':>11}",
     ]
-    for name in ("fp32", "int8"):
-        lines.append(f"{name:<6} {r[f'{name}_top1']:>7.2f} {r[f'{name}_top5']:>7.2f} "
+    for name, top1, top5 in (("fp32", r.fp32_top1, r.fp32_top5), ("int8", r.int8_top1, r.int8_top5)):
+        lines.append(f"{name:<6} {top1:>7.2f} {top5:>7.2f} "
                      f"{lat[name]['batch1']:>10.3f} {lat[name]['batch32']:>11.3f}")
-    s = r["layer_summary"]
-    lines.append(f"top-1 drop {r['top1_drop']:.2f} points; ONNX fp32 max rel diff {r['onnx_fp32_max_rel_diff']:.1e}; "
+    s = r.layer_summary
+    lines.append(f"top-1 drop {r.top1_drop:.2f} points; ONNX fp32 max rel diff {r.onnx_fp32_max_rel_diff:.1e}; "
                  f"conv abs-max/std median {s['conv_absmax_over_std_median']:.1f}, max {s['conv_absmax_over_std_max']:.1f} "
                  f"({s['conv_absmax_over_std_worst_layer']})")
     return "\n".join(lines)
 
 
-def run_export_app(cfg: DictConfig) -> dict | None:
+def run_export_app(cfg: DictConfig) -> QuantResult | None:
     """The project's command-line conventions: bad input -> one clear line and exit code 1."""
     return run_guarded(lambda: export_run(to_typed(cfg, ExportConfig)))
 

@@ -51,7 +51,7 @@ from repopt.host import cpu_name
 from repopt.io import write_json
 from repopt.numerics import rel_diff
 from repopt.optim import optimizer_kwargs
-from repopt.results import StageMetrics, Status
+from repopt.results import ChannelPruning, StageMetrics, Status
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from . import quantize as q
@@ -215,12 +215,13 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
     (work / "last.pt").unlink(missing_ok=True)  # the fine-tune's resume point: the result is pruned.pt
     finetuned = trainer.state.history[-1] if cfg.epochs > 0 else pruned  # the last epoch's test metrics
 
-    summary = _deploy_and_measure(work, cfg, model, unpruned, data, image_size)
+    measured = _deploy_and_measure(work, cfg, model, unpruned, data, image_size)
+    int8 = None
     if cfg.int8:
         cpu_data = data if runtime.device.type == "cpu" else load_data(tcfg.data, tcfg.seed, cfg)
-        summary["int8"] = _int8(work, cfg, cpu_data)
-    summary.update(
-        method=method, ratio=cfg.ratio, importance=cfg.importance, round_to=cfg.round_to,
+        int8 = _int8(work, cfg, cpu_data)
+    summary = ChannelPruning(
+        **measured, int8=int8, method=method, ratio=cfg.ratio, importance=cfg.importance, round_to=cfg.round_to,
         repvgg_mode=cfg.repvgg_mode if baseline else None, source_run=str(run_dir), checkpoint=str(ckpt_path),
         top1_before=before["test_top1"], top5_before=before["test_top5"],
         top1_pruned=pruned["test_top1"], top5_pruned=pruned["test_top5"],
@@ -234,17 +235,19 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
                                      "round_to": cfg.round_to, "method": method, **plan.to_dict()})
     if cfg.epochs == 0:
         trainer.write_history()
-    metrics = trainer.write_metrics(Status.COMPLETED, prune=summary, deploy_file=str(run_dir / cfg.out / "pruned.pt"),
-                                    deploy_max_rel_diff=summary["deploy_max_rel_diff"])
+    metrics = trainer.write_metrics(Status.COMPLETED, channel_pruning=summary,
+                                    deploy_file=str(run_dir / cfg.out / "pruned.pt"),
+                                    deploy_max_rel_diff=summary.deploy_max_rel_diff)
     log.info("top-1 %.2f -> %.2f pruned -> %.2f fine-tuned; MACs x%.3f, params x%.3f; ONNX Runtime batch 1 %.3f -> %.3f ms",
-             summary["top1_before"], summary["top1_pruned"], summary["top1_finetuned"], summary["macs_ratio"],
-             summary["params_ratio"], summary["latency_ms_per_image"]["unpruned"]["batch1"],
-             summary["latency_ms_per_image"]["pruned"]["batch1"])
+             summary.top1_before, summary.top1_pruned, summary.top1_finetuned, summary.macs_ratio,
+             summary.params_ratio, summary.latency_ms_per_image["unpruned"]["batch1"],
+             summary.latency_ms_per_image["pruned"]["batch1"])
     return metrics
 
 
 def _deploy_and_measure(work: Path, cfg: PruneConfig, model, unpruned, data, image_size: int) -> dict:
-    """pruned.pt and pruned.onnx (each checked against PyTorch), sizes, and both models' latency."""
+    """pruned.pt and pruned.onnx (each checked against PyTorch), sizes, and both models' latency: the
+    measured fields of the ChannelPruning record (its keyword arguments)."""
     cpu_model = cpu_fp32(model)
     deployed = fuse(cpu_model)
     deploy = save_deployed(deployed, cpu_model, work / "pruned.pt", image_size)
@@ -294,11 +297,11 @@ def _int8(work: Path, cfg: PruneConfig, data) -> dict:
 
 
 def format_summary(m: StageMetrics) -> str:
-    p = m.prune or {}
-    lat = p.get("latency_ms_per_image", {})
-    rows = [("top-1 before", p.get("top1_before")), ("top-1 pruned", p.get("top1_pruned")),
-            ("top-1 fine-tuned", p.get("top1_finetuned")), ("MACs ratio", p.get("macs_ratio")),
-            ("params ratio", p.get("params_ratio"))]
+    p = m.channel_pruning or ChannelPruning()
+    lat = p.latency_ms_per_image or {}
+    rows = [("top-1 before", p.top1_before), ("top-1 pruned", p.top1_pruned),
+            ("top-1 fine-tuned", p.top1_finetuned), ("MACs ratio", p.macs_ratio),
+            ("params ratio", p.params_ratio)]
     for which in ("unpruned", "pruned"):
         for b, ms in lat.get(which, {}).items():
             rows.append((f"ORT {which} {b} ms/img", ms))
@@ -310,7 +313,7 @@ def run_prune_app(cfg: DictConfig) -> StageMetrics | None:
     """The project's command-line conventions: bad input -> one clear line and exit code 1."""
     def body():
         metrics = prune_run(to_typed(cfg, PruneConfig))
-        print(format_summary(metrics))
+        log.info("pruned:\n%s", format_summary(metrics))  # logged, not printed: the step's prune.log keeps it too
         return metrics
 
     return run_guarded(body)

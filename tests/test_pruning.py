@@ -174,7 +174,7 @@ def test_prune_only_writes_a_checked_deployable_model(target_run, workdir):
     onnx_logits = q.run_session(q.session(out / "pruned.onnx"), x)
     assert rel_diff(torch.from_numpy(onnx_logits), reference) <= 1e-4
     m = read_json_file(out / "metrics.json")
-    p = m["prune"]
+    p = m["channel_pruning"]
     assert m["status"] == "completed" and m["stage"] == "prune"
     assert p["method"] == "repopt" and p["top1_finetuned"] == p["top1_pruned"]
     assert p["widths_after"] == [len(k) for k in plan.kept.values()]
@@ -188,7 +188,7 @@ def test_fine_tune_with_the_sliced_repoptimizer(target_run):
     run_hydra(prune_main, [f"run={target_run}", "epochs=1", "max_steps_per_epoch=2", "int8=true",
                            "calibration_images=32"] + FAST)
     m = read_json_file(target_run / "pruned" / "metrics.json")
-    p = m["prune"]
+    p = m["channel_pruning"]
     assert m["optimizer"] == "RepOptSGD" and m["epochs"] == 1 and m["steps"] == 2
     assert p["top1_finetuned"] == m["top1"]
     history = (target_run / "pruned" / "history.csv").read_text().splitlines()
@@ -205,7 +205,7 @@ def test_an_existing_result_is_kept_unless_overwrite(target_run, capsys):
     assert "overwrite=true" in capsys.readouterr().err
     assert (target_run / "kept" / "metrics.json").read_bytes() == before
     run_hydra(prune_main, [f"run={target_run}", "epochs=0", "out=kept", "ratio=0.25", "overwrite=true"] + FAST)
-    assert read_json_file(target_run / "kept" / "metrics.json")["prune"]["ratio"] == 0.25
+    assert read_json_file(target_run / "kept" / "metrics.json")["channel_pruning"]["ratio"] == 0.25
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -228,8 +228,8 @@ def test_missing_run_is_a_clear_error(workdir, capsys):
 def test_repvgg_is_pruned_in_its_deployed_form_by_default(repvgg_run, capsys):
     run_hydra(prune_main, [f"run={repvgg_run}", "epochs=1", "max_steps_per_epoch=1"] + FAST)
     m = read_json_file(repvgg_run / "pruned" / "metrics.json")
-    assert m["prune"]["method"] == "repvgg-deploy" and m["optimizer"] == "SGD"
-    assert m["prune"]["widths_after"] == [tp_width(w, 0.5, 8) for w in m["prune"]["widths_before"]]
+    assert m["channel_pruning"]["method"] == "repvgg-deploy" and m["optimizer"] == "SGD"
+    assert m["channel_pruning"]["widths_after"] == [tp_width(w, 0.5, 8) for w in m["channel_pruning"]["widths_before"]]
     # BN-scale importance needs BN: the deployed form has none
     run_hydra(prune_main, [f"run={repvgg_run}", "importance=bn_scale", "out=bn"] + FAST, expect_exit=1)
     assert "has no BN" in capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_repvgg_branches_tie_identity_chains_to_one_channel_set(repvgg_run):
         if spec.has_identity:  # the identity adds the block's input to its output: same channels kept
             assert plan.kept[spec.name] == plan.kept_in(spec.name)
     m = read_json_file(repvgg_run / "branches" / "metrics.json")
-    assert m["prune"]["method"] == "repvgg-branches" and m["prune"]["onnx_fp32_max_rel_diff"] <= 1e-4
+    assert m["channel_pruning"]["method"] == "repvgg-branches" and m["channel_pruning"]["onnx_fp32_max_rel_diff"] <= 1e-4
 
 
 def test_ghostnet_runs_are_refused_clearly(workdir, capsys):
@@ -267,14 +267,14 @@ def test_pipeline_prune_step_and_the_comparison_columns(workdir):
         "target.optim.compile_step=false", "prune=true", "pruning.epochs=1", "pruning.max_steps_per_epoch=1",
         "pruning.latency_runs=2", "pruning.threads=1", "pruning.progress=off", f"hydra.run.dir={job}"])
     summary = read_json_file(job / "metrics.json")
-    assert summary["status"] == "completed" and summary["pruned"]["stage"] == "prune"
-    assert summary["pruned"]["prune"]["ratio"] == 0.5 and (job / "target" / "pruned" / "pruned.pt").is_file()
+    assert summary["status"] == "completed" and summary["channel_pruning_run"]["stage"] == "prune"
+    assert summary["channel_pruning_run"]["channel_pruning"]["ratio"] == 0.5 and (job / "target" / "pruned" / "pruned.pt").is_file()
     compare([job], plots=False)
     table = (job / "comparison.md").read_text()
     for title in ("pruned top-1", "pruned top-1 (no fine-tune)", "MACs kept", "speed-up b1"):
         assert f"| {title} |" in table
     row = next(line for line in table.splitlines() if line.startswith("| (defaults) |"))
-    assert f"{summary['pruned']['prune']['macs_ratio']:.2f}" in row
+    assert f"{summary['channel_pruning_run']['channel_pruning']['macs_ratio']:.2f}" in row
 
 
 def test_pipeline_checks_the_pruning_settings_before_training(workdir, capsys):

@@ -166,9 +166,9 @@ def test_pruned_in_its_deployed_form_by_default(qarepvgg_run):
 
     run_hydra(prune_main, [f"run={qarepvgg_run}", "epochs=1", "max_steps_per_epoch=1"] + FAST)
     m = read_json(qarepvgg_run / "pruned" / "metrics.json")
-    assert m["status"] == "completed" and m["prune"]["method"] == "qarepvgg-deploy" and m["optimizer"] == "SGD"
-    assert m["prune"]["repvgg_mode"] == "deploy" and m["prune"]["onnx_fp32_max_rel_diff"] <= 1e-4
-    assert all(a < b for a, b in zip(m["prune"]["widths_after"], m["prune"]["widths_before"]) if b >= 16)
+    assert m["status"] == "completed" and m["channel_pruning"]["method"] == "qarepvgg-deploy" and m["optimizer"] == "SGD"
+    assert m["channel_pruning"]["repvgg_mode"] == "deploy" and m["channel_pruning"]["onnx_fp32_max_rel_diff"] <= 1e-4
+    assert all(a < b for a, b in zip(m["channel_pruning"]["widths_after"], m["channel_pruning"]["widths_before"]) if b >= 16)
 
 
 def test_pruned_with_its_branches(qarepvgg_run):
@@ -188,7 +188,7 @@ def test_pruned_with_its_branches(qarepvgg_run):
         if spec.has_identity:
             assert plan.kept[spec.name] == plan.kept_in(spec.name)
     m = read_json(qarepvgg_run / "branches" / "metrics.json")
-    assert m["prune"]["method"] == "qarepvgg-branches" and m["prune"]["onnx_fp32_max_rel_diff"] <= 1e-4
+    assert m["channel_pruning"]["method"] == "qarepvgg-branches" and m["channel_pruning"]["onnx_fp32_max_rel_diff"] <= 1e-4
     assert m["deploy_max_rel_diff"] <= 1e-4
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("torchao", reason="the QAT step needs torchao: pip install '
 from pipelines.compare import compare  # noqa: E402
 from pipelines.compare import main as compare_main  # noqa: E402
 from pipelines.search_and_train import main as pipeline_main  # noqa: E402
-from repopt.results import JobMetrics, read_result  # noqa: E402
+from repopt.results import JobMetrics, read_result, to_dict  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
 from tests.helpers.runs import pipeline_overrides, read_json, run_hydra  # noqa: E402
 
@@ -60,11 +60,12 @@ def test_the_three_steps_write_their_files_and_records(job):
     summary = read_result(job / "metrics.json", JobMetrics)
     assert summary.status.value == "completed"
     for field, name in RESULTS.items():  # the job records each step's own file, as written
-        assert getattr(summary, field) == read_json(target / name), field
-    assert summary.quant["quantization"]["per_channel"] is True and summary.quant["tag"] == ""
+        record = getattr(summary, field)
+        assert (record if isinstance(record, dict) else to_dict(record)) == read_json(target / name), field
+    assert summary.quant.quantization["per_channel"] is True and summary.quant.tag == ""
     per_tensor = summary.quant_per_tensor
-    assert per_tensor["quantization"]["per_channel"] is False and per_tensor["tag"] == "per_tensor"
-    assert per_tensor["files"]["model.onnx"] == summary.quant["files"]["model.onnx"]  # one FP32 model for both
+    assert per_tensor.quantization["per_channel"] is False and per_tensor.tag == "per_tensor"
+    assert per_tensor.files["model.onnx"] == summary.quant.files["model.onnx"]  # one FP32 model for both
     assert summary.qat["epochs"] == 1 and 0 <= summary.qat["int8_top1"] <= 100
     assert {"target", "export", "export_per_tensor", "qat", "total"} <= set(summary.wall_seconds)
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from pipelines.compare import METRIC_COLUMNS, ROW_COLUMNS, JobRow, compare
-from repopt.results import (JobMetrics, StageMetrics, Status, from_dict, read_result, record_failure, to_dict,
-                            write_result)
+from repopt.results import (ChannelPruning, JobMetrics, QuantResult, StageMetrics, Status, from_dict, read_result,
+                            record_failure, to_dict, write_result)
 
 
 def _job(tmp_path, name: str, overrides: list[str], metrics) -> None:
@@ -39,6 +39,47 @@ def test_unknown_keys_are_ignored_on_read_and_refused_on_write(tmp_path):
     assert from_dict(StageMetrics, {"status": "exploded"}).status is Status.FAILED
     with pytest.raises(TypeError):
         StageMetrics(status=Status.COMPLETED, topp1=1.0)  # a misspelt field fails where it is written
+
+
+def _channel_pruning() -> ChannelPruning:
+    return ChannelPruning(ratio=0.5, method="repopt", top1_before=50.0, top1_pruned=20.0, top1_finetuned=45.0,
+                          macs_ratio=0.27, widths_before=[16, 32], widths_after=[8, 16],
+                          latency_ms_per_image={"unpruned": {"batch1": 2.0}, "pruned": {"batch1": 1.0}},
+                          speedup={"batch1": 2.0, "batch32": 1.5}, int8={"int8_top1": 44.0})
+
+
+def test_old_prune_and_pruned_keys_read_into_the_channel_pruning_fields(tmp_path):
+    """A metrics.json written before the rename (``prune`` / ``pruned``) still reads, typed."""
+    record = to_dict(_channel_pruning())
+    stage = {"status": "completed", "stage": "prune", "top1": 45.0, "prune": record}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"status": "completed", "pruned": stage, "top1": 50.0}))
+    job = read_result(path, JobMetrics)
+    assert isinstance(job.channel_pruning_run, StageMetrics) and job.channel_pruning_run.stage == "prune"
+    assert job.channel_pruning_run.channel_pruning == _channel_pruning()
+    assert from_dict(StageMetrics, stage).channel_pruning.speedup["batch32"] == 1.5
+    written = to_dict(job)  # written back under the new names only
+    assert "pruned" not in written and "prune" not in written["channel_pruning_run"]
+    assert written["channel_pruning_run"]["channel_pruning"] == record
+    # a job stopped by the tuner keeps "pruned" as its status, untouched by the renaming
+    assert from_dict(JobMetrics, {"status": "pruned"}).status is Status.PRUNED
+
+
+def test_channel_pruning_and_quant_records_round_trip(tmp_path):
+    quant = QuantResult(model="target", arch={"name": "A0"}, fp32_top1=50.0, int8_top1=49.0, top1_drop=1.0,
+                        latency_ms_per_image={"fp32": {"batch1": 1.0}, "int8": {"batch1": 0.5}},
+                        files={"model.onnx": {"bytes": 3, "sha256": "ab"}}, tag="", threads=None)
+    assert from_dict(QuantResult, to_dict(quant)) == quant
+    assert from_dict(ChannelPruning, to_dict(_channel_pruning())) == _channel_pruning()
+    assert from_dict(QuantResult, {"int8_top1": 2.0, "from_a_newer_version": 1}) == QuantResult(int8_top1=2.0)
+    job = JobMetrics(status=Status.COMPLETED, quant=quant, quant_per_tensor=QuantResult(tag="per_tensor"),
+                     channel_pruning_run=StageMetrics(status=Status.COMPLETED, channel_pruning=_channel_pruning()))
+    path = tmp_path / "metrics.json"
+    write_result(path, job)
+    back = read_result(path, JobMetrics)
+    assert back == job and isinstance(back.quant, QuantResult)
+    assert isinstance(back.channel_pruning_run.channel_pruning, ChannelPruning)
+    assert json.loads(path.read_text())["quant"] == to_dict(quant)  # the nested record is plain JSON
 
 
 def test_record_failure_keeps_a_precise_outcome(tmp_path):

@@ -15,7 +15,7 @@ import yaml
 
 from repopt.errors import ConfigError
 from repopt.io import read_json
-from repopt.results import JobMetrics, StageMetrics, Status, from_dict, read_result
+from repopt.results import JobMetrics, QuantResult, StageMetrics, Status, from_dict, read_result
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
@@ -100,13 +100,12 @@ class JobRow:
     def with_quant(self, run_dir: Path) -> "JobRow":
         """The INT8 columns of a target run's result files, each read from the file itself (the step's own
         record): quant.json, quant-per_tensor.json (the pipeline's ptq_per_tensor) and qat.json."""
-        quant = read_json(run_dir / "quant.json")
-        if quant:
-            self.fp32_top1, self.int8_top1, self.int8_top1_drop = (quant.get("fp32_top1"), quant.get("int8_top1"),
-                                                                  quant.get("top1_drop"))
-        per_tensor = read_json(run_dir / "quant-per_tensor.json")
-        if per_tensor:
-            self.int8_pt_top1, self.int8_pt_top1_drop = per_tensor.get("int8_top1"), per_tensor.get("top1_drop")
+        quant = read_result(run_dir / "quant.json", QuantResult)
+        if quant is not None:
+            self.fp32_top1, self.int8_top1, self.int8_top1_drop = quant.fp32_top1, quant.int8_top1, quant.top1_drop
+        per_tensor = read_result(run_dir / "quant-per_tensor.json", QuantResult)
+        if per_tensor is not None:
+            self.int8_pt_top1, self.int8_pt_top1_drop = per_tensor.int8_top1, per_tensor.top1_drop
         qat = read_json(run_dir / "qat.json")
         if qat:
             self.qat_top1, self.qat_top1_drop = qat.get("int8_top1"), qat.get("top1_drop")
@@ -114,12 +113,12 @@ class JobRow:
 
     def with_pruned(self, path: Path) -> "JobRow":
         result = read_result(path, StageMetrics)
-        p = (result.prune or {}) if result is not None and result.status == Status.COMPLETED else {}
-        if p:
-            self.prune_ratio, self.pruned_top1_no_ft, self.pruned_top1 = p["ratio"], p["top1_pruned"], p["top1_finetuned"]
-            self.pruned_macs_ratio = p["macs_ratio"]
-            self.pruned_ms_b1 = p["latency_ms_per_image"]["pruned"]["batch1"]
-            self.pruned_speedup_b1, self.pruned_speedup_b32 = p["speedup"]["batch1"], p["speedup"]["batch32"]
+        p = result.channel_pruning if result is not None and result.status == Status.COMPLETED else None
+        if p is not None:
+            self.prune_ratio, self.pruned_top1_no_ft, self.pruned_top1 = p.ratio, p.top1_pruned, p.top1_finetuned
+            self.pruned_macs_ratio = p.macs_ratio
+            self.pruned_ms_b1 = p.latency_ms_per_image["pruned"]["batch1"]
+            self.pruned_speedup_b1, self.pruned_speedup_b32 = p.speedup["batch1"], p.speedup["batch32"]
         return self
 
 
