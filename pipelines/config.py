@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Optional
 
 from hypersearch.config import HSConfig
 from repopt.config import Checked, LoggerConfig, register_schema
@@ -41,6 +41,10 @@ PER_TENSOR_TAG = "per_tensor"  # ptq_per_tensor=true: target/quant-per_tensor.js
 @dataclass
 class PipelineConfig(Checked):
     family: str = "vgg"  # vgg | ghostnet: both stages' (hs.family and target.family follow it)
+    # data=<name> chooses both stages' data set (conf/data/<name>.yaml, loaded as hs.data and as target.data;
+    # data@hs.data=<name> one stage's). Only the choice counts: conf/search_and_train.yaml empties this key,
+    # and a stage's data settings are hs.data.* and target.data.*
+    data: Any = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # the job's run; hs.logger and target.logger follow it
     hs: HSConfig = field(default_factory=HSConfig)
     target: TargetConfig = field(default_factory=lambda: TargetConfig(scales=None))
@@ -59,6 +63,9 @@ class PipelineConfig(Checked):
     run_dir: Optional[str] = None  # the job directory; null: Hydra's output directory
 
     def check(self, prefix: str = "") -> None:
+        if self.data is not None:
+            raise ConfigError(f"data={self.data} sets nothing: data=<name> only chooses both stages' data set; "
+                              f"a stage's data settings are hs.data.*=... and target.data.*=...")
         for stage in ("hs", "target"):
             value = getattr(self, stage).family
             if value != self.family:

@@ -10,12 +10,16 @@
   ``interrupted`` (written by the trainer); ``failed`` for bad input or a crash. A bad-input error
   prints one clear line, not a traceback; a refused run (``RunRefused``) changes nothing on disk.
   In a multirun sweep a failed or interrupted job is recorded and returned (the sweep's summary and
-  exit code: repopt/sweep.py); a single run exits non-zero.
+  exit code: repopt/sweep.py); a single run exits non-zero. The ``error:`` line is printed once on
+  the terminal and written to the run's log file (``log_to_files``), not logged to the console too;
+* ``OutputDirCheck`` (a Hydra callback in every root config) turns an output directory Hydra cannot
+  create into that one ``error:`` line as well.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import tempfile
 import traceback
@@ -24,6 +28,7 @@ from typing import Callable, TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,6 +54,80 @@ def hydra_run_dir() -> Path | None:
 
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def log_to_files(logger: logging.Logger, level: int, msg: str, *args) -> None:
+    """Log to the file handlers only (the run's ``<job>.log``) a message already printed on the terminal.
+
+    Hydra's job logging sends each record to the console (stdout) and the log file, so logging a line
+    that is also printed on stderr showed it twice on a terminal."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, args, None)
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        current = current.parent if current.propagate else None
+
+
+def report_error(message: str, logged: str | None = None) -> None:
+    """The one ``error: <message>`` line on stderr; ``logged`` (default: the message) goes to the log file."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    log_to_files(log, logging.ERROR, "%s", message if logged is None else logged)
+
+
+def _fix_hint(config: DictConfig, key: str) -> str:
+    """The setting that moves the output directory: ``study_dir=`` when ``key`` is just ``${study_dir}``
+    (pipelines.tune), else ``key`` itself (``hydra.run.dir`` / ``hydra.sweep.dir``)."""
+    parent, _, leaf = key.rpartition(".")
+    raw = OmegaConf.to_container(OmegaConf.select(config, parent), resolve=False).get(leaf)
+    match = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", str(raw))
+    return match.group(1) if match and not match.group(1).startswith("hydra.") else key
+
+
+class OutputDirCheck(Callback):
+    """Create Hydra's output directory before Hydra does, and turn a failure into one ``error:`` line.
+
+    Hydra makes ``hydra.run.dir`` in ``run_job`` (``hydra/core/utils.py``), ``hydra.sweep.dir`` in the
+    launcher, before any code of the app runs, and a directory it cannot create (under ``/proc``, on a
+    read-only disk, an existing file) or write its log file into ended there in a double traceback. ``on_run_start`` and
+    ``on_multirun_start`` run just before, with the same config object (``${now:...}`` is resolved
+    once per config and cached: the same path). ``SystemExit`` passes Hydra's callback wrapper, which
+    turns other exceptions into warnings. Registered as ``hydra.callbacks.output_dir_check`` in every
+    root config."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._create(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._create(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _create(config: DictConfig, key: str) -> None:
+        try:
+            path = OmegaConf.select(config, key)
+        except Exception:  # it does not resolve here: Hydra reports it as it does today
+            return
+        if path is None:
+            return
+        folder = Path(str(path))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            problem = "is a file, not a directory"
+        except OSError as exc:
+            problem = f"cannot be created ({exc.strerror or exc})"
+        else:
+            try:  # an existing directory Hydra cannot write its <job>.log into (/proc, a read-only disk)
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                    return
+            except OSError as exc:
+                problem = f"is not writable ({exc.strerror or exc})"
+        setting = _fix_hint(config, key)
+        report_error(f"output directory {folder.absolute()} ({setting}) {problem}; choose another with {setting}=...")
+        raise SystemExit(EXIT_FAILED)
 
 
 def prepare_run_dir(path: str | Path) -> Path:
@@ -148,8 +227,7 @@ def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lamb
             sys.exit(EXIT_INTERRUPTED)
         if not isinstance(exc, RunRefused):  # a refused run changes nothing on disk
             record(status_of(exc), str(exc))
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(str(exc), f"{type(exc).__name__}: {exc}")
         if is_multirun():
             return result_type(status=status_of(exc), error=str(exc))
         sys.exit(EXIT_FAILED)

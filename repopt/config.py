@@ -80,7 +80,9 @@ class DataConfig(Checked):
     random_resized_crop: bool = False  # ImageNet-style training crop (dataloader path)
     train_subset: Optional[int] = None  # use only the first N training images (quick runs)
     test_subset: Optional[int] = None  # evaluate on the first N test images only
-    cache_dir: Optional[str] = None  # decoded-tensor cache for image folders; null = <root>/.repopt-cache
+    # decoded-tensor cache for image folders; null = $REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt/decoded, else
+    # ~/.cache/repopt/decoded: a user cache, never the data root (it may be read-only or shared)
+    cache_dir: Optional[str] = None
     synthetic_num_classes: int = 10  # data=synthetic: classes of the generated set
     synthetic_train_size: int = 512  # data=synthetic: training images
     synthetic_test_size: int = 256  # data=synthetic: test images

@@ -12,11 +12,12 @@ process under the basic launcher): ``running`` when it starts, then its outcome 
 sweep in the same directory (a ``resume=true`` rerun) clears the earlier records first.
 
 Summary and exit code. Once the launcher has returned, the launching process reads the records and
-prints (stderr) and logs one line, ``sweep: 1 of 2 jobs failed (job 0: diverged: non-finite loss
-...)`` or ``sweep: 2 jobs completed``. A job that started but never recorded an outcome (its process
-was killed), and a job directory of this sweep without any record, count as ``failed`` ("no result
-recorded"). The process then exits with 130 when any job was interrupted, 1 when any other job did
-not complete (``pruned`` counts as done), and 0 otherwise.
+prints one line on stderr (once: logging writes it only to a log file Hydra's logging has, if any),
+``sweep: 1 of 2 jobs failed (job 0: diverged: non-finite loss ...)`` or ``sweep: 2 jobs completed``.
+A job that started but never recorded an outcome (its process was killed), and a job directory of
+this sweep without any record, count as ``failed`` ("no result recorded"). The process then exits
+with 130 when any job was interrupted, 1 when any other job did not complete (``pruned`` counts as
+done), and 0 otherwise.
 
 How the exit code gets out: ``Hydra.multirun`` (``hydra/_internal/hydra.py``) calls
 ``callbacks.on_multirun_end`` as its last statement before ``return``; ``Callbacks._notify``
@@ -75,6 +76,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .app import log_to_files
 from .engine.callbacks import Callback as TrainerCallback
 from .engine.callbacks import active
 from .io import read_json, write_json
@@ -396,8 +398,8 @@ class SweepGuard(Callback):
         lines = [line]
         if code == EXIT_INTERRUPTED:
             lines.append(f"sweep: continue with the same command and resume=true hydra.sweep.dir={self.sweep_dir}")
-        for text in lines:
-            (log.info if code == 0 else log.error)(text)
+        for text in lines:  # printed once; logged only to a log file Hydra's logging has (its console has the print)
+            log_to_files(log, logging.INFO if code == 0 else logging.ERROR, "%s", text)
             print(text, file=sys.stderr, flush=True)
         if code:
             raise SystemExit(code)

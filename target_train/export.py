@@ -224,7 +224,7 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
         os.replace(fp32_path, run_dir / "model.onnx")
     os.replace(int8_path, run_dir / int8_path.name)
     write_json(run_dir / quant_name(cfg.tag), to_dict(result))  # the fields, in order, are the file's keys
-    print(format_table(result))
+    log.info("export result:\n%s", format_table(result))  # logged, not printed: the step's export.log keeps it too
     return result
 
 

@@ -473,7 +473,7 @@ def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, st
     os.replace(int8_path, run_dir / "model.qat.int8.onnx")
     os.replace(history_path, run_dir / "qat_history.csv")
     write_json(run_dir / "qat.json", result)
-    print(format_table(result))
+    log.info("QAT result:\n%s", format_table(result))  # logged, not printed: the step's qat.log keeps it too
     return result
 
 

@@ -34,6 +34,18 @@ def artifacts(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_image_cache(tmp_path_factory):
+    """The tests' decoded image folders are cached in a temp folder of the session (REPOPT_CACHE_DIR,
+    which child processes inherit), not in the user's ~/.cache/repopt/decoded: their roots are temp
+    folders, so such a cache would never be read again."""
+    folder = tmp_path_factory.mktemp("decoded-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPOPT_CACHE_DIR", str(folder))
+        yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One torch thread: tiny convs are dominated by thread start-up, and results are bitwise reproducible."""

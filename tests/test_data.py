@@ -275,12 +275,14 @@ def test_synthetic_is_learnable_by_a_tiny_cnn(one_thread):
 
 def test_imagefolder_decodes_once_and_reloads_from_the_cache(tmp_path, monkeypatch):
     root = tmp_path / "folder"
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(cache_dir))  # the default place when data.cache_dir is unset
     written = write_fake_imagefolder(root, ["cat", "dog", "emu"], n_per_class=12, size=16, split_names=("train", "val"))
     cfg = _cfg(name="imagefolder", root=str(root), image_size=16, batch_size=8, eval_batch_size=10)
     first = build_data(cfg, CPU)
     assert first.class_names == ["cat", "dog", "emu"] and first.num_classes == 3
-    caches = sorted((root / ".repopt-cache").glob("*.pt"))
-    assert len(caches) == 2 and not list((root / ".repopt-cache").glob("*.tmp"))
+    caches = sorted(cache_dir.glob("*.pt"))
+    assert len(caches) == 2 and not list(cache_dir.glob("*.tmp"))
 
     x = torch.cat([b[0] for b in _collect(first.test)])
     y = torch.cat([b[1] for b in _collect(first.test)])
@@ -304,7 +306,7 @@ def test_imagefolder_decodes_once_and_reloads_from_the_cache(tmp_path, monkeypat
     png = root / "val" / "dog" / "0000.png"
     os.utime(png, ns=(time.time_ns(), time.time_ns()))
     build_data(cfg, CPU)
-    assert len(list((root / ".repopt-cache").glob("*.pt"))) == 3
+    assert len(list(cache_dir.glob("*.pt"))) == 3
 
 
 def test_imagefolder_cache_falls_back_to_home_when_unwritable(tmp_path, monkeypatch):
@@ -313,8 +315,10 @@ def test_imagefolder_cache_falls_back_to_home_when_unwritable(tmp_path, monkeypa
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache folder would go")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("REPOPT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     build_data(_cfg(name="imagefolder", root=str(root), image_size=8, batch_size=4, cache_dir=str(blocker / "c")), CPU)
-    assert len(list((tmp_path / "home" / ".cache" / "repopt").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "home" / ".cache" / "repopt" / "decoded").glob("*.pt"))) == 2
 
 
 def test_imagefolder_resizes_files_of_another_size(tmp_path):

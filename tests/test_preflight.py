@@ -39,13 +39,14 @@ def test_run_dir_below_a_regular_file_fails_before_training(in_tmp, capsys):
 
 
 def test_hydra_run_dir_below_a_regular_file_fails_before_training(in_tmp, capsys):
-    """``hydra.run.dir=<file>/run``: Hydra itself fails to create the directory before the app starts
-    (so the message is Hydra's, not the project's): exit 1, naming the path."""
+    """``hydra.run.dir=<file>/run``: Hydra creates the directory before the app starts; the apps'
+    ``OutputDirCheck`` callback (repopt/app.py) tries first and says it in the project's one line: exit 1."""
     blocker = in_tmp / "blocker"
     blocker.write_text("a regular file")
     run_hydra(hs_main, TINY + [f"hydra.run.dir={blocker / 'run'}"], expect_exit=1)
-    err = capsys.readouterr().err
-    assert "Not a directory" in err and str(blocker / "run") in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: output directory {blocker / 'run'} (hydra.run.dir) cannot be created (Not a directory); "
+                   f"choose another with hydra.run.dir=..."]
     assert blocker.read_text() == "a regular file"
 
 

@@ -32,7 +32,7 @@ from repopt.errors import ConfigError, Interrupted
 from .claim import ClaimLock
 from .config import TuneConfig
 from .report import sync_trial_files, write_report
-from .storage import make_pruner, make_sampler, make_storage, require_optuna, storage_text, storage_url
+from .storage import make_pruner, make_sampler, make_storage, reading_study, require_optuna, storage_text, storage_url
 from .trial import TrialFailed, TrialRunner, check_space
 
 log = logging.getLogger("pipelines.tune")
@@ -135,7 +135,7 @@ def run_study(cfg: TuneConfig):
 
 def _run_claimed(cfg: TuneConfig, study_dir: Path, url: str, claim: ClaimLock):
     optuna = require_optuna()
-    with claim:  # creating the tables and the study: one worker at a time
+    with claim, reading_study(url):  # creating the tables and the study: one worker at a time
         storage = make_storage(cfg, url)
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=list(cfg.directions),
                                     load_if_exists=True, sampler=make_sampler(cfg.sampler, cfg.sampler.seed),

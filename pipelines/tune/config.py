@@ -40,6 +40,32 @@ def override_key(text: str) -> str:
     return text.partition("=")[0].strip().lstrip("+~")
 
 
+def space_override(key: str, fields: str) -> str:
+    """The command-line override that sets ``fields`` (``low/high``) of the space's ``key``.
+
+    A space key is a pipeline config path with dots (``hs.optim.lr``), and Hydra's override grammar
+    has no quoting for a dotted key: ``space.hs.optim.lr.high=0.2`` reads as nested keys, which the
+    space does not have. A dict value works, and is merged into the entry (its other fields stay):
+    ``'space={hs.optim.lr: {high: 0.2}}'`` (quoted for the shell)."""
+    return "'space={" + key + ": {" + ", ".join(f"{name}: ..." for name in fields.split("/")) + "}}'"
+
+
+def space_require(prefix: str):
+    """``require`` for a field of the space entry ``prefix`` (``space.<key>.``): its error suggests
+    the override that works (``space_override``); any other prefix keeps the usual message."""
+    if not (prefix.startswith("space.") and prefix.endswith(".")):
+        return require
+    key = prefix[len("space."):-1]
+
+    def require_in_space(ok: bool, name: str, value: Any, rule: str) -> None:
+        if not ok:
+            field_name = name[len(prefix):]
+            raise ConfigError(f"{name}={value!r}: must be {rule}; set it on the command line with "
+                              f"{space_override(key, field_name)} or in the search space's file (conf/tune/)")
+
+    return require_in_space
+
+
 @dataclass
 class ParamSpec(Checked):
     """One dimension of the space: ``float`` / ``int`` in [low, high] (``log``: sampled on a log
@@ -53,6 +79,7 @@ class ParamSpec(Checked):
     choices: Optional[list[Any]] = None
 
     def check(self, prefix: str = "") -> None:
+        require = space_require(prefix)
         require(self.type in PARAM_TYPES, prefix + "type", self.type, "one of " + ", ".join(PARAM_TYPES))
         if self.type == "categorical":
             require(bool(self.choices), prefix + "choices", self.choices, "a non-empty list")

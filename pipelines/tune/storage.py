@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import warnings
 from pathlib import Path
-
 
 from repopt.errors import ConfigError
 
@@ -54,6 +55,25 @@ def make_storage(cfg: TuneConfig, url: str):
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
         raise cannot_open(url, exc) from None
+
+
+@contextlib.contextmanager
+def reading_study(url: str):
+    """Opening a study whose SQLite file is damaged (truncated, overwritten, not a database) ends in
+    SQLAlchemy's traceback, from the first statement on; this turns it into the project's one line."""
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        yield
+    except DatabaseError as exc:
+        path = _sqlite_file(url)
+        # exactly sqlite3.DatabaseError: SQLITE_NOTADB / SQLITE_CORRUPT ("file is not a database",
+        # "database disk image is malformed"); its subclasses (OperationalError: locked, no such table...) are not damage
+        if path is None or type(exc.orig) is not sqlite3.DatabaseError:
+            raise
+        raise ConfigError(f"cannot read the study in {path} ({exc.orig}): the file is damaged or not an SQLite database; "
+                          f"restore it from a backup, or move it away to start a new study (its trial_<n>/ folders too, "
+                          f"or choose another study_dir=...)") from None
 
 
 def storage_text(url: str) -> str:

@@ -19,11 +19,27 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def cache_dirs(cfg: DataConfig, root: Path) -> list[Path]:
-    """Where to look for (and write) the cache, in order: data.cache_dir or <root>/.repopt-cache, then ~/.cache/repopt."""
-    home = Path(os.path.expanduser("~/.cache/repopt"))
-    first = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else root / ".repopt-cache"
-    return [first] if first == home else [first, home]
+def default_cache_dir() -> Path:
+    """The cache's folder when ``data.cache_dir`` is unset: a per-user cache, not the data root (which
+    may be read-only, shared by several users, or a data set its owner keeps as it is).
+
+    ``$REPOPT_CACHE_DIR`` if set (one place for every run, e.g. a scratch disk on a cluster, without
+    moving every other tool's cache), else ``$XDG_CACHE_HOME/repopt/decoded`` (an absolute
+    ``XDG_CACHE_HOME`` only, as the XDG spec says), else ``~/.cache/repopt/decoded``."""
+    if os.environ.get("REPOPT_CACHE_DIR"):
+        return Path(os.path.expanduser(os.environ["REPOPT_CACHE_DIR"]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path(os.path.expanduser("~/.cache"))
+    return base / "repopt" / "decoded"
+
+
+def cache_dirs(cfg: DataConfig) -> list[Path]:
+    """Where to look for (and write) the cache, in order: data.cache_dir when set, then ``default_cache_dir()``."""
+    default = default_cache_dir()
+    if not cfg.cache_dir:
+        return [default]
+    first = Path(os.path.expanduser(cfg.cache_dir))
+    return [first] if first == default else [first, default]
 
 
 def cache_name(root: Path, split: str, size: int, files: Sequence[str], labels: Sequence[int]) -> str:

@@ -104,7 +104,7 @@ def _names(names: list[str], limit: int = 8) -> str:
 def decode_split(cfg: DataConfig, root: Path, split: FolderSplit) -> torch.Tensor:
     """The split's images as uint8 NCHW at cfg.image_size, from the cache or decoded (and cached) now."""
     size = cfg.image_size
-    dirs = cache.cache_dirs(cfg, root)
+    dirs = cache.cache_dirs(cfg)
     name = cache.cache_name(root, split.name, size, split.files, split.labels)
     payload = cache.load(name, dirs)
     if payload is not None:
