@@ -16,11 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from repopt.app import run_app
+from repopt.engine import Callback
 from repopt.optim import build_plain, optimizer_kwargs
 from repopt.results import StageMetrics
 from repopt.rundir import without_allowed
 from repopt.scales import SCALES_FILENAME
-from repopt.engine import Callback
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
 
@@ -55,8 +55,18 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path, callbacks: Sequence[Callback
     lr = scaled_lr(cfg)
     optimizer = build_plain(model, lr, **optimizer_kwargs(cfg.optim))
     extra, metrics_extra = run_records("hypersearch", arch, data, cfg.mode)
-    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra, callbacks=callbacks,
-                           metrics_extra=metrics_extra)
+    trainer = make_trainer(
+        cfg,
+        runtime,
+        data,
+        model,
+        optimizer,
+        run_dir,
+        lr,
+        checkpoint_extra=extra,
+        callbacks=callbacks,
+        metrics_extra=metrics_extra,
+    )
     log.info("run directory %s; %s, mode %s", run_dir, arch.name, cfg.mode)
     metrics = trainer.fit(finish=False)  # completed only once the scales are on disk
     if not runtime.is_main:
@@ -64,9 +74,16 @@ def train_hypersearch(cfg: HSConfig, run_dir: Path, callbacks: Sequence[Callback
     scales = extract_scales(trainer.delivered_model())  # the EMA's scales with ema.enabled and ema.evaluate
     top1, top5 = (metrics.ema_top1, metrics.ema_top5) if trainer.delivers_ema else (metrics.top1, metrics.top5)
     metadata = {
-        "arch": arch.to_dict(), "dataset": data.name, "num_classes": data.num_classes,
-        "hs_top1": top1, "hs_top5": top5, "epochs": metrics.epochs, "mode": cfg.mode,
-        "scale_init": cfg.scale_init, "seed": cfg.seed, "config": without_allowed(trainer.checkpoint_extra["config"]),
+        "arch": arch.to_dict(),
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "hs_top1": top1,
+        "hs_top5": top5,
+        "epochs": metrics.epochs,
+        "mode": cfg.mode,
+        "scale_init": cfg.scale_init,
+        "seed": cfg.seed,
+        "config": without_allowed(trainer.checkpoint_extra["config"]),
     }
     written = export_scales(run_dir, scales, metadata)
     log.info("scales written to %s (HS top-1 %.2f)", written.path, metrics.top1)

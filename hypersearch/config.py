@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repopt.csla import CSLA_MODES
 from repopt.config import TrainConfig, register_schema, require
+from repopt.csla import CSLA_MODES
 
 SCALE_INITS = ("paper", "constant")
 

@@ -39,12 +39,20 @@ def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
     rows = []
     for key, value in scales.items():
         block, stage, kind = parse_key(key)
-        rows.append({
-            "key": key, "block": block, "stage": stage, "kind": kind,
-            "mean": float(value.mean()), "std": float(value.std()) if value.numel() > 1 else 0.0,
-            "min": float(value.min()), "max": float(value.max()), "abs_mean": float(value.abs().mean()),
-            "negative_fraction": float((value < 0).float().mean()),
-        })
+        rows.append(
+            {
+                "key": key,
+                "block": block,
+                "stage": stage,
+                "kind": kind,
+                "mean": float(value.mean()),
+                "std": float(value.std()) if value.numel() > 1 else 0.0,
+                "min": float(value.min()),
+                "max": float(value.max()),
+                "abs_mean": float(value.abs().mean()),
+                "negative_fraction": float((value < 0).float().mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 

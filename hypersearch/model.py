@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from repopt.errors import ConfigError
 from repopt.csla import CSLA_MODES
+from repopt.errors import ConfigError
 from repopt.family import build_model
 from repopt.modules import unwrap
 

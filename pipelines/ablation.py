@@ -33,8 +33,8 @@ from repopt.plots import pyplot, save_png
 from repopt.scales import SCALES_FILENAME, load_scales, read_metadata
 
 from .compare import collect, distinct
-from .config import VARIANTS
 from .compare.stats import welch
+from .config import VARIANTS
 
 log = logging.getLogger("pipelines.ablation")
 ORDER = ["plain", "repvgg", "qarepvgg", "searched", "reinit_only", "masks_only", "init", "ones", "channel_mean", "official_mean"]
@@ -59,9 +59,14 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def _row(name: str, values: pd.Series, seeds: pd.Series, references: dict[str, pd.Series]) -> dict:
-    row = {"setting": name, "n": len(values), "top-1 (mean ± std)": f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
-           if len(values) > 1 else (f"{values.mean():.2f}" if len(values) else "—"),
-           "per seed": ", ".join(f"{s}: {v:.2f}" for s, v in sorted(zip(seeds, values)))}
+    row = {
+        "setting": name,
+        "n": len(values),
+        "top-1 (mean ± std)": f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+        if len(values) > 1
+        else (f"{values.mean():.2f}" if len(values) else "—"),
+        "per seed": ", ".join(f"{s}: {v:.2f}" for s, v in sorted(zip(seeds, values))),
+    }
     for ref, ref_values in references.items():
         row[f"vs {ref}"] = "—" if name == ref else welch(values, ref_values).text()
     return row
@@ -69,6 +74,7 @@ def _row(name: str, values: pd.Series, seeds: pd.Series, references: dict[str, p
 
 def variant_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per variant of the ablation sweeps (one search budget), differences to plain and init."""
+
     def values(variant):
         rows = frame[frame["variant"] == variant]
         return rows["target_top1"].reset_index(drop=True), rows[SEED].reset_index(drop=True)
@@ -80,8 +86,13 @@ def variant_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def budget_frame(table: pd.DataFrame, budget: pd.DataFrame, default_epochs: int) -> pd.DataFrame:
     """``searched`` jobs of both sources with their HS epochs (the table's searches have ``default_epochs``)."""
-    rows = pd.concat([table[table["variant"] == "searched"].assign(**{"hs.epochs": table.get("hs.epochs", default_epochs)}),
-                      budget[budget["variant"] == "searched"]], ignore_index=True)
+    rows = pd.concat(
+        [
+            table[table["variant"] == "searched"].assign(**{"hs.epochs": table.get("hs.epochs", default_epochs)}),
+            budget[budget["variant"] == "searched"],
+        ],
+        ignore_index=True,
+    )
     rows["hs.epochs"] = pd.to_numeric(rows["hs.epochs"], errors="coerce").fillna(default_epochs).astype(int)
     rows[SEED] = rows[SEED].astype(int)
     return rows.drop_duplicates(subset=["hs.epochs", SEED], keep="last")
@@ -102,8 +113,15 @@ def plot_budget(searched: pd.DataFrame, init: pd.Series, path: Path) -> None:
         ax.axhspan(mean - std, mean + std, color="tab:orange", alpha=0.2, label=f"init (no search), mean ± std, n={len(init)}")
         ax.axhline(mean, color="tab:orange")
     stats = searched.groupby("hs.epochs")["target_top1"].agg(["mean", "std", "count"]).sort_index()
-    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=4, color="tab:blue",
-                label="searched, mean ± std (n = " + ", ".join(str(int(c)) for c in stats["count"]) + ")")
+    ax.errorbar(
+        stats.index,
+        stats["mean"],
+        yerr=stats["std"].fillna(0.0),
+        marker="o",
+        capsize=4,
+        color="tab:blue",
+        label="searched, mean ± std (n = " + ", ".join(str(int(c)) for c in stats["count"]) + ")",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(stats.index), [str(i) for i in stats.index])
     ax.set_xlabel("Hyper-Search epochs (log scale)")
@@ -129,14 +147,23 @@ def search_drifts(dirs: list[Path]) -> pd.DataFrame:
     frames = []
     for path in sorted({p.resolve() for d in dirs for p in Path(d).rglob(SCALES_FILENAME)}):
         meta = read_metadata(path)
-        arch = get_spec(meta["arch"]["name"], meta["arch"].get("strides"), num_blocks=meta["arch"].get("num_blocks"),
-                        width_multiplier=meta["arch"].get("width_multiplier")) if isinstance(meta.get("arch"), dict) else None
+        arch = (
+            get_spec(
+                meta["arch"]["name"],
+                meta["arch"].get("strides"),
+                num_blocks=meta["arch"].get("num_blocks"),
+                width_multiplier=meta["arch"].get("width_multiplier"),
+            )
+            if isinstance(meta.get("arch"), dict)
+            else None
+        )
         if arch is None:
             continue
         result = read_json(path.parent / "metrics.json") or {}
         frame = drift(load_scales(path, arch), arch.init_scales())
-        frames.append(frame.assign(epochs=meta.get("epochs"), seed=meta.get("seed"),
-                                   completed=result.get("status") == "completed"))
+        frames.append(
+            frame.assign(epochs=meta.get("epochs"), seed=meta.get("seed"), completed=result.get("status") == "completed")
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -148,8 +175,13 @@ def official_drift(name: str = "B1") -> pd.DataFrame:
 def report(table_dirs: list[Path], budget_dirs: list[Path], out: Path, default_epochs: int = 8) -> str:
     table, budget = completed(table_dirs), completed(budget_dirs) if budget_dirs else pd.DataFrame(columns=["variant"])
     out.mkdir(parents=True, exist_ok=True)
-    parts = ["# Ablation and search budget\n", "Completed jobs only; Welch 95 % intervals (`pipelines/compare/stats.py`); "
-             "`*`: the interval excludes 0.\n", "## The variants\n", markdown(variant_table(table)), ""]
+    parts = [
+        "# Ablation and search budget\n",
+        "Completed jobs only; Welch 95 % intervals (`pipelines/compare/stats.py`); `*`: the interval excludes 0.\n",
+        "## The variants\n",
+        markdown(variant_table(table)),
+        "",
+    ]
     parts += ["Variants: " + "; ".join(f"`{v}`: {VARIANTS[v]}" for v in ORDER if v in set(table["variant"])) + ".\n"]
     init = table[table["variant"] == "init"]["target_top1"]
     searched = budget_frame(table, budget, default_epochs)
@@ -162,9 +194,12 @@ def report(table_dirs: list[Path], budget_dirs: list[Path], out: Path, default_e
         by = drifts[drifts["completed"]].pivot_table(index=["stage", "kind"], columns="epochs", values="drift %", aggfunc="mean")
         by.columns = [f"{c} HS epochs" for c in by.columns]
         by = by.join(official_drift().set_index(["stage", "kind"]).rename(columns={"drift %": "official B1 (240 epochs)"}))
-        parts += ["## How far the searched scales moved from their init\n",
-                  "Mean |s - s0| / |s0| in %, per stage and branch kind, averaged over seeds.\n",
-                  markdown(by.round(2).reset_index()), ""]
+        parts += [
+            "## How far the searched scales moved from their init\n",
+            "Mean |s - s0| / |s0| in %, per stage and branch kind, averaged over seeds.\n",
+            markdown(by.round(2).reset_index()),
+            "",
+        ]
     text = "\n".join(parts) + "\n"
     write_text(out / "ablation.md", text)
     return text

@@ -36,12 +36,12 @@ import torch
 from pipelines.bench import hs_epoch, loader, opt_step, train_step
 from pipelines.bench.data import DataSources, parse_data
 from pipelines.bench.machine import cpu_busy_fraction, load_average, machine_info
-from pipelines.bench.settings import SECTIONS, Settings
 from pipelines.bench.report import evaluate_targets, format_table
-from repopt.vgg.arch import arch_names, get_arch
+from pipelines.bench.settings import SECTIONS, Settings
 from repopt.engine.runtime import resolve_device
 from repopt.errors import ConfigError
 from repopt.io import write_text
+from repopt.vgg.arch import arch_names, get_arch
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -73,54 +73,107 @@ def _defaults_help(key: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="repopt-benchmark",
-        description=("Measure RepOptimizer performance side by side in one process: optimizer step (opt), training "
-                     "step (train), stage-one input pipeline (loader) and one Hyper-Search epoch (hs_epoch). Prints a "
-                     "table with the ratios of the project's performance targets marked PASS/FAIL/n/a."),
-        epilog=("Defaults depend on the device (the CPU defaults take about 40 s on an idle 2-core machine; "
-                "check the load first, other processes on the cores make CPU timings meaningless). "
-                "GPU run: python -m pipelines.benchmark --device cuda --out bench-gpu.json"),
+        description=(
+            "Measure RepOptimizer performance side by side in one process: optimizer step (opt), training "
+            "step (train), stage-one input pipeline (loader) and one Hyper-Search epoch (hs_epoch). Prints a "
+            "table with the ratios of the project's performance targets marked PASS/FAIL/n/a."
+        ),
+        epilog=(
+            "Defaults depend on the device (the CPU defaults take about 40 s on an idle 2-core machine; "
+            "check the load first, other processes on the cores make CPU timings meaningless). "
+            "GPU run: python -m pipelines.benchmark --device cuda --out bench-gpu.json"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    g.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    g.add_argument("--arch", default=None, choices=arch_names(),
-                   help="architecture of every section (overrides the per-section defaults below)")
-    g.add_argument("--opt-arch", default=None, choices=arch_names(), help="opt section architecture; " + _defaults_help("opt_arch"))
-    g.add_argument("--train-arch", default=None, choices=arch_names(), help="train section architecture; " + _defaults_help("train_arch"))
-    g.add_argument("--hs-arch", default=None, choices=arch_names(), help="hs_epoch section architecture; " + _defaults_help("hs_arch"))
+    g.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
+    g.add_argument(
+        "--arch",
+        default=None,
+        choices=arch_names(),
+        help="architecture of every section (overrides the per-section defaults below)",
+    )
+    g.add_argument(
+        "--opt-arch", default=None, choices=arch_names(), help="opt section architecture; " + _defaults_help("opt_arch")
+    )
+    g.add_argument(
+        "--train-arch", default=None, choices=arch_names(), help="train section architecture; " + _defaults_help("train_arch")
+    )
+    g.add_argument(
+        "--hs-arch", default=None, choices=arch_names(), help="hs_epoch section architecture; " + _defaults_help("hs_arch")
+    )
     g.add_argument("--num-classes", type=int, default=1000, help="classifier width of the opt and train sections (default: 1000)")
 
     g = p.add_argument_group("sizes and repeats")
     g.add_argument("--resolution", type=int, default=None, help="train section input size in px; " + _defaults_help("resolution"))
     g.add_argument("--batch", type=int, default=None, help="train section batch size; " + _defaults_help("batch"))
-    g.add_argument("--steps", type=int, default=None,
-                   help="timed steps per variant in the opt and train sections (the median is reported); " + _defaults_help("steps"))
-    g.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps before timing (opt, train; hs_epoch warm-up steps); " + _defaults_help("warmup"))
-    g.add_argument("--hs-images", type=int, default=None,
-                   help="training images (32 px) of the loader and hs_epoch sections; " + _defaults_help("hs_images"))
-    g.add_argument("--hs-batch", type=int, default=None, help="batch size of the loader and hs_epoch sections; " + _defaults_help("hs_batch"))
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per variant in the opt and train sections (the median is reported); " + _defaults_help("steps"),
+    )
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps before timing (opt, train; hs_epoch warm-up steps); " + _defaults_help("warmup"),
+    )
+    g.add_argument(
+        "--hs-images",
+        type=int,
+        default=None,
+        help="training images (32 px) of the loader and hs_epoch sections; " + _defaults_help("hs_images"),
+    )
+    g.add_argument(
+        "--hs-batch", type=int, default=None, help="batch size of the loader and hs_epoch sections; " + _defaults_help("hs_batch")
+    )
     g.add_argument("--loader-epochs", type=int, default=None, help="timed epochs per loader; " + _defaults_help("loader_epochs"))
-    g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (loader section); " + _defaults_help("workers"))
+    g.add_argument(
+        "--workers", type=int, default=None, help="DataLoader worker processes (loader section); " + _defaults_help("workers")
+    )
 
     g = p.add_argument_group("execution")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the HS epoch under torch.compile; " + _defaults_help("compile"))
-    g.add_argument("--compile-modes", default=None,
-                   help="comma-separated torch.compile modes ('default' = no mode); " + _defaults_help("compile_modes"))
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast in the train and hs_epoch sections; " + _defaults_help("amp"))
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format in the train and hs_epoch sections; " + _defaults_help("channels_last"))
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the HS epoch under torch.compile; " + _defaults_help("compile"),
+    )
+    g.add_argument(
+        "--compile-modes",
+        default=None,
+        help="comma-separated torch.compile modes ('default' = no mode); " + _defaults_help("compile_modes"),
+    )
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in the train and hs_epoch sections; " + _defaults_help("amp"),
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format in the train and hs_epoch sections; " + _defaults_help("channels_last"),
+    )
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="model init, scales and data order (default: 0)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="synthetic | cifar10-jpeg:<path to cifar10-jpeg.tar.gz or its extracted folder> (loader, hs_epoch; default: synthetic)")
-    g.add_argument("--data-cache", default="~/.cache/repopt/bench",
-                   help="where an archive given to --data is extracted and its decoded images cached (reused; default: ~/.cache/repopt/bench)")
+    g.add_argument(
+        "--data",
+        default="synthetic",
+        help="synthetic | cifar10-jpeg:<path to cifar10-jpeg.tar.gz or its extracted folder> (loader, hs_epoch; default: synthetic)",
+    )
+    g.add_argument(
+        "--data-cache",
+        default="~/.cache/repopt/bench",
+        help="where an archive given to --data is extracted and its decoded images cached (reused; default: ~/.cache/repopt/bench)",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -171,8 +224,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if settings.warmup < 0 or settings.workers < 0:
         raise ConfigError("--warmup and --workers must be >= 0")
     if settings.hs_images < settings.hs_batch and {"loader", "hs_epoch"} & set(sections):
-        raise ConfigError(f"--hs-images {settings.hs_images} is smaller than --hs-batch {settings.hs_batch}: "
-                          f"with drop_last there would be no batch at all")
+        raise ConfigError(
+            f"--hs-images {settings.hs_images} is smaller than --hs-batch {settings.hs_batch}: "
+            f"with drop_last there would be no batch at all"
+        )
     for name in {settings.opt_arch, settings.train_arch, settings.hs_arch}:
         get_arch(name)
     if settings.amp and device.type != "cuda":
@@ -187,8 +242,10 @@ def busy_warnings(meta: dict, settings: Settings) -> list[str]:
         return []
     head = f"other processes kept {100 * max(busy):.0f}% of the {meta['cpu_count']} cores busy around this run: "
     if meta["torch_threads"] > 1:
-        return [head + f"CPU timings with {meta['torch_threads']} threads are unreliable (parallel regions wait for "
-                       f"descheduled threads); rerun on an idle machine, or with --threads 1 to compare like with like"]
+        return [
+            head + f"CPU timings with {meta['torch_threads']} threads are unreliable (parallel regions wait for "
+            f"descheduled threads); rerun on an idle machine, or with --threads 1 to compare like with like"
+        ]
     return [head + "CPU timings are slowed and noisy (time-shared cores); rerun on an idle machine for absolute figures"]
 
 

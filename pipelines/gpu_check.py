@@ -42,26 +42,40 @@ DEFAULT_BUDGET_S = {"cuda": 480, "cpu": 1500}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.gpu_check",
-        description=("Prove every CUDA path of the project works (pytest -m gpu) and record the performance figures "
-                     "(benchmark, paper HS on CIFAR-10, 224 px target epoch) into one folder: report.json, report.md, "
-                     "logs and results.tar.gz. A failing part is recorded and the rest still runs."),
+        description=(
+            "Prove every CUDA path of the project works (pytest -m gpu) and record the performance figures "
+            "(benchmark, paper HS on CIFAR-10, 224 px target epoch) into one folder: report.json, report.md, "
+            "logs and results.tar.gz. A failing part is recorded and the rest still runs."
+        ),
         epilog="Usual entry: bash scripts/gpu_check.sh (CUDA, outputs/gpu_check/<date-time>/). Dry run on a CPU: "
-               "--device cpu --quick.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "--device cpu --quick.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where to run every part (default: cuda)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes (tiny model, few images): the same commands, minutes on a 2-core CPU")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (tiny model, few images): the same commands, minutes on a 2-core CPU"
+    )
     p.add_argument("--out", required=True, help="output folder (created; must be empty or absent)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for all parts together; a part is not started with under 20 s left "
-                        f"(default: {DEFAULT_BUDGET_S['cuda']} on cuda, {DEFAULT_BUDGET_S['cpu']} on cpu)")
-    p.add_argument("--cifar10", default=None,
-                   help="the shared CIFAR-10 (cifar10-jpeg.tar.gz or its extracted folder); default: $REPOPT_CIFAR10, "
-                        "then shared/data/ in the checkout, then ../shared/data/ beside it")
-    p.add_argument("--data-cache", default="~/.cache/repopt/bench",
-                   help="where the archive is extracted and the synthetic 224 px folder written, once (default: "
-                        "~/.cache/repopt/bench, the benchmark's cache)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for all parts together; a part is not started with under 20 s left "
+        f"(default: {DEFAULT_BUDGET_S['cuda']} on cuda, {DEFAULT_BUDGET_S['cpu']} on cpu)",
+    )
+    p.add_argument(
+        "--cifar10",
+        default=None,
+        help="the shared CIFAR-10 (cifar10-jpeg.tar.gz or its extracted folder); default: $REPOPT_CIFAR10, "
+        "then shared/data/ in the checkout, then ../shared/data/ beside it",
+    )
+    p.add_argument(
+        "--data-cache",
+        default="~/.cache/repopt/bench",
+        help="where the archive is extracted and the synthetic 224 px folder written, once (default: "
+        "~/.cache/repopt/bench, the benchmark's cache)",
+    )
     return p
 
 
@@ -85,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: error: {out} is not empty; choose a new --out folder (nothing was overwritten)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    settings = CheckSettings(device=args.device, quick=args.quick, out=out,
-                             data_cache=Path(os.path.expanduser(args.data_cache)),
-                             cifar10=Path(os.path.expanduser(args.cifar10)) if args.cifar10 else None)
+    settings = CheckSettings(
+        device=args.device,
+        quick=args.quick,
+        out=out,
+        data_cache=Path(os.path.expanduser(args.data_cache)),
+        cifar10=Path(os.path.expanduser(args.cifar10)) if args.cifar10 else None,
+    )
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S[args.device]
-    meta = {"command": "python -m pipelines.gpu_check " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])),
-            "device": args.device, "quick": args.quick, "parts": names, "budget_s": budget,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "out": str(out)}
+    meta = {
+        "command": "python -m pipelines.gpu_check " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])),
+        "device": args.device,
+        "quick": args.quick,
+        "parts": names,
+        "budget_s": budget,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "out": str(out),
+    }
     t0 = time.monotonic()
 
     def progress(results) -> None:
@@ -107,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_seconds"] = time.monotonic() - t0
     write_report(out, meta, results)
     archive = write_archive(out)
-    print(f"gpu_check: {sum(r.status == FAILED for r in results)} of {len(results)} parts failed; "
-          f"{meta['wall_seconds']:.0f} s; report {out / 'report.md'}, archive {archive}", file=sys.stderr)
+    print(
+        f"gpu_check: {sum(r.status == FAILED for r in results)} of {len(results)} parts failed; "
+        f"{meta['wall_seconds']:.0f} s; report {out / 'report.md'}, archive {archive}",
+        file=sys.stderr,
+    )
     return 1 if any(r.status == FAILED for r in results) else 0
 
 

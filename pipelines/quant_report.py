@@ -37,12 +37,18 @@ def read_row(job: Path) -> dict | None:
     pc, pt, qat = files
     convs = [layer for layer in pc["layers"] if layer["kind"] != "linear"]
     return {
-        "variant": joined.get("variant"), "seed": (joined.get("config") or {}).get("target", {}).get("seed"), "job": str(job),
-        "fp32": pc["fp32_top1"], "ptq_pc": pc["int8_top1"], "ptq_pt": pt["int8_top1"], "qat": qat["int8_top1"],
+        "variant": joined.get("variant"),
+        "seed": (joined.get("config") or {}).get("target", {}).get("seed"),
+        "job": str(job),
+        "fp32": pc["fp32_top1"],
+        "ptq_pc": pc["int8_top1"],
+        "ptq_pt": pt["int8_top1"],
+        "qat": qat["int8_top1"],
         "absmax_over_std": median(layer["absmax_over_std"] for layer in convs),
         "weight_std_max": max(layer["weight_std"] for layer in convs),
         "weight_absmax_max": max(layer["weight_absmax"] for layer in convs),
-        "ms_fp32_b1": pc["latency_ms_per_image"]["fp32"]["batch1"], "ms_int8_b1": pc["latency_ms_per_image"]["int8"]["batch1"],
+        "ms_fp32_b1": pc["latency_ms_per_image"]["fp32"]["batch1"],
+        "ms_int8_b1": pc["latency_ms_per_image"]["int8"]["batch1"],
         "ms_int8_b32": pc["latency_ms_per_image"]["int8"]["batch32"],
     }
 
@@ -77,44 +83,80 @@ def report(rows: list[dict], reference: str = "searched") -> str:
     drops = {v: {m: [r["fp32"] - r[m] for r in rs] for m, _ in METHODS} for v, rs in by.items()}
     lines = ["| variant | n | FP32 | PTQ per channel | PTQ per tensor | QAT |", "|---|---|---|---|---|---|"]
     for v, rs in by.items():
-        lines.append(f"| {v} | {len(rs)} | {_ms([r['fp32'] for r in rs])} | "
-                     + " | ".join(_ms([r[m] for r in rs]) for m, _ in METHODS) + " |")
-    lines += ["", f"Drop from FP32 (points; mean ± std), and the difference of each variant's drop from {reference}'s "
-              "(Welch 95 %; `*`: the interval excludes 0; positive: it loses more):", "",
-              "| variant | " + " | ".join(f"{title} drop | vs {reference}" for _, title in METHODS) + " |",
-              "|---|" + "---|---|" * len(METHODS)]
+        lines.append(
+            f"| {v} | {len(rs)} | {_ms([r['fp32'] for r in rs])} | "
+            + " | ".join(_ms([r[m] for r in rs]) for m, _ in METHODS)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Drop from FP32 (points; mean ± std), and the difference of each variant's drop from {reference}'s "
+        "(Welch 95 %; `*`: the interval excludes 0; positive: it loses more):",
+        "",
+        "| variant | " + " | ".join(f"{title} drop | vs {reference}" for _, title in METHODS) + " |",
+        "|---|" + "---|---|" * len(METHODS),
+    ]
     for v in by:
         cells = []
         for m, _ in METHODS:
-            cells += [_ms(drops[v][m]), "—" if v == reference or reference not in drops else _interval(drops[v][m], drops[reference][m])]
+            cells += [
+                _ms(drops[v][m]),
+                "—" if v == reference or reference not in drops else _interval(drops[v][m], drops[reference][m]),
+            ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", "Folded kernels (per run, then mean over seeds): median over the convs of abs-max / std of the "
-              "weights (how long-tailed a per-tensor grid is), the largest per-layer weight std and abs-max; ONNX "
-              "Runtime latency per image (ms, one thread) of the FP32 and the PTQ INT8 model:", "",
-              "| variant | abs-max / std (median) | max layer std | max layer abs-max | FP32 ms b1 | INT8 ms b1 | INT8 ms b32 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Folded kernels (per run, then mean over seeds): median over the convs of abs-max / std of the "
+        "weights (how long-tailed a per-tensor grid is), the largest per-layer weight std and abs-max; ONNX "
+        "Runtime latency per image (ms, one thread) of the FP32 and the PTQ INT8 model:",
+        "",
+        "| variant | abs-max / std (median) | max layer std | max layer abs-max | FP32 ms b1 | INT8 ms b1 | INT8 ms b32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v, rs in by.items():
-        lines.append(f"| {v} | " + " | ".join(f"{mean(r[k] for r in rs):.{p}f}" for k, p in (
-            ("absmax_over_std", 2), ("weight_std_max", 3), ("weight_absmax_max", 2), ("ms_fp32_b1", 3), ("ms_int8_b1", 3),
-            ("ms_int8_b32", 3))) + " |")
+        lines.append(
+            f"| {v} | "
+            + " | ".join(
+                f"{mean(r[k] for r in rs):.{p}f}"
+                for k, p in (
+                    ("absmax_over_std", 2),
+                    ("weight_std_max", 3),
+                    ("weight_absmax_max", 2),
+                    ("ms_fp32_b1", 3),
+                    ("ms_int8_b1", 3),
+                    ("ms_int8_b32", 3),
+                )
+            )
+            + " |"
+        )
     lines += ["", "Per seed (FP32 / PTQ per channel / PTQ per tensor / QAT):", ""]
     for v, rs in by.items():
-        lines.append(f"* `{v}`: " + "; ".join(f"seed {r['seed']}: {r['fp32']:.2f} / {r['ptq_pc']:.2f} / {r['ptq_pt']:.2f} / "
-                                              f"{r['qat']:.2f}" for r in sorted(rs, key=lambda r: r["seed"] or 0)))
+        lines.append(
+            f"* `{v}`: "
+            + "; ".join(
+                f"seed {r['seed']}: {r['fp32']:.2f} / {r['ptq_pc']:.2f} / {r['ptq_pt']:.2f} / {r['qat']:.2f}"
+                for r in sorted(rs, key=lambda r: r["seed"] or 0)
+            )
+        )
     lines += ["", "Variants: " + "; ".join(f"`{v}`: {VARIANTS[v]}" for v in by if v in VARIANTS) + "."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.quant_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep (or job) directories whose targets were exported and QAT-trained")
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="sweep (or job) directories whose targets were exported and QAT-trained"
+    )
     parser.add_argument("--out", type=Path, required=True, help="where quantization.md goes")
     parser.add_argument("--reference", default="searched", help="the variant whose drops the others are compared with")
     args = parser.parse_args(argv)
     rows, missing = collect(args.dirs)
     if not rows:
-        print(f"error: no completed job with quant.json, quant-per_tensor.json and qat.json under "
-              f"{', '.join(map(str, args.dirs))}; run python -m target_train.export / .qat on the targets first", file=sys.stderr)
+        print(
+            f"error: no completed job with quant.json, quant-per_tensor.json and qat.json under "
+            f"{', '.join(map(str, args.dirs))}; run python -m target_train.export / .qat on the targets first",
+            file=sys.stderr,
+        )
         return 1
     text = report(rows, args.reference)
     if missing:

@@ -36,15 +36,15 @@ from hypersearch.app import train_hypersearch
 from repopt.app import run_app
 from repopt.config import to_plain
 from repopt.errors import ConfigError, RepOptError, ScalesError
-from repopt.faults import fault_point
 from repopt.family import get_family
+from repopt.faults import fault_point
 from repopt.io import read_json, sha256_file
 from repopt.results import JobMetrics, QuantResult, StageMetrics, Status, read_result, status_of, write_result
 from repopt.rundir import SHARED_SEARCHES, RunLock, RunRefused, changed_settings, file_record, verify_manifest, without_allowed
 from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
-from target_train.app import train_target
 from target_train import quantize
+from target_train.app import train_target
 from target_train.export import export_run, quant_name
 from target_train.prune import prune_run
 from target_train.qat import qat_run, require_torchao
@@ -68,8 +68,10 @@ def _finished_stage(path: Path, cfg=None) -> StageMetrics | None:
         return result
     changed = changed_settings(result.config, to_plain(cfg), to_plain(type(cfg)()), cfg.SETTINGS_ALLOWED)
     if changed:
-        raise RunRefused(f"{path.parent} holds a completed stage run with other settings ({'; '.join(changed)}); "
-                         f"choose a new job directory (hydra.run.dir=... / hydra.sweep.dir=...). Nothing was changed")
+        raise RunRefused(
+            f"{path.parent} holds a completed stage run with other settings ({'; '.join(changed)}); "
+            f"choose a new job directory (hydra.run.dir=... / hydra.sweep.dir=...). Nothing was changed"
+        )
     problems = verify_manifest(path.parent, result.manifest)
     if problems:
         log.warning("%s: completed, but %s: running it again from its checkpoint", path.parent, "; ".join(problems))
@@ -94,8 +96,9 @@ def _finished_qat(path: Path) -> dict | None:
     return read_json(path)
 
 
-def _run_stage(name: str, stage_dir: Path, run: Callable[[], T], finished: Callable[[], T | None],
-               summary: JobMetrics, job_dir: Path) -> T:
+def _run_stage(
+    name: str, stage_dir: Path, run: Callable[[], T], finished: Callable[[], T | None], summary: JobMetrics, job_dir: Path
+) -> T:
     """Run one stage in ``stage_dir`` unless ``finished()`` returns its result; a failure is recorded
     in the job's metrics."""
     done = finished()
@@ -126,13 +129,16 @@ def handed_off_scales(hs_dir: Path, sha256: str | None) -> Path:
     stage two of ``searched`` never trains without exactly those scales."""
     path = hs_dir / SCALES_FILENAME
     if not sha256 or not path.is_file():
-        raise ScalesError(f"{hs_dir}: stage one completed without a scales file on record ({path}); run the job again "
-                          f"with resume=true")
+        raise ScalesError(
+            f"{hs_dir}: stage one completed without a scales file on record ({path}); run the job again with resume=true"
+        )
     actual = sha256_file(path)
     if actual != sha256:
-        raise ScalesError(f"{path}: differs from the file stage one wrote (sha256 {actual[:12]}..., recorded {sha256[:12]}...); "
-                          f"it was damaged or replaced. Delete {hs_dir / 'metrics.json'} and run again with resume=true to "
-                          f"re-export it")
+        raise ScalesError(
+            f"{path}: differs from the file stage one wrote (sha256 {actual[:12]}..., recorded {sha256[:12]}...); "
+            f"it was damaged or replaced. Delete {hs_dir / 'metrics.json'} and run again with resume=true to "
+            f"re-export it"
+        )
     return path
 
 
@@ -175,15 +181,18 @@ def search_dir(job_dir: Path, hs_cfg, shared: bool) -> Path:
     if hs_dir.is_symlink() and hs_dir.resolve() == target.resolve():
         return hs_dir
     if hs_dir.exists() or hs_dir.is_symlink():
-        raise RunRefused(f"{hs_dir} is not the shared search of these settings ({target}); this job searched on its own "
-                         f"before: run it with shared_search=false, or in a new directory")
+        raise RunRefused(
+            f"{hs_dir} is not the shared search of these settings ({target}); this job searched on its own "
+            f"before: run it with shared_search=false, or in a new directory"
+        )
     hs_dir.symlink_to(os.path.relpath(target, job_dir))  # relative: a moved sweep keeps its links
     return hs_dir
 
 
 @tracked("search_and_train", ("metrics.json",), attach=False)  # the job's run; the stages' runs nest under it
-def run_pipeline(cfg: PipelineConfig, job_dir: Path,
-                 after_stage: Callable[[str, StageMetrics], None] | None = None) -> JobMetrics:
+def run_pipeline(
+    cfg: PipelineConfig, job_dir: Path, after_stage: Callable[[str, StageMetrics], None] | None = None
+) -> JobMetrics:
     """Run the job into ``job_dir``. ``after_stage(name, result)`` is called once a stage has
     completed, before the next one starts; an exception it raises ends the job there (a search
     driver's pruner, ``pipelines.tune``)."""
@@ -200,47 +209,81 @@ def run_pipeline(cfg: PipelineConfig, job_dir: Path,
         # a shared search is continued by whichever job comes to it: its settings are these, by its hash
         hs_run = replace(hs_cfg, resume=True) if cfg.shared_search else _resume_if_completed(hs_cfg, hs_dir)
         with RunLock(hs_dir, wait=cfg.shared_search):  # a job of a parallel sweep waits for the search it shares
-            summary.hs = _run_stage("hs", hs_dir, lambda: train_hypersearch(hs_run, hs_dir),
-                                    lambda: _finished_stage(hs_dir / "metrics.json", hs_cfg), summary, job_dir)
+            summary.hs = _run_stage(
+                "hs",
+                hs_dir,
+                lambda: train_hypersearch(hs_run, hs_dir),
+                lambda: _finished_stage(hs_dir / "metrics.json", hs_cfg),
+                summary,
+                job_dir,
+            )
         if after_stage is not None:
             after_stage("hs", summary.hs)
         fault_point("job.between_stages")
         expected_scales = summary.hs.scales_sha256
         target_cfg = replace(target_cfg, scales=str(handed_off_scales(hs_dir, expected_scales)))
     target_run = _resume_if_completed(target_cfg, target_dir)
-    summary.target = _run_stage("target", target_dir, lambda: train_target(target_run, target_dir),
-                                lambda: _finished_stage(target_dir / "metrics.json", target_cfg), summary, job_dir)
+    summary.target = _run_stage(
+        "target",
+        target_dir,
+        lambda: train_target(target_run, target_dir),
+        lambda: _finished_stage(target_dir / "metrics.json", target_cfg),
+        summary,
+        job_dir,
+    )
     if expected_scales is not None and (summary.target.scales or {}).get("sha256") != expected_scales:
-        raise ScalesError(f"{target_dir}: stage two trained with scales of sha256 {(summary.target.scales or {}).get('sha256')}, "
-                          f"not the file stage one wrote ({expected_scales}); run this job in a new directory")
+        raise ScalesError(
+            f"{target_dir}: stage two trained with scales of sha256 {(summary.target.scales or {}).get('sha256')}, "
+            f"not the file stage one wrote ({expected_scales}); run this job in a new directory"
+        )
     if after_stage is not None:
         after_stage("target", summary.target)
     if cfg.export:
         quant_cfg = replace(cfg.quant, run=str(target_dir))
-        summary.quant = _run_stage("export", target_dir, lambda: export_run(quant_cfg),
-                                   lambda: _finished_export(target_dir / quant_name(quant_cfg.tag)), summary, job_dir)
+        summary.quant = _run_stage(
+            "export",
+            target_dir,
+            lambda: export_run(quant_cfg),
+            lambda: _finished_export(target_dir / quant_name(quant_cfg.tag)),
+            summary,
+            job_dir,
+        )
     if cfg.export and cfg.ptq_per_tensor:
         per_tensor_cfg = replace(cfg.quant, run=str(target_dir), per_channel=False, tag=PER_TENSOR_TAG)
-        summary.quant_per_tensor = _run_stage("export_per_tensor", target_dir, lambda: export_run(per_tensor_cfg),
-                                              lambda: _finished_export(target_dir / quant_name(PER_TENSOR_TAG)),
-                                              summary, job_dir)
+        summary.quant_per_tensor = _run_stage(
+            "export_per_tensor",
+            target_dir,
+            lambda: export_run(per_tensor_cfg),
+            lambda: _finished_export(target_dir / quant_name(PER_TENSOR_TAG)),
+            summary,
+            job_dir,
+        )
     if cfg.qat:
         qat_cfg = replace(cfg.qat_train, run=str(target_dir))
-        summary.qat = _run_stage("qat", target_dir, lambda: qat_run(qat_cfg),
-                                 lambda: _finished_qat(target_dir / "qat.json"), summary, job_dir)
+        summary.qat = _run_stage(
+            "qat", target_dir, lambda: qat_run(qat_cfg), lambda: _finished_qat(target_dir / "qat.json"), summary, job_dir
+        )
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))
-        summary.channel_pruning_run = _run_stage("prune", target_dir, lambda: prune_run(prune_cfg),
-                                                 lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"),
-                                                 summary, job_dir)
+        summary.channel_pruning_run = _run_stage(
+            "prune",
+            target_dir,
+            lambda: prune_run(prune_cfg),
+            lambda: _finished_stage(target_dir / prune_cfg.out / "metrics.json"),
+            summary,
+            job_dir,
+        )
     summary.status = Status.COMPLETED
     summary.hs_top1 = summary.hs.top1 if summary.hs else None
     summary.top1, summary.top5 = summary.target.top1, summary.target.top5
     summary.hs_scales_sha256 = summary.hs.scales_sha256 if summary.hs else None
     summary.scales_sha256 = (summary.target.scales or {}).get("sha256")
     summary.wall_seconds["total"] = sum(summary.wall_seconds.values())
-    summary.manifest = {f"{stage}/metrics.json": file_record(job_dir / stage / "metrics.json")
-                        for stage in ("hs", "target") if getattr(summary, stage) is not None}
+    summary.manifest = {
+        f"{stage}/metrics.json": file_record(job_dir / stage / "metrics.json")
+        for stage in ("hs", "target")
+        if getattr(summary, stage) is not None
+    }
     write_result(job_dir / "metrics.json", summary)
     log.info("pipeline done: HS top-1 %s, target top-1 %.2f", summary.hs_top1, summary.top1)
     return summary

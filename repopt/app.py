@@ -138,7 +138,9 @@ def prepare_run_dir(path: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):  # unique: DDP ranks probe at once
             pass
     except OSError as exc:
-        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); choose another with run_dir=... or hydra.run.dir=...") from None
+        raise ConfigError(
+            f"run directory {run_dir} is not writable ({exc.strerror}); choose another with run_dir=... or hydra.run.dir=..."
+        ) from None
     return run_dir
 
 
@@ -163,8 +165,9 @@ def write_config_snapshot(cfg: DictConfig, run_dir: Path) -> None:
         write_text(folder / name, text)
 
 
-def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
-            result_type: type[Result] = StageMetrics) -> Result | None:
+def run_app(
+    cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result], result_type: type[Result] = StageMetrics
+) -> Result | None:
     """Run ``task(typed_cfg, run_dir)`` with the project's error and status conventions; a failure
     is recorded in ``run_dir/metrics.json`` as a ``result_type``."""
     run_dirs: list[Path] = []  # the run directory, once this process owns it: failures are recorded there
@@ -197,8 +200,9 @@ def run_app(cfg: DictConfig, schema: type[T], task: Callable[[T, Path], Result],
     return run_guarded(body, lambda: run_dirs[0] if run_dirs else None, result_type)
 
 
-def run_guarded(body: Callable[[], R], run_dir: Callable[[], Path | None] = lambda: None,
-                result_type: type[Result] = StageMetrics) -> R | Result | None:
+def run_guarded(
+    body: Callable[[], R], run_dir: Callable[[], Path | None] = lambda: None, result_type: type[Result] = StageMetrics
+) -> R | Result | None:
     """The command-line conventions of every app: a project error is one clear line and exit code 1
     (in a multirun, a failed job's result); Ctrl-C or a stop signal exits 130; a bug keeps its
     traceback. The failure is recorded in ``run_dir()/metrics.json`` when there is one."""

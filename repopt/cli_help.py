@@ -60,8 +60,11 @@ def _field_comments(cls: type) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        line_comment = {tok.start[0]: tok.string.lstrip("#").strip()
-                        for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        line_comment = {
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT
+        }
         above: list[str] = []  # comment lines at class-body level since the last field
         for number, text in enumerate(source.splitlines(), start=1):
             if re.match(r"^    #", text):
@@ -183,10 +186,16 @@ def app_help(app: str) -> str:
     root, _, command = APPS[app]
     keys = schema_keys(_schema(app))
     width = min(max(len(f"{k.path}={k.default}") for k in keys) + 2, 46)
-    out = [*_intro(_conf_text(root)), "",
-           f"Usage: {command} [KEY=VALUE ...] [GROUP=OPTION ...]     (-m: a sweep over comma-separated values)", "",
-           "Groups (GROUP=OPTION; a group sets several keys at once):", *group_lines(app), "",
-           f"Settings (KEY=VALUE: default, then what it means; the values after the groups: {command} --cfg job):"]
+    out = [
+        *_intro(_conf_text(root)),
+        "",
+        f"Usage: {command} [KEY=VALUE ...] [GROUP=OPTION ...]     (-m: a sweep over comma-separated values)",
+        "",
+        "Groups (GROUP=OPTION; a group sets several keys at once):",
+        *group_lines(app),
+        "",
+        f"Settings (KEY=VALUE: default, then what it means; the values after the groups: {command} --cfg job):",
+    ]
     for k in keys:
         head = f"  {k.path}={k.default}"
         doc = f"[{k.type}] {k.doc}".rstrip()

@@ -15,8 +15,10 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import cli_help  # noqa: F401  (registers ${repopt_help:<app>}, the --help page of every root config)
-from . import rundir
+from . import (
+    cli_help,  # noqa: F401  (registers ${repopt_help:<app>}, the --help page of every root config)
+    rundir,
+)
 from .errors import ConfigError
 from .family import family_names, family_of, get_family, get_spec
 
@@ -87,11 +89,17 @@ class DataConfig(Checked):
     synthetic_train_size: int = 512  # data=synthetic: training images
     synthetic_test_size: int = 256  # data=synthetic: test images
     drop_last: bool = True  # static shapes for compile / CUDA graphs
-    randaugment_magnitude: Optional[int] = None  # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
+    randaugment_magnitude: Optional[int] = (
+        None  # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
+    )
     randaugment_num_ops: int = 2  # RandAugment ops applied in sequence to each training image
-    mean: Optional[list[float]] = None  # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
+    mean: Optional[list[float]] = (
+        None  # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
+    )
     std: Optional[list[float]] = None  # per-channel std (0..1 scale), given with mean
-    eval_crop_fraction: Optional[float] = None  # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
+    eval_crop_fraction: Optional[float] = (
+        None  # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
+    )
 
     def check(self, prefix: str = "") -> None:
         for key in ("image_size", "batch_size", "eval_batch_size", "synthetic_train_size", "synthetic_test_size"):
@@ -103,15 +111,23 @@ class DataConfig(Checked):
             value = getattr(self, key)
             require(value is None or value >= 1, prefix + key, value, ">= 1 or null (all images)")
         m = self.randaugment_magnitude
-        require(m is None or 0 <= m <= RANDAUGMENT_MAX_MAGNITUDE, prefix + "randaugment_magnitude", m,
-                f"in [0, {RANDAUGMENT_MAX_MAGNITUDE}] or null (off)")
+        require(
+            m is None or 0 <= m <= RANDAUGMENT_MAX_MAGNITUDE,
+            prefix + "randaugment_magnitude",
+            m,
+            f"in [0, {RANDAUGMENT_MAX_MAGNITUDE}] or null (off)",
+        )
         require(self.randaugment_num_ops >= 1, prefix + "randaugment_num_ops", self.randaugment_num_ops, ">= 1")
         for key in ("mean", "std"):
             value = getattr(self, key)
             require(value is None or len(value) == 3, prefix + key, value, "three numbers (R, G, B) or null")
         require(self.std is None or all(s > 0 for s in self.std), prefix + "std", self.std, "> 0 in every channel")
-        require((self.mean is None) == (self.std is None), prefix + "mean", self.mean,
-                "given together with data.std (both or neither)")
+        require(
+            (self.mean is None) == (self.std is None),
+            prefix + "mean",
+            self.mean,
+            "given together with data.std (both or neither)",
+        )
         f = self.eval_crop_fraction
         require(f is None or 0 < f <= 1, prefix + "eval_crop_fraction", f, "in (0, 1] or null")
 
@@ -140,8 +156,9 @@ class OptimConfig(Checked):
         require(self.base_batch_size >= 1, prefix + "base_batch_size", self.base_batch_size, ">= 1")
         require(0 <= self.momentum < 1, prefix + "momentum", self.momentum, "in [0, 1)")
         require(self.weight_decay >= 0, prefix + "weight_decay", self.weight_decay, ">= 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), prefix + "betas", self.betas,
-                "two numbers in [0, 1)")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), prefix + "betas", self.betas, "two numbers in [0, 1)"
+        )
         require(self.eps > 0, prefix + "eps", self.eps, "> 0")
 
 
@@ -176,8 +193,12 @@ class LoggerConfig(Checked):
     def check(self, prefix: str = "") -> None:
         require(self.name in LOGGERS, prefix + "name", self.name, "one of " + ", ".join(LOGGERS))
         require(bool(self.experiment.strip()), prefix + "experiment", self.experiment, "a non-empty name")
-        require(self.tracking_uri is None or bool(self.tracking_uri.strip()), prefix + "tracking_uri", self.tracking_uri,
-                "a URI or null (sqlite:///<outputs>/mlflow.db)")
+        require(
+            self.tracking_uri is None or bool(self.tracking_uri.strip()),
+            prefix + "tracking_uri",
+            self.tracking_uri,
+            "a URI or null (sqlite:///<outputs>/mlflow.db)",
+        )
 
 
 @dataclass
@@ -235,7 +256,9 @@ class TrainConfig(Checked):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     compile: Optional[bool] = False  # torch.compile the training model; null = auto (on CUDA only)
-    compile_mode: Optional[str] = "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: Optional[str] = (
+        "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    )
     channels_last: Optional[bool] = None  # channels_last memory format; null = auto (on CUDA)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default
@@ -256,18 +279,28 @@ class TrainConfig(Checked):
         arch_family = family_of(self.arch.spec()).name
         if arch_family != self.family:
             members = ", ".join(get_family(self.family).arch_names())
-            raise ConfigError(f"{prefix}arch={self.arch.name} is a {arch_family} architecture but {prefix}family={self.family}; "
-                              f"choose one of its members ({members}) or {prefix}family={arch_family}")
+            raise ConfigError(
+                f"{prefix}arch={self.arch.name} is a {arch_family} architecture but {prefix}family={self.family}; "
+                f"choose one of its members ({members}) or {prefix}family={arch_family}"
+            )
         require(self.epochs >= 1, prefix + "epochs", self.epochs, ">= 1")
         require(self.amp in AMP_MODES, prefix + "amp", self.amp, "one of " + ", ".join(AMP_MODES))
         require(self.progress in PROGRESS_MODES, prefix + "progress", self.progress, "one of " + ", ".join(PROGRESS_MODES))
         require(self.progress_every_s > 0, prefix + "progress_every_s", self.progress_every_s, "> 0 (seconds)")
-        require(self.sched.warmup_epochs <= self.epochs, prefix + "sched.warmup_epochs", self.sched.warmup_epochs,
-                f"<= epochs ({self.epochs}): the warm-up must end within the run")
+        require(
+            self.sched.warmup_epochs <= self.epochs,
+            prefix + "sched.warmup_epochs",
+            self.sched.warmup_epochs,
+            f"<= epochs ({self.epochs}): the warm-up must end within the run",
+        )
         require(0 <= self.label_smoothing < 1, prefix + "label_smoothing", self.label_smoothing, "in [0, 1)")
         require(self.grad_clip is None or self.grad_clip > 0, prefix + "grad_clip", self.grad_clip, "> 0 or null (off)")
-        require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, prefix + "max_steps_per_epoch",
-                self.max_steps_per_epoch, ">= 1 or null (whole epochs)")
+        require(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            prefix + "max_steps_per_epoch",
+            self.max_steps_per_epoch,
+            ">= 1 or null (whole epochs)",
+        )
 
 
 T = TypeVar("T")

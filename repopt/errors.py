@@ -37,11 +37,12 @@ class Interrupted(RepOptError):
     """The run was stopped by a signal after writing ``last.pt``; resume with ``resume=true``."""
 
 
-
 class DiskFullError(RepOptError):
     """No space was left while writing a file; the previous version of the file is intact."""
 
     def __init__(self, path):
         self.path = path
-        super().__init__(f"no space left on the device while writing {path}; the previous {path.name} (if any) is "
-                         f"intact. Free some space and run the same command with resume=true")
+        super().__init__(
+            f"no space left on the device while writing {path}; the previous {path.name} (if any) is "
+            f"intact. Free some space and run the same command with resume=true"
+        )

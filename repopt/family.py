@@ -55,8 +55,10 @@ def get_spec(name, strides=None, **overrides):
     foreign = sorted(set(given) - set(fam.overrides))
     if foreign:
         owners = [f.name for f in FAMILIES.values() if set(foreign) <= set(f.overrides)]
-        raise ConfigError(f"arch {getattr(name, 'name', name)}: {', '.join(foreign)} apply to the {' and '.join(owners) or 'no'} "
-                          f"family only; choose a {fam.name} member by name ({', '.join(fam.arch_names())})")
+        raise ConfigError(
+            f"arch {getattr(name, 'name', name)}: {', '.join(foreign)} apply to the {' and '.join(owners) or 'no'} "
+            f"family only; choose a {fam.name} member by name ({', '.join(fam.arch_names())})"
+        )
     return fam.lookup(name, strides, **given)
 
 

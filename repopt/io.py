@@ -141,7 +141,9 @@ def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_locat
     try:
         return torch.load(path if data is None else data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise error(f"{path}: refused to load: the {what} needs more than tensors and plain containers to unpickle, "
-                    f"and loading it could run code ({str(exc).splitlines()[0]})") from None
+        raise error(
+            f"{path}: refused to load: the {what} needs more than tensors and plain containers to unpickle, "
+            f"and loading it could run code ({str(exc).splitlines()[0]})"
+        ) from None
     except Exception as exc:
         raise error(f"{path}: damaged or truncated {what} ({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None

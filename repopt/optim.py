@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import OPTIMIZERS
 from .errors import ConfigError
+
 IDENTITY_SCALES = ("scale_identity.weight", "fusion_scale.weight")  # the weight-decayed 1-D scales
 
 
@@ -50,8 +51,9 @@ def default_fused(groups: list[dict], foreach: bool | None, fused: bool | None) 
 
 def sgd_options(groups: list[dict], momentum: float, nesterov: bool, foreach: bool | None, fused: bool | None) -> dict:
     """The SGD keywords both the plain and the masked SGD are built with (Nesterov needs momentum)."""
-    return dict(momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach,
-                fused=default_fused(groups, foreach, fused))
+    return dict(
+        momentum=momentum, nesterov=nesterov and momentum > 0, foreach=foreach, fused=default_fused(groups, foreach, fused)
+    )
 
 
 def closure_loss(closure):
@@ -80,9 +82,19 @@ def optimizer_kwargs(cfg) -> dict:
     """The one adapter from an ``OptimConfig`` to the builders:
     ``build_plain(model, lr, **optimizer_kwargs(cfg.optim))`` (and stage two's ``build_optimizer``).
     The learning rate stays outside: the apps scale it by the batch size first."""
-    return {"name": cfg.name, "weight_decay": cfg.weight_decay,
-            "options": StepOptions(momentum=cfg.momentum, nesterov=cfg.nesterov, betas=tuple(cfg.betas), eps=cfg.eps,
-                                   foreach=cfg.foreach, fused=cfg.fused, compiled=cfg.compile_step)}
+    return {
+        "name": cfg.name,
+        "weight_decay": cfg.weight_decay,
+        "options": StepOptions(
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            foreach=cfg.foreach,
+            fused=cfg.fused,
+            compiled=cfg.compile_step,
+        ),
+    }
 
 
 def plain_optimizer(groups: list[dict], name: str, lr: float, options: StepOptions = StepOptions()) -> torch.optim.Optimizer:
@@ -95,8 +107,9 @@ def plain_optimizer(groups: list[dict], name: str, lr: float, options: StepOptio
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def build_plain(model: nn.Module, lr: float, *, name: str = "sgd", weight_decay: float = 4e-5,
-                options: StepOptions = StepOptions()) -> torch.optim.Optimizer:
+def build_plain(
+    model: nn.Module, lr: float, *, name: str = "sgd", weight_decay: float = 4e-5, options: StepOptions = StepOptions()
+) -> torch.optim.Optimizer:
     """torch's SGD or AdamW over the official decay groups of ``model`` (stage one, and stage two
     without scales)."""
     return plain_optimizer(param_groups(model, weight_decay), name, lr, options)

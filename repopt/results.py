@@ -188,7 +188,9 @@ class JobMetrics:
     hs: Optional[StageMetrics] = None
     target: Optional[StageMetrics] = None
     quant: Optional[QuantResult] = None  # quant.json of the export step
-    quant_per_tensor: Optional[QuantResult] = None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
+    quant_per_tensor: Optional[QuantResult] = (
+        None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
+    )
     qat: Optional[dict] = None  # qat.json of the quantization-aware training step (target_train.qat; qat=true)
     channel_pruning_run: Optional[StageMetrics] = None  # the channel-pruning step's metrics.json (target/<pruning.out>/)
     hs_top1: Optional[float] = None
@@ -222,7 +224,7 @@ def to_dict(result) -> dict:
 
 def _record_type(kind) -> type | None:
     """The dataclass inside ``Optional[X]`` (or ``X`` itself), which a nested dict is read as."""
-    for arg in (get_args(kind) if get_origin(kind) is Union else (kind,)):
+    for arg in get_args(kind) if get_origin(kind) is Union else (kind,):
         if dataclasses.is_dataclass(arg):
             return arg
     return None

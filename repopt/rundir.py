@@ -31,8 +31,17 @@ LOCK_FILE = ".lock"
 SHARED_SEARCHES = "searches"  # <sweep>/searches/<hash>/: stage-one runs shared by the jobs of a sweep (not jobs)
 # Keys that may differ between the run on disk and the one requested: none of them changes what is
 # trained or written. Matched as a dotted sub-path, so "logger" covers "hs.logger.name" too.
-SETTINGS_ALLOWED = ("resume", "run_dir", "progress", "progress_every_s", "logger", "data.num_workers", "data.cache_dir", "data.download",
-                    "data.verify_checksums")
+SETTINGS_ALLOWED = (
+    "resume",
+    "run_dir",
+    "progress",
+    "progress_every_s",
+    "logger",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.download",
+    "data.verify_checksums",
+)
 
 
 class RunRefused(RepOptError):
@@ -74,8 +83,9 @@ def without_allowed(config: Mapping, allowed: Iterable[str] = SETTINGS_ALLOWED, 
     return out
 
 
-def changed_settings(saved: Mapping | None, current: Mapping | None, defaults: Mapping | None = None,
-                     allowed: Iterable[str] = SETTINGS_ALLOWED) -> list[str]:
+def changed_settings(
+    saved: Mapping | None, current: Mapping | None, defaults: Mapping | None = None, allowed: Iterable[str] = SETTINGS_ALLOWED
+) -> list[str]:
     """``key: saved -> current`` for every setting that differs, default deny.
 
     A key the saved config lacks (written before the setting existed) counts as its value in
@@ -149,8 +159,10 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunRefused(f"run directory {self.run_dir} is in use by another run (pid {holder}); wait for it to "
-                                 f"finish or choose another directory (hydra.run.dir=... / hydra.sweep.dir=...)") from None
+                raise RunRefused(
+                    f"run directory {self.run_dir} is in use by another run (pid {holder}); wait for it to "
+                    f"finish or choose another directory (hydra.run.dir=... / hydra.sweep.dir=...)"
+                ) from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -204,8 +216,9 @@ def holds_work(run_dir: Path) -> bool:
     return isinstance(recorded, dict) and recorded.get("status") == "completed"
 
 
-def check_same_work(run_dir: Path, current: Mapping, defaults: Mapping | None = None,
-                    allowed: Iterable[str] = SETTINGS_ALLOWED) -> None:
+def check_same_work(
+    run_dir: Path, current: Mapping, defaults: Mapping | None = None, allowed: Iterable[str] = SETTINGS_ALLOWED
+) -> None:
     """Refuse a run whose settings differ from those of the work already in ``run_dir``."""
     recorded = read_json(Path(run_dir) / "metrics.json")
     saved = recorded.get("config") if isinstance(recorded, dict) else None
@@ -213,6 +226,8 @@ def check_same_work(run_dir: Path, current: Mapping, defaults: Mapping | None = 
         return
     changed = changed_settings(saved, current, defaults, allowed)
     if changed:
-        raise RunRefused(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); run it with the settings "
-                         f"that wrote it, or choose a new directory (hydra.run.dir=... / hydra.sweep.dir=...) for the "
-                         f"new ones. Nothing was changed")
+        raise RunRefused(
+            f"{run_dir} holds a run with other settings ({'; '.join(changed)}); run it with the settings "
+            f"that wrote it, or choose a new directory (hydra.run.dir=... / hydra.sweep.dir=...) for the "
+            f"new ones. Nothing was changed"
+        )

@@ -86,8 +86,10 @@ def official_scales_path(name: str, arch=None) -> Path:
     file = by_name.get(name.lower())
     if file is None:
         released = ", ".join(f"official:{n}" for n in official_names())
-        raise ScalesError(f"no official scales for {name!r}; the released files are {released} "
-                          f"(plain `official` takes the one of the chosen arch)")
+        raise ScalesError(
+            f"no official scales for {name!r}; the released files are {released} "
+            f"(plain `official` takes the one of the chosen arch)"
+        )
     return Path(str(resources.files("repopt") / "official_scales" / file))
 
 
@@ -108,7 +110,7 @@ def resolve_scales_path(source: str | Path, arch=None) -> Path:
     if text == OFFICIAL_PREFIX.rstrip(":") and arch is not None:
         return official_scales_path("", arch)
     if text.startswith(OFFICIAL_PREFIX):
-        return official_scales_path(text[len(OFFICIAL_PREFIX):])
+        return official_scales_path(text[len(OFFICIAL_PREFIX) :])
     path = Path(text).expanduser()
     if path.is_dir():
         candidate = path / SCALES_FILENAME
@@ -120,8 +122,10 @@ def resolve_scales_path(source: str | Path, arch=None) -> Path:
             f"or at a scales file"
         )
     if not path.exists():
-        raise ScalesError(f"scales file {path} does not exist: give a scales file, a stage-one run directory or "
-                          f"official:{'|'.join(official_names())}")
+        raise ScalesError(
+            f"scales file {path} does not exist: give a scales file, a stage-one run directory or "
+            f"official:{'|'.join(official_names())}"
+        )
     return path
 
 
@@ -145,8 +149,10 @@ def save_scales(path, scales: Mapping[str, torch.Tensor], metadata: Mapping[str,
     tensors = {}
     for key, value in scales.items():
         if not _is_scale_key(key) or key.startswith("module."):
-            raise ScalesError(f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight' (vgg) "
-                              f"or 'blocks.6.0.ghost1.fusion_scale.weight' (ghostnet)")
+            raise ScalesError(
+                f"cannot save {key!r} as a scale: keys must look like 'stage2.3.scale_identity.weight' (vgg) "
+                f"or 'blocks.6.0.ghost1.fusion_scale.weight' (ghostnet)"
+            )
         tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
     # no timestamp: the same scales and provenance give the same bytes, so a re-export (a resumed stage
     # one) keeps the sha256 that stage two and the manifests recorded
@@ -163,9 +169,9 @@ def canonical_safetensors(data: bytes) -> bytes:
     """The same safetensors file with its JSON header's keys sorted: safetensors writes them in hash-map
     order, which changes from process to process, and the same scales must give the same bytes."""
     size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to a multiple of 8 with spaces
-    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]
 
 
 def read_metadata(path) -> dict[str, object]:
@@ -187,7 +193,7 @@ def _safetensors_metadata(data: bytes, path: Path) -> dict[str, object]:
     """The ``__metadata__`` of a safetensors header (its first 8 bytes give the header's length)."""
     try:
         size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
         raw = header.get("__metadata__") or {}
         if not isinstance(raw, dict):
             raise ValueError("__metadata__ is not a mapping")
@@ -306,10 +312,16 @@ class _TensorRef(_Record):
         if self.storage.big_endian and itemsize > 1:
             flat = flat.view(-1, itemsize).flip(1).reshape(-1)
         elements = flat.view(self.dtype)
-        if (len(self.size) != len(self.stride) or self.offset < 0 or min(self.size + self.stride, default=0) < 0
-                or (all(self.size) and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) >= elements.numel())):
-            raise ValueError(f"size {self.size}, stride {self.stride} and offset {self.offset} do not fit a storage "
-                             f"of {elements.numel()} elements")
+        if (
+            len(self.size) != len(self.stride)
+            or self.offset < 0
+            or min(self.size + self.stride, default=0) < 0
+            or (all(self.size) and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) >= elements.numel())
+        ):
+            raise ValueError(
+                f"size {self.size}, stride {self.stride} and offset {self.offset} do not fit a storage "
+                f"of {elements.numel()} elements"
+            )
         return torch.as_strided(elements, self.size, self.stride, self.offset).clone()
 
 
@@ -328,8 +340,13 @@ class _TypedStorage(_Record):
 
 def _tensor_ref(storage, offset, size, stride, dtype) -> _TensorRef:
     """A checked ``_TensorRef``: the pickle could hold anything in these places."""
-    if not (isinstance(storage, _TypedStorage) and type(offset) is int and _int_tuple(size) and _int_tuple(stride)
-            and isinstance(dtype, torch.dtype)):
+    if not (
+        isinstance(storage, _TypedStorage)
+        and type(offset) is int
+        and _int_tuple(size)
+        and _int_tuple(stride)
+        and isinstance(dtype, torch.dtype)
+    ):
         raise pickle.UnpicklingError("malformed tensor record")
     return _TensorRef(storage.storage, offset, tuple(size), tuple(stride), dtype)
 
@@ -368,21 +385,40 @@ def _encode(text, encoding="utf-8", errors="strict"):
 
 
 _CALLABLES = {
-    "collections.OrderedDict": OrderedDict, "builtins.set": set, "builtins.frozenset": frozenset,
-    "builtins.complex": complex, "_codecs.encode": _encode, "copyreg._reconstructor": _reconstructor,
-    "torch.Size": torch.Size, "torch.device": torch.device,
-    "torch._utils._rebuild_tensor": _rebuild_tensor, "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
-    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3, "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.complex": complex,
+    "_codecs.encode": _encode,
+    "copyreg._reconstructor": _reconstructor,
+    "torch.Size": torch.Size,
+    "torch.device": torch.device,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
 }
 _DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-_STORAGE_DTYPES = {f"torch.{name}": dtype for name, dtype in {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "ComplexDoubleStorage": torch.complex128, "ComplexFloatStorage": torch.complex64, "UntypedStorage": torch.uint8,
-    "storage.UntypedStorage": torch.uint8,  # how _rebuild_tensor_v3's bytes are named
-}.items()}
+_STORAGE_DTYPES = {
+    f"torch.{name}": dtype
+    for name, dtype in {
+        "DoubleStorage": torch.float64,
+        "FloatStorage": torch.float32,
+        "HalfStorage": torch.float16,
+        "BFloat16Storage": torch.bfloat16,
+        "LongStorage": torch.int64,
+        "IntStorage": torch.int32,
+        "ShortStorage": torch.int16,
+        "CharStorage": torch.int8,
+        "ByteStorage": torch.uint8,
+        "BoolStorage": torch.bool,
+        "ComplexDoubleStorage": torch.complex128,
+        "ComplexFloatStorage": torch.complex64,
+        "UntypedStorage": torch.uint8,
+        "storage.UntypedStorage": torch.uint8,  # how _rebuild_tensor_v3's bytes are named
+    }.items()
+}
 _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # the Python 2 names protocols 0-2 write
 
 
@@ -409,8 +445,15 @@ class _InertUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         """torch's ``('storage', kind, key, location, numel)``: the record, not read yet."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageKind)
-                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageKind)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
         return _TypedStorage(self._storage(pid[2], pid[1].dtype, pid[4]), pid[1].dtype)
 
@@ -437,10 +480,13 @@ def _read_torch_zip(data: bytes, path: Path):
             f"{path}: refused to load: unpickling it would call {exc.name}, and a call could run code (nothing was "
             f"run; only tensors, plain containers and inert stand-ins for other classes, such as a yacs config, are "
             f"read). Fix: if you trust the file, save its state dict alone, "
-            f"torch.save(torch.load(file, weights_only=False)['model'], 'scales.pth'), and give that file") from None
+            f"torch.save(torch.load(file, weights_only=False)['model'], 'scales.pth'), and give that file"
+        ) from None
     except Exception as exc:  # zipfile, pickle and the records raise many kinds on damaged input
-        raise ScalesError(f"{path}: damaged or truncated torch file ({type(exc).__name__}: {str(exc)[:200]}); "
-                          f"copy it again from the run that wrote it, or re-export the scales") from None
+        raise ScalesError(
+            f"{path}: damaged or truncated torch file ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"copy it again from the run that wrote it, or re-export the scales"
+        ) from None
 
 
 def _describe(value) -> str:
@@ -457,17 +503,22 @@ def _select(obj, path: Path, scales_from: str) -> dict:
     other = SCALES_FROM[1 - SCALES_FROM.index(scales_from)]
     if not any(key in obj for key in SCALES_FROM):
         if scales_from != "model":
-            raise ScalesError(f"{path}: holds one set of scales, not an HS checkpoint with an {scales_from!r} state "
-                              f"dict (scales_from={scales_from} picks a checkpoint's EMA). Fix: pass scales_from=model")
+            raise ScalesError(
+                f"{path}: holds one set of scales, not an HS checkpoint with an {scales_from!r} state "
+                f"dict (scales_from={scales_from} picks a checkpoint's EMA). Fix: pass scales_from=model"
+            )
         return obj
     if scales_from not in obj:
         keys = ", ".join(map(str, list(obj)[:12]))
-        raise ScalesError(f"{path}: an HS checkpoint without an {scales_from!r} state dict (keys found: {keys}). "
-                          f"Fix: pass scales_from={other}")
+        raise ScalesError(
+            f"{path}: an HS checkpoint without an {scales_from!r} state dict (keys found: {keys}). Fix: pass scales_from={other}"
+        )
     chosen = obj[scales_from]
     if not isinstance(chosen, dict):
-        raise ScalesError(f"{path}: the checkpoint's {scales_from!r} is {_describe(chosen)}, not a state dict. Fix: "
-                          f"save model.state_dict() under {scales_from!r}" + (f", or pass scales_from={other}" if other in obj else ""))
+        raise ScalesError(
+            f"{path}: the checkpoint's {scales_from!r} is {_describe(chosen)}, not a state dict. Fix: "
+            f"save model.state_dict() under {scales_from!r}" + (f", or pass scales_from={other}" if other in obj else "")
+        )
     return chosen
 
 
@@ -483,10 +534,13 @@ def _parse(data: bytes, path: Path, scales_from: str = "model") -> tuple[dict, d
     if data.startswith(b"PK"):
         obj = _read_torch_zip(data, path)
     elif data[:1] == b"\x80":
-        obj = safe_torch_load(path, ScalesError, "torch file", "only dicts of tensors are accepted; re-export the scales",
-                              data=io.BytesIO(data))
+        obj = safe_torch_load(
+            path, ScalesError, "torch file", "only dicts of tensors are accepted; re-export the scales", data=io.BytesIO(data)
+        )
     else:
-        raise ScalesError(f"{path}: neither a safetensors file nor a torch file; give a scales.safetensors, an official .pth or a run directory")
+        raise ScalesError(
+            f"{path}: neither a safetensors file nor a torch file; give a scales.safetensors, an official .pth or a run directory"
+        )
     return _select(obj, path, scales_from), {}
 
 
@@ -503,11 +557,13 @@ def _extract(raw: dict, path: Path) -> dict[str, torch.Tensor]:
             try:
                 value = value.load()
             except Exception as exc:  # zipfile (CRC, compression) and torch raise many kinds on a damaged record
-                raise ScalesError(f"{path}: damaged tensor {key!r} ({exc}); copy the file again from the run that wrote it") from None
+                raise ScalesError(
+                    f"{path}: damaged tensor {key!r} ({exc}); copy the file again from the run that wrote it"
+                ) from None
         if not isinstance(value, torch.Tensor):
             raise ScalesError(f"{path}: entry {key!r} is {_describe(value)}, not a tensor")
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         scales[key] = value
     return scales
 
@@ -518,9 +574,11 @@ def validate_scales(scales: Mapping[str, torch.Tensor], arch, source: str = "sca
     expected = arch.scale_shapes()
     found, wanted = _key_family(scales), family_of(arch).name
     if found is not None and found != wanted:
-        raise ScalesError(f"{source} holds {found} scales, but arch {arch.name} is a {wanted} architecture. "
-                          f"Fix: give a scales file searched for a {wanted} model (or choose family={found} and "
-                          f"a {found} arch)")
+        raise ScalesError(
+            f"{source} holds {found} scales, but arch {arch.name} is a {wanted} architecture. "
+            f"Fix: give a scales file searched for a {wanted} model (or choose family={found} and "
+            f"a {found} arch)"
+        )
     missing = [k for k in expected if k not in scales]
     unexpected = [k for k in scales if k not in expected]
     fix = (
@@ -532,7 +590,9 @@ def validate_scales(scales: Mapping[str, torch.Tensor], arch, source: str = "sca
         if missing:
             parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+            parts.append(
+                f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+            )
         raise ScalesError(f"{source} does not fit arch {arch.name}: {'; '.join(parts)}. Fix: {fix}")
     for key, shape in expected.items():
         value = scales[key]
@@ -541,7 +601,9 @@ def validate_scales(scales: Mapping[str, torch.Tensor], arch, source: str = "sca
         if not value.is_floating_point():
             raise ScalesError(f"{source}: {key} has dtype {value.dtype}; scales must be floating point")
         if not torch.isfinite(value).all():
-            raise ScalesError(f"{source}: {key} holds non-finite values (NaN or inf); the search that wrote it diverged — re-run it")
+            raise ScalesError(
+                f"{source}: {key} holds non-finite values (NaN or inf); the search that wrote it diverged — re-run it"
+            )
 
 
 def read_scales(source, arch, scales_from: str = "model") -> ScalesFile:
@@ -570,8 +632,9 @@ def load_scales(source, arch, scales_from: str = "model") -> dict[str, torch.Ten
     return read_scales(source, arch, scales_from).tensors
 
 
-def random_scales(arch, seed: int | torch.Generator = 0, *, low: float = 0.2, high: float = 1.5,
-                  signed: bool = True) -> dict[str, torch.Tensor]:
+def random_scales(
+    arch, seed: int | torch.Generator = 0, *, low: float = 0.2, high: float = 1.5, signed: bool = True
+) -> dict[str, torch.Tensor]:
     """Scales for ``arch`` with |s| uniform in [low, high] and, with ``signed``, a random sign per channel.
 
     The equivalence checks, the benchmark and the tests draw their scales here: signed scales
@@ -585,4 +648,3 @@ def random_scales(arch, seed: int | torch.Generator = 0, *, low: float = 0.2, hi
         sign = torch.where(torch.rand(channels, generator=gen) < 0.5, -1.0, 1.0).double() if signed else 1.0
         scales[key] = (magnitude * sign).float()
     return scales
-

@@ -32,8 +32,14 @@ def start(cfg: TrainConfig):
     runtime = resolve_runtime(cfg)
     seed_everything(cfg.seed)
     data = build_data(cfg.data, runtime.device, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
-    log.info("data %s: %d train / %d test images, %d classes; device %s", data.name, data.train.num_samples,
-             data.test.num_samples, data.num_classes, runtime.describe())
+    log.info(
+        "data %s: %d train / %d test images, %d classes; device %s",
+        data.name,
+        data.train.num_samples,
+        data.test.num_samples,
+        data.num_classes,
+        runtime.describe(),
+    )
     return runtime, data
 
 
@@ -50,14 +56,27 @@ def place(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 def run_records(stage: str, arch, data, mode: str) -> tuple[dict, dict]:
     """What both stages record about a run: in ``last.pt`` (checked on resume) and in ``metrics.json``."""
-    checkpoint = {"stage": stage, "arch": arch.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
-                  "mode": mode}
-    metrics = {"stage": stage, "family": family_of(arch).name, "arch": arch.name, "arch_spec": arch.to_dict(), "depth": arch.depth, "dataset": data.name}
+    checkpoint = {
+        "stage": stage,
+        "arch": arch.to_dict(),
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "mode": mode,
+    }
+    metrics = {
+        "stage": stage,
+        "family": family_of(arch).name,
+        "arch": arch.name,
+        "arch_spec": arch.to_dict(),
+        "depth": arch.depth,
+        "dataset": data.name,
+    }
     return checkpoint, metrics
 
 
-def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float,
-                 **kwargs) -> Trainer:
+def make_trainer(
+    cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, optimizer, run_dir: Path, base_lr: float, **kwargs
+) -> Trainer:
     """Scheduler + trainer; with ``resume=true``, or in a job its scheduler started again (a requeued
     SLURM job, repopt/scheduler.py), the run continues from ``run_dir/last.pt``."""
     scheduler = build_scheduler(optimizer, cfg.sched, steps_per_epoch(cfg, data), cfg.epochs, base_lr)
@@ -67,11 +86,15 @@ def make_trainer(cfg: TrainConfig, runtime: Runtime, data, model: nn.Module, opt
     restarted = not cfg.resume and restarted_by_scheduler()
     if cfg.resume or restarted:
         if restarted:
-            log.info("restarted by the scheduler (SLURM_RESTART_COUNT=%s): continuing this run as with resume=true",
-                     os.environ.get("SLURM_RESTART_COUNT"))
+            log.info(
+                "restarted by the scheduler (SLURM_RESTART_COUNT=%s): continuing this run as with resume=true",
+                os.environ.get("SLURM_RESTART_COUNT"),
+            )
         if not trainer.restore():
             log.info("resume=true but %s has no last.pt yet: starting from scratch", run_dir)
     elif trainer.last_path.exists():
-        raise ConfigError(f"{run_dir} already holds last.pt from an earlier run; pass resume=true to continue it, "
-                          f"or choose a new run directory (nothing was overwritten)")
+        raise ConfigError(
+            f"{run_dir} already holds last.pt from an earlier run; pass resume=true to continue it, "
+            f"or choose a new run directory (nothing was overwritten)"
+        )
     return trainer

@@ -136,8 +136,9 @@ def summarize(outcomes: list[JobOutcome]) -> tuple[str, int]:
     verb = "failed or were interrupted" if interrupted and failed else ("were interrupted" if interrupted else "failed")
     if len(bad) == 1 and verb == "were interrupted":
         verb = "was interrupted"
-    details = "; ".join(f"job {o.job}: {o.status}: {_first_line(o.error)}" if _first_line(o.error) else f"job {o.job}: {o.status}"
-                        for o in bad)
+    details = "; ".join(
+        f"job {o.job}: {o.status}: {_first_line(o.error)}" if _first_line(o.error) else f"job {o.job}: {o.status}" for o in bad
+    )
     return f"sweep: {len(bad)} of {n} {jobs} {verb} ({details})", EXIT_INTERRUPTED if interrupted else EXIT_FAILED
 
 
@@ -371,8 +372,12 @@ class SweepGuard(Callback):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         told = f"{len(workers)} worker processes told" if workers else f"jobs elsewhere see {self._marker()}"
-        log.warning("received %s: stopping the sweep; each job stops after its current step and writes last.pt "
-                    "(%s); a second signal ends it at once", name, told)
+        log.warning(
+            "received %s: stopping the sweep; each job stops after its current step and writes last.pt "
+            "(%s); a second signal ends it at once",
+            name,
+            told,
+        )
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -437,9 +442,14 @@ class SweepGuard(Callback):
 
     def _write_record(self, config: DictConfig, status: str, error: Optional[str]) -> None:
         num = OmegaConf.select(config, "hydra.job.num")
-        write_json(self._job_sweep_dir(config) / RECORDS / f"{num}.json", {
-            "job": num, "status": status, "error": error,
-            "output_dir": OmegaConf.select(config, "hydra.runtime.output_dir"),
-            "overrides": list(OmegaConf.select(config, "hydra.overrides.task") or []),
-            "pid": os.getpid(),
-        })
+        write_json(
+            self._job_sweep_dir(config) / RECORDS / f"{num}.json",
+            {
+                "job": num,
+                "status": status,
+                "error": error,
+                "output_dir": OmegaConf.select(config, "hydra.runtime.output_dir"),
+                "overrides": list(OmegaConf.select(config, "hydra.overrides.task") or []),
+                "pid": os.getpid(),
+            },
+        )

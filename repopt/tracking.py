@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 EPOCH_METRICS = ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr", "images_per_sec", "epoch_seconds")
 # final values of a result (metrics.json) sent when the run ends
 FINAL_METRICS = ("top1", "top5", "loss", "best_top1", "hs_top1", "wall_seconds", "train_seconds", "images_per_sec")
-MLFLOW_STATUS = {Status.COMPLETED: "FINISHED", Status.INTERRUPTED: "KILLED", Status.PRUNED: "KILLED"}  # every other status: FAILED
+MLFLOW_STATUS = {
+    Status.COMPLETED: "FINISHED",
+    Status.INTERRUPTED: "KILLED",
+    Status.PRUNED: "KILLED",
+}  # every other status: FAILED
 RUN_FILE = "mlflow_run.json"
 INSTALL = 'pip install -e ".[track]"'
 _MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "mlflow": ("mlflow",)}
@@ -57,8 +61,10 @@ def require_backend(name: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise ConfigError(f"logger={name} needs the {name} package, which cannot be imported ({exc}); install it "
-                              f"with {INSTALL} (or pip install {name}), or use logger=none") from None
+            raise ConfigError(
+                f"logger={name} needs the {name} package, which cannot be imported ({exc}); install it "
+                f"with {INSTALL} (or pip install {name}), or use logger=none"
+            ) from None
 
 
 def outputs_dir(run_dir: Path) -> Path:
@@ -79,7 +85,7 @@ def _sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///path`` URI (relative paths are relative to the working directory)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path).resolve()
 
 
@@ -137,7 +143,9 @@ class Tracker(Callback):
             if isinstance(result, JobMetrics) and _finite(result.wall_seconds.get("total")):
                 final["wall_seconds"] = float(result.wall_seconds["total"])
             epochs = int(getattr(result, "epochs", 0) or 0)
-            self._safely("final metrics and files", lambda: self._finish(status, final, epochs, [f for f in files if f.is_file()], error))
+            self._safely(
+                "final metrics and files", lambda: self._finish(status, final, epochs, [f for f in files if f.is_file()], error)
+            )
         self._safely("closing the run", lambda: self._close(status), force=True)
 
     def _safely(self, what: str, action: Callable[[], None], force: bool = False) -> None:
@@ -147,8 +155,14 @@ class Tracker(Callback):
             action()
         except Exception as exc:
             if not self.broken:
-                log.warning("%s: %s failed (%s: %s); metrics.json and history.csv in the run directory are unaffected, "
-                            "tracking is off for the rest of this run", type(self).__name__, what, type(exc).__name__, exc)
+                log.warning(
+                    "%s: %s failed (%s: %s); metrics.json and history.csv in the run directory are unaffected, "
+                    "tracking is off for the rest of this run",
+                    type(self).__name__,
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
             self.broken = True
 
     def _log_epoch(self, epoch: int, values: dict[str, float], scales: dict) -> None:
@@ -193,8 +207,17 @@ class MLflowTracker(Tracker):
 
     enabled = True
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, stage: str, config: dict, resume: bool = False,
-                 scales_of: ScalesOf | None = None, parent: "MLflowTracker | None" = None, record: str = RUN_FILE):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        stage: str,
+        config: dict,
+        resume: bool = False,
+        scales_of: ScalesOf | None = None,
+        parent: "MLflowTracker | None" = None,
+        record: str = RUN_FILE,
+    ):
         super().__init__(scales_of)
         from mlflow.tracking import MlflowClient
 
@@ -210,8 +233,10 @@ class MLflowTracker(Tracker):
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(f"logger=mlflow could not open a run in {self.uri} ({type(exc).__name__}: {str(exc)[:300]}); "
-                              f"fix logger.tracking_uri or use logger=none") from None
+            raise ConfigError(
+                f"logger=mlflow could not open a run in {self.uri} ({type(exc).__name__}: {str(exc)[:300]}); "
+                f"fix logger.tracking_uri or use logger=none"
+            ) from None
         log.info("MLflow run %s (experiment %r) in %s", self.run_id, cfg.experiment, self.uri)
 
     def _experiment(self, db: Path | None) -> str:
@@ -249,7 +274,7 @@ class MLflowTracker(Tracker):
         run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
         params = [Param(k, (str(v) if v is not None else "null")[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=params[i:i + 100])
+            self.client.log_batch(run_id, params=params[i : i + 100])
         write_json(self.record, {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "run_id": run_id})
         return run_id
 
@@ -259,7 +284,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def _log_epoch(self, epoch, values, scales):
         values = dict(values)
@@ -296,8 +321,14 @@ def _pop(tracker: Tracker) -> None:
     _OPEN.remove(tracker)
 
 
-def open_tracker(cfg: LoggerConfig, run_dir: Path, stage: str, config: dict | None = None, resume: bool = False,
-                 scales_of: ScalesOf | None = None) -> Tracker:
+def open_tracker(
+    cfg: LoggerConfig,
+    run_dir: Path,
+    stage: str,
+    config: dict | None = None,
+    resume: bool = False,
+    scales_of: ScalesOf | None = None,
+) -> Tracker:
     """The tracker ``cfg`` asks for; a ``Tracker`` that does nothing for ``none`` and on ranks other than 0.
 
     An MLflow run opened while the run of a pipeline job is open, in the same store, is nested under it.
@@ -314,8 +345,9 @@ def open_tracker(cfg: LoggerConfig, run_dir: Path, stage: str, config: dict | No
     return MLflowTracker(cfg, run_dir, stage, config or {}, resume, scales_of if cfg.scales else None, parent)
 
 
-def tracked(stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), scales_of: ScalesOf | None = None,
-            attach: bool = True):
+def tracked(
+    stage: str, files: Sequence[str] = ("metrics.json", "history.csv"), scales_of: ScalesOf | None = None, attach: bool = True
+):
     """Wrap an app's ``train(cfg, run_dir) -> result`` with the tracker of ``cfg.logger``.
 
     ``files``: the run directory's files logged as artifacts when it ends (those that exist).

@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig
 
 from repopt.app import run_app
+from repopt.engine import Callback, Trainer
 from repopt.optim import optimizer_kwargs
 from repopt.results import StageMetrics
-from repopt.engine import Callback, Trainer
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from repopt.tracking import tracked
 
@@ -54,7 +54,9 @@ def build_target_run(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callb
             log.warning("model=%s trains with a plain optimizer: scales=%s is not used", cfg.model, cfg.scales)
         choice = ScalesChoice("none", None)
     else:
-        choice = resolve_scales(cfg.scales, arch, cfg.scales_transform, cfg.scales_from)  # before the data: a bad scales file fails fast
+        choice = resolve_scales(
+            cfg.scales, arch, cfg.scales_transform, cfg.scales_from
+        )  # before the data: a bad scales file fails fast
     if cfg.grad_clip and choice.scales is not None:
         log.warning("grad_clip=%s breaks the CSLA equivalence of the RepOptimizer", cfg.grad_clip)
     runtime, data = start(cfg)  # seeds the run (model init below draws from the seeded generator)
@@ -73,8 +75,19 @@ def build_target_run(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callb
         extra["scales"] = choice.scales  # provenance: the exact scales this run's masks were built from
     extra["scales_identity"] = choice.identity()  # a resume must use the same scales (by content, not path)
     metrics_extra.update(model=cfg.model, optimizer=type(optimizer).__name__, scales=choice.describe())
-    trainer = make_trainer(cfg, runtime, data, model, optimizer, run_dir, lr, checkpoint_extra=extra, callbacks=callbacks,
-                           write_best=True, metrics_extra=metrics_extra)
+    trainer = make_trainer(
+        cfg,
+        runtime,
+        data,
+        model,
+        optimizer,
+        run_dir,
+        lr,
+        checkpoint_extra=extra,
+        callbacks=callbacks,
+        write_best=True,
+        metrics_extra=metrics_extra,
+    )
     return TargetRun(trainer, model, optimizer, choice)
 
 
@@ -82,8 +95,14 @@ def build_target_run(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callb
 def train_target(cfg: TargetConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> StageMetrics:
     run = build_target_run(cfg, run_dir, callbacks)
     c = run.scales
-    log.info("run directory %s; %s with %s; scales: %s%s", run_dir, cfg.model, type(run.optimizer).__name__, c.kind,
-             f" {c.file.path} (sha256 {c.file.sha256[:12]}...)" if c.file else "")
+    log.info(
+        "run directory %s; %s with %s; scales: %s%s",
+        run_dir,
+        cfg.model,
+        type(run.optimizer).__name__,
+        c.kind,
+        f" {c.file.path} (sha256 {c.file.sha256[:12]}...)" if c.file else "",
+    )
     metrics = run.trainer.fit(finish=False)  # completed only once deploy.pt is on disk
     if run.trainer.runtime.is_main:
         deploy = {}

@@ -23,7 +23,9 @@ class TargetConfig(TrainConfig):
     SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = TrainConfig.SETTINGS_ALLOWED + ("scales",)
 
     model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | qarepvgg (vgg, QARepVGG) | rep (ghostnet baseline, RepGhostNet)
-    scales: Optional[str] = "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
+    scales: Optional[str] = (
+        "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
+    )
     scales_from: str = "model"  # an official HS checkpoint (latest.pth): the scales of its model | ema state dict
     scales_transform: str = "none"  # none | channel_mean: each layer's scales replaced by their mean over channels (ablation)
     reinit: bool = True  # re-initialize the target from the scales (false: the ablation "masks only")
@@ -35,13 +37,19 @@ class TargetConfig(TrainConfig):
         super().check(prefix)
         require(self.model in MODELS, prefix + "model", self.model, "one of " + ", ".join(MODELS))
         require(self.scales_from in SCALES_FROM, prefix + "scales_from", self.scales_from, "one of " + ", ".join(SCALES_FROM))
-        require(self.scales_transform in SCALES_TRANSFORMS, prefix + "scales_transform", self.scales_transform,
-                "one of " + ", ".join(SCALES_TRANSFORMS))
+        require(
+            self.scales_transform in SCALES_TRANSFORMS,
+            prefix + "scales_transform",
+            self.scales_transform,
+            "one of " + ", ".join(SCALES_TRANSFORMS),
+        )
         family = get_family(self.family)
         if self.model not in ("target", *family.baseline_modes):
             others = "".join(f"{prefix}model={m}, " for m in family.baselines)
-            raise ConfigError(f"{prefix}model={self.model} is not a {self.family} model; the {self.family} baseline is "
-                              f"{prefix}model={family.baseline_mode} (or {others}{prefix}model=target)")
+            raise ConfigError(
+                f"{prefix}model={self.model} is not a {self.family} model; the {self.family} baseline is "
+                f"{prefix}model={family.baseline_mode} (or {others}{prefix}model=target)"
+            )
 
 
 register_schema("target_train_schema", TargetConfig)

@@ -18,8 +18,8 @@ import torch
 
 from repopt.errors import ConfigError
 from repopt.io import atomic_path
-from repopt.numerics import rel_diff
 from repopt.modules import unwrap
+from repopt.numerics import rel_diff
 
 from .handler import fuse
 

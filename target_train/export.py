@@ -55,6 +55,7 @@ from .weight_stats import layer_stats, summarize_layers
 
 log = logging.getLogger("target_train.export")
 
+
 @dataclass
 class ExportConfig:
     run: Optional[str] = None  # the stage-two run directory (required)
@@ -104,7 +105,9 @@ def validate(cfg: ExportConfig) -> None:
     if cfg.opset < 17:
         raise ConfigError(f"opset={cfg.opset}: the export needs opset 17 or newer")
     if cfg.exporter == "dynamo" and cfg.opset < 18:
-        raise ConfigError(f"exporter=dynamo writes opset 18 or newer (got opset={cfg.opset}); use opset=18 or exporter=torchscript")
+        raise ConfigError(
+            f"exporter=dynamo writes opset 18 or newer (got opset={cfg.opset}); use opset=18 or exporter=torchscript"
+        )
     for key in ("calibration_images", "calibration_batch", "latency_runs"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1 (got {getattr(cfg, key)})")
@@ -128,8 +131,10 @@ def export_run(cfg: ExportConfig) -> QuantResult:
     data_cfg, seed = data_config(ckpt, run_dir, cfg)
     bundle = load_data(data_cfg, seed, cfg)
     if bundle.num_classes != int(ckpt["num_classes"]):
-        raise DataError(f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
-                        f"data_root={data_cfg.root} is not the data set the run was trained on")
+        raise DataError(
+            f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
+            f"data_root={data_cfg.root} is not the data set the run was trained on"
+        )
     deployed = fuse(model)
     try:
         work = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
@@ -141,11 +146,28 @@ def export_run(cfg: ExportConfig) -> QuantResult:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, model, deployed, ckpt, bundle,
-               data_cfg: DataConfig, settings: q.QuantSettings, ort) -> QuantResult:
+def _export_in(
+    work: Path,
+    cfg: ExportConfig,
+    run_dir: Path,
+    ckpt_path: Path,
+    model,
+    deployed,
+    ckpt,
+    bundle,
+    data_cfg: DataConfig,
+    settings: q.QuantSettings,
+    ort,
+) -> QuantResult:
     fp32_path, int8_path = work / "model.onnx", work / int8_name(cfg.tag)
-    log.info("exporting %s (%s, %s) to ONNX opset %d (%s exporter)", ckpt_path, ckpt["mode"], ckpt["arch"]["name"],
-             cfg.opset, cfg.exporter)
+    log.info(
+        "exporting %s (%s, %s) to ONNX opset %d (%s exporter)",
+        ckpt_path,
+        ckpt["mode"],
+        ckpt["arch"]["name"],
+        cfg.opset,
+        cfg.exporter,
+    )
     export_onnx(deployed, fp32_path, data_cfg.image_size, cfg.opset, cfg.exporter)
     fp32 = q.session(fp32_path, cfg.threads)
 
@@ -157,17 +179,25 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
         fused_diff = rel_diff(deployed(x_check), reference)
     onnx_diff = rel_diff(q.run_session(fp32, x_check), reference)
     if not onnx_diff <= MAX_REL_DIFF:
-        raise OnnxMismatchError(f"ONNX Runtime's FP32 logits differ from PyTorch's by {onnx_diff:.2e} (max relative; "
-                                f"bound {MAX_REL_DIFF:.0e}); nothing was written. Try exporter=torchscript opset=17")
+        raise OnnxMismatchError(
+            f"ONNX Runtime's FP32 logits differ from PyTorch's by {onnx_diff:.2e} (max relative; "
+            f"bound {MAX_REL_DIFF:.0e}); nothing was written. Try exporter=torchscript opset=17"
+        )
     log.info("ONNX FP32 vs PyTorch: max rel diff %.2e (fold alone %.2e)", onnx_diff, fused_diff)
     fp32_record = {"bytes": fp32_path.stat().st_size, "sha256": sha256_file(fp32_path)}
     keep_fp32 = _place_fp32(run_dir / "model.onnx", fp32_record["sha256"], cfg.tag)  # refuses before calibrating
 
-    log.info("calibrating on %d training images (evaluation transform), %s activations / %s weights, per_channel=%s, "
-             "reduce_range=%s", min(cfg.calibration_images, bundle.train.num_samples), settings.activation_type,
-             settings.weight_type, settings.per_channel, settings.reduce_range)
-    calibrated = q.quantize(fp32_path, int8_path, calibration_batches(bundle, cfg.calibration_images, cfg.calibration_batch),
-                            settings, work)
+    log.info(
+        "calibrating on %d training images (evaluation transform), %s activations / %s weights, per_channel=%s, reduce_range=%s",
+        min(cfg.calibration_images, bundle.train.num_samples),
+        settings.activation_type,
+        settings.weight_type,
+        settings.per_channel,
+        settings.reduce_range,
+    )
+    calibrated = q.quantize(
+        fp32_path, int8_path, calibration_batches(bundle, cfg.calibration_images, cfg.calibration_batch), settings, work
+    )
     int8 = q.session(int8_path, cfg.threads)
     nodes = node_types(int8_path)
     if not nodes.get("QuantizeLinear") or not nodes.get("DequantizeLinear"):
@@ -175,8 +205,10 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
 
     log.info("evaluating FP32 and INT8 on %d test images", bundle.test.num_samples)
     acc = q.evaluate({"fp32": fp32, "int8": int8}, bundle.test.epoch(0), bundle.num_classes)
-    latency = {name: q.latency_table(sess, x_check, cfg.latency_runs, cfg.latency_warmup)
-               for name, sess in (("fp32", fp32), ("int8", int8))}
+    latency = {
+        name: q.latency_table(sess, x_check, cfg.latency_runs, cfg.latency_warmup)
+        for name, sess in (("fp32", fp32), ("int8", int8))
+    }
     layers = layer_stats(deployed)
     import onnx
 
@@ -206,8 +238,12 @@ def _export_in(work: Path, cfg: ExportConfig, run_dir: Path, ckpt_path: Path, mo
         layer_summary=summarize_layers(layers),
         opset=onnx_opset(fp32_path),
         exporter=cfg.exporter,
-        quantization={**settings.to_dict(), "calibration_batch": cfg.calibration_batch,
-                      "calibration_split": "train (evaluation transform, evenly spaced)", "preprocessed": True},
+        quantization={
+            **settings.to_dict(),
+            "calibration_batch": cfg.calibration_batch,
+            "calibration_split": "train (evaluation transform, evenly spaced)",
+            "preprocessed": True,
+        },
         int8_node_types=nodes,
         files={
             "model.onnx": fp32_record,
@@ -239,26 +275,28 @@ def _place_fp32(path: Path, sha256: str, tag: str) -> bool:
     if sha256_file(path) == sha256:
         return True
     if tag:
-        raise ConfigError(f"tag={tag}: {path} differs from this export's FP32 model (other checkpoint, opset or "
-                          f"exporter); the tagged files share model.onnx with quant.json, so use the settings that "
-                          f"wrote it, or export untagged. Nothing was written")
+        raise ConfigError(
+            f"tag={tag}: {path} differs from this export's FP32 model (other checkpoint, opset or "
+            f"exporter); the tagged files share model.onnx with quant.json, so use the settings that "
+            f"wrote it, or export untagged. Nothing was written"
+        )
     return False
 
 
 def format_table(r: QuantResult) -> str:
     lat = r.latency_ms_per_image
     lines = [
-        (f"{r.model} {r.arch['name']} on {r.dataset}: {r.eval_images} test images, "
-         f"{r.calibration_images} calibration images"),
+        (f"{r.model} {r.arch['name']} on {r.dataset}: {r.eval_images} test images, {r.calibration_images} calibration images"),
         f"{'':<6} {'top-1':>7} {'top-5':>7} {'ms/img b1':>10} {'ms/img b32':>11}",
     ]
     for name, top1, top5 in (("fp32", r.fp32_top1, r.fp32_top5), ("int8", r.int8_top1, r.int8_top5)):
-        lines.append(f"{name:<6} {top1:>7.2f} {top5:>7.2f} "
-                     f"{lat[name]['batch1']:>10.3f} {lat[name]['batch32']:>11.3f}")
+        lines.append(f"{name:<6} {top1:>7.2f} {top5:>7.2f} {lat[name]['batch1']:>10.3f} {lat[name]['batch32']:>11.3f}")
     s = r.layer_summary
-    lines.append(f"top-1 drop {r.top1_drop:.2f} points; ONNX fp32 max rel diff {r.onnx_fp32_max_rel_diff:.1e}; "
-                 f"conv abs-max/std median {s['conv_absmax_over_std_median']:.1f}, max {s['conv_absmax_over_std_max']:.1f} "
-                 f"({s['conv_absmax_over_std_worst_layer']})")
+    lines.append(
+        f"top-1 drop {r.top1_drop:.2f} points; ONNX fp32 max rel diff {r.onnx_fp32_max_rel_diff:.1e}; "
+        f"conv abs-max/std median {s['conv_absmax_over_std_median']:.1f}, max {s['conv_absmax_over_std_max']:.1f} "
+        f"({s['conv_absmax_over_std_worst_layer']})"
+    )
     return "\n".join(lines)
 
 

@@ -42,8 +42,10 @@ def find_run(cfg) -> tuple[Path, Path]:
     """The run directory and the checkpoint file in it."""
     run_dir = Path(os.path.expanduser(cfg.run)).resolve()
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; pass run=<the stage-two run directory> "
-                          f"(the folder with best.pt / last.pt written by python -m target_train)")
+        raise ConfigError(
+            f"run directory {run_dir} does not exist; pass run=<the stage-two run directory> "
+            f"(the folder with best.pt / last.pt written by python -m target_train)"
+        )
     best, last = run_dir / "best.pt", run_dir / "last.pt"
     if cfg.checkpoint == "best" and best.is_file():
         return run_dir, best
@@ -51,8 +53,10 @@ def find_run(cfg) -> tuple[Path, Path]:
         if cfg.checkpoint == "best":
             log.warning("%s has no best.pt: exporting last.pt", run_dir)
         return run_dir, last
-    raise CheckpointError(f"{run_dir} holds no checkpoint (no {'best.pt or ' if cfg.checkpoint == 'best' else ''}last.pt); "
-                          f"point run= at a finished stage-two run directory (python -m target_train ...)")
+    raise CheckpointError(
+        f"{run_dir} holds no checkpoint (no {'best.pt or ' if cfg.checkpoint == 'best' else ''}last.pt); "
+        f"point run= at a finished stage-two run directory (python -m target_train ...)"
+    )
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
@@ -75,9 +79,11 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"{path}: {exc}") from None
     baselines = family_of(arch).baseline_modes
     if stage not in (None, "target_train") or mode not in ("target", *baselines):
-        raise CheckpointError(f"{path}: not a stage-two checkpoint (stage={stage!r}, mode={mode!r}); "
-                              f"point run= at a run of python -m target_train "
-                              f"(model=target or {' or '.join(f'model={m}' for m in baselines)})")
+        raise CheckpointError(
+            f"{path}: not a stage-two checkpoint (stage={stage!r}, mode={mode!r}); "
+            f"point run= at a run of python -m target_train "
+            f"(model=target or {' or '.join(f'model={m}' for m in baselines)})"
+        )
     try:
         model = build_model(arch, int(ckpt["num_classes"]), mode)
         model.load_state_dict(ckpt["model"])
@@ -129,14 +135,30 @@ def calibration_batches(bundle, n: int, batch: int) -> Iterator[torch.Tensor]:
     n = min(n, total)
     idx = (torch.arange(n, dtype=torch.int64) * total) // n  # evenly spaced: every class of a folder tree
     if isinstance(train, TensorBatches):
-        stream = TensorBatches(train.images.index_select(0, idx), train.labels.index_select(0, idx), torch.device("cpu"),
-                               batch_size=batch, mean=bundle.mean, std=bundle.std, augment=False, drop_last=False,
-                               out_size=test.out_size)
+        stream = TensorBatches(
+            train.images.index_select(0, idx),
+            train.labels.index_select(0, idx),
+            torch.device("cpu"),
+            batch_size=batch,
+            mean=bundle.mean,
+            std=bundle.std,
+            augment=False,
+            drop_last=False,
+            out_size=test.out_size,
+        )
     elif isinstance(train, LoaderBatches) and isinstance(test, LoaderBatches):
         base = train.loader.dataset.base
-        stream = LoaderBatches(Subset(base, idx.tolist()), test.loader.dataset.transform, torch.device("cpu"),
-                               batch_size=batch, mean=bundle.mean, std=bundle.std, train=False, drop_last=False,
-                               num_workers=0)
+        stream = LoaderBatches(
+            Subset(base, idx.tolist()),
+            test.loader.dataset.transform,
+            torch.device("cpu"),
+            batch_size=batch,
+            mean=bundle.mean,
+            std=bundle.std,
+            train=False,
+            drop_last=False,
+            num_workers=0,
+        )
     else:  # pragma: no cover - a new loader type
         raise ConfigError(f"cannot draw un-augmented training images from a {type(train).__name__}")
     for x, _ in stream.epoch(0):

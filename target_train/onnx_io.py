@@ -33,17 +33,36 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, opset: int,
                 kwargs["dynamo"] = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-                torch.onnx.export(model, (x,), str(path), opset_version=opset, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], do_constant_folding=True, export_params=True,
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(path),
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    do_constant_folding=True,
+                    export_params=True,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    **kwargs,
+                )
         else:
             batch = torch.export.Dim("batch", min=1, max=65536)
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                        output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
             program.save(str(path), external_data=False)
     except Exception as exc:  # the exporters raise many types; name the setting to change
-        raise ExportError(f"torch.onnx.export (exporter={exporter}, opset={opset}) failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300] if str(exc) else ''}; try opset=17 exporter=torchscript") from None
+        raise ExportError(
+            f"torch.onnx.export (exporter={exporter}, opset={opset}) failed: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}; try opset=17 exporter=torchscript"
+        ) from None
     import onnx
 
     onnx.checker.check_model(str(path))

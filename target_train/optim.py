@@ -107,6 +107,7 @@ def compiled_step_unavailable(params: Iterable[torch.Tensor], dampening: float =
         return "TorchDynamo is disabled (TORCHDYNAMO_DISABLE)"
     if "cuda" in devices:
         from torch.utils._triton import has_triton
+
         if not has_triton():
             return "Triton is not installed (inductor's CUDA kernels need it)"
     if "cpu" in devices:
@@ -124,13 +125,13 @@ def compiled_step_unavailable(params: Iterable[torch.Tensor], dampening: float =
 def _flat_params(params) -> tuple[list, list[torch.Tensor]]:
     """``params`` as torch.optim accepts them (tensors, (name, tensor) pairs or group dicts), materialized,
     and every tensor in it."""
+
     def tensors(entries):
         return [e[1] if isinstance(e, tuple) else e for e in entries]
 
     params = list(params)
     if params and isinstance(params[0], dict):
-        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
-                  for g in params]
+        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])} for g in params]
         return groups, [p for g in groups for p in tensors(g["params"])]
     return params, tensors(params)
 
@@ -155,9 +156,21 @@ class RepOptSGD(torch.optim.SGD):
     failed compilation raises. False: always the eager step.
     """
 
-    def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, compiled: bool | None = None):
+    def __init__(
+        self,
+        params,
+        grad_masks: Mapping[nn.Parameter, torch.Tensor],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        compiled: bool | None = None,
+    ):
         params, flat = _flat_params(params)
         chosen = foreach is not None or fused is not None
         if not chosen:
@@ -174,11 +187,22 @@ class RepOptSGD(torch.optim.SGD):
         else:
             why = compiled_step_unavailable(flat, dampening) or ""
             if why and compiled:
-                raise ConfigError(f"RepOptSGD(compiled=True) (optim.compile_step=true): the compiled step is not "
-                                  f"available: {why}; compile_step=null falls back to the eager step instead")
+                raise ConfigError(
+                    f"RepOptSGD(compiled=True) (optim.compile_step=true): the compiled step is not "
+                    f"available: {why}; compile_step=null falls back to the eager step instead"
+                )
             use, unavailable = not why, bool(why)
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                         nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
         self.grad_masks = _check_masks(self, grad_masks)
         self._scalars: dict[tuple, torch.Tensor] = {}
         self.compiled = False  # which step runs now: the compiled one, or the eager one for ``eager_reason``
@@ -186,8 +210,12 @@ class RepOptSGD(torch.optim.SGD):
         if use:
             self._use_compiled()
         elif unavailable:
-            log.warning("RepOptSGD: the compiled single-pass step is not available (%s); using the eager step "
-                        "(mask pass + torch's %s SGD)", why, self._eager_kind())
+            log.warning(
+                "RepOptSGD: the compiled single-pass step is not available (%s); using the eager step "
+                "(mask pass + torch's %s SGD)",
+                why,
+                self._eager_kind(),
+            )
         else:
             log.debug("RepOptSGD: eager step (%s; torch's %s SGD after the mask pass)", why, self._eager_kind())
 
@@ -200,14 +228,20 @@ class RepOptSGD(torch.optim.SGD):
         # the kernel does not take GradScaler's scale / found_inf: GradScaler then unscales the
         # gradients and skips inf/nan steps itself before step(), as for any unfused optimizer
         self._step_supports_amp_scaling = False
-        log.info("RepOptSGD: compiled single-pass step (mask, decay, momentum and update in one kernel; "
-                 "the first step compiles it)")
+        log.info(
+            "RepOptSGD: compiled single-pass step (mask, decay, momentum and update in one kernel; the first step compiles it)"
+        )
 
     def _fall_back(self, exc: Exception) -> None:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         self.compiled, self.eager_reason = False, f"compilation failed ({type(exc).__name__}: {first})"
-        log.warning("RepOptSGD: compiling the single-pass step failed (%s: %s); this and every later step run the "
-                    "eager step (mask pass + torch's %s SGD)", type(exc).__name__, first, self._eager_kind())
+        log.warning(
+            "RepOptSGD: compiling the single-pass step failed (%s: %s); this and every later step run the "
+            "eager step (mask pass + torch's %s SGD)",
+            type(exc).__name__,
+            first,
+            self._eager_kind(),
+        )
         log.debug("RepOptSGD: the compilation error", exc_info=exc)
 
     def _scalar(self, name: str, index: int, value: float, like: torch.Tensor) -> torch.Tensor:
@@ -233,8 +267,10 @@ class RepOptSGD(torch.optim.SGD):
                     created.append(p)
                 key = (p.device, p.dtype)
                 if key not in scalars:
-                    scalars[key] = (self._scalar("lr", index, group["lr"], p),
-                                    self._scalar("wd", index, group["weight_decay"], p))
+                    scalars[key] = (
+                        self._scalar("lr", index, group["lr"], p),
+                        self._scalar("wd", index, group["weight_decay"], p),
+                    )
                 params.append(p)
                 bufs.append(state.get("momentum_buffer"))
                 lrs.append(scalars[key][0])
@@ -243,8 +279,9 @@ class RepOptSGD(torch.optim.SGD):
         if not params:
             return
         try:
-            _masked_sgd_kernel()(params, [p.grad for p in params], bufs, [self.grad_masks.get(p) for p in params],
-                                 lrs, wds, options)
+            _masked_sgd_kernel()(
+                params, [p.grad for p in params], bufs, [self.grad_masks.get(p) for p in params], lrs, wds, options
+            )
         except BaseException:
             for p in created:  # nothing was written: the eager step starts these buffers as torch does
                 self.state[p].pop("momentum_buffer", None)
@@ -278,11 +315,21 @@ class RepOptSGD(torch.optim.SGD):
 class RepOptAdamW(torch.optim.AdamW):
     """AdamW whose per-weight update is multiplied elementwise by the masks (decay stays decoupled)."""
 
-    def __init__(self, params, grad_masks: Mapping[nn.Parameter, torch.Tensor], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
-                 maximize: bool = False, foreach: bool | None = None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
-                         maximize=maximize, foreach=foreach)
+    def __init__(
+        self,
+        params,
+        grad_masks: Mapping[nn.Parameter, torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ):
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize, foreach=foreach
+        )
         self.grad_masks = _check_masks(self, grad_masks)
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -326,17 +373,25 @@ class RepOptAdamW(torch.optim.AdamW):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         step_values = [float(s) for s in steps]
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2 ** t) for t in step_values])
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in step_values])
         torch._foreach_add_(denom, eps)
         masked = [(d, self.grad_masks[p]) for d, p in zip(denom, params) if p in self.grad_masks]
         if masked:  # m / (denom / M) == M * m / denom: the mask enters without another full-size buffer
             torch._foreach_div_([d for d, _ in masked], [m for _, m in masked])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1 ** t) for t in step_values])
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in step_values])
 
 
-def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, weight_decay: float = 4e-5, *,
-                    scales: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
-                    options: StepOptions = StepOptions(), **changes) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str = "sgd",
+    lr: float = 0.1,
+    weight_decay: float = 4e-5,
+    *,
+    scales: Mapping[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    options: StepOptions = StepOptions(),
+    **changes,
+) -> torch.optim.Optimizer:
     """SGD / AdamW over the official decay groups; with ``scales``, the RepOptimizer with their masks.
 
     ``build_optimizer(model, lr=lr, scales=scales, **optimizer_kwargs(cfg.optim))`` from a config;
@@ -359,15 +414,30 @@ def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, weight
     by_param = masks_by_param(model, make_grad_masks(model, scales, rule=name) if masks is None else masks)
     if name == "sgd":
         # foreach / fused as given: RepOptSGD picks its own default (the compiled step, or the fused kernel)
-        return RepOptSGD(groups, by_param, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
-                         foreach=o.foreach, fused=o.fused, compiled=o.compiled)
+        return RepOptSGD(
+            groups,
+            by_param,
+            lr=lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov and o.momentum > 0,
+            foreach=o.foreach,
+            fused=o.fused,
+            compiled=o.compiled,
+        )
     if o.compiled:
         log.warning("compiled=True (optim.compile_step=true) is ignored for %s: only RepOptSGD has a compiled step", name)
     return RepOptAdamW(groups, by_param, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=o.foreach)
 
 
-def build_repopt(model: nn.Module, scales: Mapping[str, torch.Tensor], name: str = "sgd", lr: float = 0.1,
-                 weight_decay: float = 4e-5, use_identity_scales: bool = True, **kwargs) -> torch.optim.Optimizer:
+def build_repopt(
+    model: nn.Module,
+    scales: Mapping[str, torch.Tensor],
+    name: str = "sgd",
+    lr: float = 0.1,
+    weight_decay: float = 4e-5,
+    use_identity_scales: bool = True,
+    **kwargs,
+) -> torch.optim.Optimizer:
     """One call: re-initialize ``model`` from ``scales``, build the masks and the RepOptimizer."""
     reinitialize(model, scales, use_identity_scales=use_identity_scales)
     return build_optimizer(model, name, lr, weight_decay, scales=scales, **kwargs)

@@ -38,7 +38,7 @@ _RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 _POOL = (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.mean.dim, torch.ops.aten.avg_pool2d.default)
 _SHAPE = (torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
-OBSERVER_EPS = 2 ** -12  # the smallest scale an observer reports (torchao's quantizers use the same)
+OBSERVER_EPS = 2**-12  # the smallest scale an observer reports (torchao's quantizers use the same)
 
 
 def weight_range(reduce_range: bool) -> tuple[int, int]:
@@ -62,19 +62,30 @@ def qat_specs(settings: QuantSettings):
 
     dtype, lo, hi = activation_range(settings.activation_type)
     activation = QuantizationSpec(
-        dtype=dtype, quant_min=lo, quant_max=hi, qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=OBSERVER_EPS))
+        dtype=dtype,
+        quant_min=lo,
+        quant_max=hi,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=OBSERVER_EPS),
+    )
     wlo, whi = weight_range(settings.reduce_range)
     if settings.per_channel:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=wlo, quant_max=whi, qscheme=torch.per_channel_symmetric, ch_axis=0,
-            observer_or_fake_quant_ctr=FakeQuantize.with_args(
-                observer=MovingAveragePerChannelMinMaxObserver, eps=OBSERVER_EPS))
+            dtype=torch.int8,
+            quant_min=wlo,
+            quant_max=whi,
+            qscheme=torch.per_channel_symmetric,
+            ch_axis=0,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, eps=OBSERVER_EPS),
+        )
     else:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=wlo, quant_max=whi, qscheme=torch.per_tensor_symmetric,
-            observer_or_fake_quant_ctr=FakeQuantize.with_args(
-                observer=MovingAverageMinMaxObserver, eps=OBSERVER_EPS))
+            dtype=torch.int8,
+            quant_min=wlo,
+            quant_max=whi,
+            qscheme=torch.per_tensor_symmetric,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=OBSERVER_EPS),
+        )
     return activation, weight
 
 
@@ -99,13 +110,20 @@ def make_quantizer(settings: QuantSettings):
     bias_scheme = torch.per_channel_symmetric if settings.per_channel else torch.per_tensor_symmetric
 
     def bias_spec(node: Node) -> DerivedQuantizationSpec:
-        return DerivedQuantizationSpec(derived_from=[(node.args[0], node), (node.args[1], node)],
-                                       derive_qparams_fn=bias_qparams, dtype=torch.int32, quant_min=-2 ** 31,
-                                       quant_max=2 ** 31 - 1, qscheme=bias_scheme, ch_axis=0)
+        return DerivedQuantizationSpec(
+            derived_from=[(node.args[0], node), (node.args[1], node)],
+            derive_qparams_fn=bias_qparams,
+            dtype=torch.int32,
+            quant_min=-(2**31),
+            quant_max=2**31 - 1,
+            qscheme=bias_scheme,
+            ch_axis=0,
+        )
 
     def annotate(node: Node, inputs: dict, output) -> None:
-        node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output,
-                                                                      _annotated=True)
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map=inputs, output_qspec=output, _annotated=True
+        )
 
     def is_annotated(node: Node) -> bool:
         a = node.meta.get("quantization_annotation")

@@ -128,8 +128,9 @@ def validate(cfg: QatConfig) -> None:
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1) (got {cfg.momentum})")
     if cfg.opset < 18:
-        raise ConfigError(f"opset={cfg.opset}: the QAT model is exported by torch.onnx's dynamo exporter, which writes "
-                          f"opset 18 or newer")
+        raise ConfigError(
+            f"opset={cfg.opset}: the QAT model is exported by torch.onnx's dynamo exporter, which writes opset 18 or newer"
+        )
     for key in ("calibration_images", "calibration_batch", "latency_runs"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1 (got {getattr(cfg, key)})")
@@ -167,8 +168,10 @@ def folded_masks(model: torch.nn.Module, deployed: torch.nn.Module, scales) -> d
     """
     family = family_of(unwrap(model)).name
     if family != "vgg":
-        raise ConfigError(f"masks=true carries RepOpt-VGG masks (each block a conv followed by its BN) through the "
-                          f"fold; this is a family={family} run: use masks=false")
+        raise ConfigError(
+            f"masks=true carries RepOpt-VGG masks (each block a conv followed by its BN) through the "
+            f"fold; this is a family={family} run: use masks=false"
+        )
     masks = grad_masks(model, scales, rule="sgd")
     modules = dict(model.named_modules())
     targets = dict(deployed.named_parameters())
@@ -177,8 +180,10 @@ def folded_masks(model: torch.nn.Module, deployed: torch.nn.Module, scales) -> d
         block = name.rsplit(".", 2)[0]  # "stage1.0" of "stage1.0.conv.weight"
         bn = modules.get(f"{block}.bn")
         if not isinstance(bn, torch.nn.BatchNorm2d) or name not in targets or targets[name].shape != mask.shape:
-            raise ConfigError(f"masks=true carries RepOpt-VGG masks (a conv followed by its BN) through the fold; "
-                              f"{name} has no such BN or no folded kernel of its shape; use masks=false")
+            raise ConfigError(
+                f"masks=true carries RepOpt-VGG masks (a conv followed by its BN) through the fold; "
+                f"{name} has no such BN or no folded kernel of its shape; use masks=false"
+            )
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
         t = gamma / (bn.running_var + bn.eps).sqrt()
         out[name] = (mask * t.square().view(-1, 1, 1, 1)).to(torch.float32)
@@ -205,8 +210,10 @@ def qat_run(cfg: QatConfig) -> dict:
     run_dir, ckpt_path = find_run(cfg)
     model, ckpt = load_model(ckpt_path)
     if cfg.masks and ckpt.get("scales") is None:
-        raise ConfigError(f"masks=true needs the run's scales, but {ckpt_path} records none (a model={ckpt.get('mode')} "
-                          f"or scales=none run trains without masks); use masks=false")
+        raise ConfigError(
+            f"masks=true needs the run's scales, but {ckpt_path} records none (a model={ckpt.get('mode')} "
+            f"or scales=none run trains without masks); use masks=false"
+        )
     stored = stored_config(ckpt, run_dir)
     deployed = fuse(model)
     masks = None
@@ -217,16 +224,17 @@ def qat_run(cfg: QatConfig) -> dict:
     data_cfg, seed = data_config(ckpt, run_dir, cfg)
     bundle = load_data(data_cfg, seed, cfg)
     if bundle.num_classes != int(ckpt["num_classes"]):
-        raise DataError(f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
-                        f"data_root={data_cfg.root} is not the data set the run was trained on")
+        raise DataError(
+            f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
+            f"data_root={data_cfg.root} is not the data set the run was trained on"
+        )
     try:
         work = Path(tempfile.mkdtemp(prefix=".qat-", dir=run_dir))
     except OSError as exc:
         raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); copy the run somewhere writable") from None
     try:
         torch.manual_seed(seed)
-        return _qat_in(work, cfg, run_dir, ckpt_path, ckpt, stored, deployed, masks, bundle, data_cfg, settings, ort,
-                       torchao)
+        return _qat_in(work, cfg, run_dir, ckpt_path, ckpt, stored, deployed, masks, bundle, data_cfg, settings, ort, torchao)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -242,8 +250,7 @@ def _train(prepared, cfg: QatConfig, bundle, lr: float, masks, label_smoothing: 
         if missing:
             raise ConfigError(f"masks=true: the exported model has no parameter {missing[0]!r}; use masks=false")
         # the project's masked SGD: the mask, then torch's SGD step
-        optimizer = RepOptSGD(params, {by_name[n]: m for n, m in masks.items()}, lr=lr, momentum=cfg.momentum,
-                              compiled=False)
+        optimizer = RepOptSGD(params, {by_name[n]: m for n, m in masks.items()}, lr=lr, momentum=cfg.momentum, compiled=False)
     else:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
     total = cfg.epochs * len(bundle.train)
@@ -266,19 +273,32 @@ def _train(prepared, cfg: QatConfig, bundle, lr: float, masks, label_smoothing: 
             loss_sum += float(loss.detach()) * x.shape[0]
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += int(x.shape[0])
-        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen),
-               "fake_quant_test_top1": None, "epoch_seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(1, seen),
+            "train_top1": 100.0 * correct / max(1, seen),
+            "fake_quant_test_top1": None,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
         if epoch + 1 < cfg.epochs:  # the last epoch is scored by the final evaluation
             freeze(prepared)  # scoring must not move the ranges towards the test set
-            row["fake_quant_test_top1"] = q.evaluate({"fq": TorchSession(prepared)}, bundle.test.epoch(0),
-                                                     bundle.num_classes)["fq_top1"]
+            row["fake_quant_test_top1"] = q.evaluate({"fq": TorchSession(prepared)}, bundle.test.epoch(0), bundle.num_classes)[
+                "fq_top1"
+            ]
             prepared.apply(enable_observer)
         history.append(row)
-        log.info("qat epoch %d/%d  lr %.2e  train_loss %.4f  train_top1 %.2f%s  (%.1f s)", epoch + 1, cfg.epochs,
-                 row["lr"], row["train_loss"], row["train_top1"],
-                 f"  fake-quant test_top1 {row['fake_quant_test_top1']:.2f}" if row["fake_quant_test_top1"] is not None
-                 else "", row["epoch_seconds"])
+        log.info(
+            "qat epoch %d/%d  lr %.2e  train_loss %.4f  train_top1 %.2f%s  (%.1f s)",
+            epoch + 1,
+            cfg.epochs,
+            row["lr"],
+            row["train_loss"],
+            row["train_top1"],
+            f"  fake-quant test_top1 {row['fake_quant_test_top1']:.2f}" if row["fake_quant_test_top1"] is not None else "",
+            row["epoch_seconds"],
+        )
     return step
 
 
@@ -361,15 +381,30 @@ def output_step(converted: torch.fx.GraphModule) -> float:
     out = next(n for n in converted.graph.nodes if n.op == "output").args[0]
     node = out[0] if isinstance(out, (tuple, list)) else out
     if getattr(node, "target", None) != torch.ops.quantized_decomposed.dequantize_per_tensor.default:
-        raise ExportError(f"the converted model's logits are not quantized (they come from {node}); "
-                          f"the QAT quantizer did not annotate the classifier")
+        raise ExportError(
+            f"the converted model's logits are not quantized (they come from {node}); "
+            f"the QAT quantizer did not annotate the classifier"
+        )
     scale = node.args[1]
     return float(getattr(converted, scale.target) if isinstance(scale, torch.fx.Node) else scale)
 
 
 # ---------------------------------------------------------------------------- the step
-def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, stored: dict, deployed, masks, bundle,
-            data_cfg, settings: q.QuantSettings, ort, torchao) -> dict:
+def _qat_in(
+    work: Path,
+    cfg: QatConfig,
+    run_dir: Path,
+    ckpt_path: Path,
+    ckpt,
+    stored: dict,
+    deployed,
+    masks,
+    bundle,
+    data_cfg,
+    settings: q.QuantSettings,
+    ort,
+    torchao,
+) -> dict:
     int8_path = work / "model.qat.int8.onnx"
     x_check, _ = next(iter(bundle.test.epoch(0)))
     x_check = x_check[:64]
@@ -377,10 +412,22 @@ def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, st
     # the observers start from the ranges export would calibrate on
     calibrated = calibrate(prepared, calibration_batches(bundle, cfg.calibration_images, cfg.calibration_batch))
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR_PER_256 * data_cfg.batch_size / 256
-    log.info("QAT of %s (%s, %s): %d epochs, lr %.3g (cosine to 0), momentum %g, masks=%s; %s activations / %s weights, "
-             "per_channel=%s, reduce_range=%s; observers warmed on %d images", ckpt_path, ckpt["mode"],
-             ckpt["arch"]["name"], cfg.epochs, lr, cfg.momentum, cfg.masks, settings.activation_type,
-             settings.weight_type, settings.per_channel, settings.reduce_range, calibrated)
+    log.info(
+        "QAT of %s (%s, %s): %d epochs, lr %.3g (cosine to 0), momentum %g, masks=%s; %s activations / %s weights, "
+        "per_channel=%s, reduce_range=%s; observers warmed on %d images",
+        ckpt_path,
+        ckpt["mode"],
+        ckpt["arch"]["name"],
+        cfg.epochs,
+        lr,
+        cfg.momentum,
+        cfg.masks,
+        settings.activation_type,
+        settings.weight_type,
+        settings.per_channel,
+        settings.reduce_range,
+        calibrated,
+    )
     history: list[dict] = []
     steps = _train(prepared, cfg, bundle, lr, masks, float(stored.get("label_smoothing", 0.0) or 0.0), history)
 
@@ -398,24 +445,41 @@ def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, st
     grid_steps = worst / step  # both end in the same DequantizeLinear: whole steps of the logits' grid
     floored = floored_diff(onnx_logits, converted_logits)
     if not floored <= ONNX_MAX_DIFF:
-        raise OnnxMismatchError(f"ONNX Runtime's INT8 logits differ from the converted PyTorch model's by {worst:.3g} "
-                                f"({floored:.2e} of max(max|logit|, {LOGIT_FLOOR:g}), bound {ONNX_MAX_DIFF:g}; "
-                                f"{grid_steps:.0f} steps of their int8 grid); nothing was written")
+        raise OnnxMismatchError(
+            f"ONNX Runtime's INT8 logits differ from the converted PyTorch model's by {worst:.3g} "
+            f"({floored:.2e} of max(max|logit|, {LOGIT_FLOOR:g}), bound {ONNX_MAX_DIFF:g}; "
+            f"{grid_steps:.0f} steps of their int8 grid); nothing was written"
+        )
     onnx_vs_fake_quant = rel_diff(onnx_logits, fake_quant_logits)
-    log.info("ONNX INT8 vs converted PyTorch: max rel diff %.2e, %.0f logit steps (vs the fake-quant model %.2e)",
-             onnx_vs_converted, grid_steps, onnx_vs_fake_quant)
+    log.info(
+        "ONNX INT8 vs converted PyTorch: max rel diff %.2e, %.0f logit steps (vs the fake-quant model %.2e)",
+        onnx_vs_converted,
+        grid_steps,
+        onnx_vs_fake_quant,
+    )
 
     log.info("evaluating FP32, fake-quant and INT8 on %d test images", bundle.test.num_samples)
-    acc = q.evaluate({"fp32": TorchSession(deployed), "fake_quant": TorchSession(prepared), "int8": int8},
-                     bundle.test.epoch(0), bundle.num_classes)
+    acc = q.evaluate(
+        {"fp32": TorchSession(deployed), "fake_quant": TorchSession(prepared), "int8": int8},
+        bundle.test.epoch(0),
+        bundle.num_classes,
+    )
     if history:
         history[-1]["fake_quant_test_top1"] = acc["fake_quant_top1"]
     latency = {"int8": q.latency_table(int8, x_check, cfg.latency_runs, cfg.latency_warmup)}
     history_path = work / "qat_history.csv"
     columns = ["epoch", "step", "lr", "train_loss", "train_top1", "fake_quant_test_top1", "epoch_seconds"]
-    write_text(history_path, "\n".join([",".join(columns)] + [
-        ",".join("" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in columns)
-        for row in history]) + "\n")
+    write_text(
+        history_path,
+        "\n".join(
+            [",".join(columns)]
+            + [
+                ",".join("" if row[c] is None else f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+                for row in history
+            ]
+        )
+        + "\n",
+    )
     import onnx
 
     result = {
@@ -456,15 +520,22 @@ def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, st
         "latency_runs": cfg.latency_runs,
         "opset": onnx_opset(int8_path),
         "exporter": "dynamo",
-        "quantization": {**settings.to_dict(), "calibration_method": None,
-                         "ranges": "moving-average min/max during QAT (torchao FakeQuantize), warmed on un-augmented "
-                                   "training images, frozen before conversion",
-                         "bias": "int32, scale = input scale x weight scale (float in the training forward)"},
+        "quantization": {
+            **settings.to_dict(),
+            "calibration_method": None,
+            "ranges": "moving-average min/max during QAT (torchao FakeQuantize), warmed on un-augmented "
+            "training images, frozen before conversion",
+            "bias": "int32, scale = input scale x weight scale (float in the training forward)",
+        },
         "int8_node_types": nodes,
         "history": "qat_history.csv",
         "files": {"model.qat.int8.onnx": {"bytes": int8_path.stat().st_size, "sha256": sha256_file(int8_path)}},
-        "versions": {"torch": torch.__version__, "torchao": torchao.__version__, "onnxruntime": ort.__version__,
-                     "onnx": onnx.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__,
+        },
         "cpu": cpu_name(),
         "threads": cfg.threads,
         "created": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -479,20 +550,28 @@ def _qat_in(work: Path, cfg: QatConfig, run_dir: Path, ckpt_path: Path, ckpt, st
 
 def format_table(r: dict) -> str:
     lat = r["latency_ms_per_image"]["int8"]
-    head = (f"{r['model']} {r['arch']['name']} on {r['dataset']}: QAT {r['epochs']} epochs at lr {r['lr']:.3g}, "
-            f"{r['eval_images']} test images")
-    int8 = (f"{'int8 (ORT)':<11} {r['int8_top1']:>7.2f} {r['int8_top5']:>7.2f}   "
-            f"{lat['batch1']:.3f} / {lat['batch32']:.3f} ms/img at batch 1 / 32")
-    tail = (f"top-1 drop {r['top1_drop']:.2f} points; ONNX INT8 vs converted max rel diff "
-            f"{r['onnx_int8_vs_converted_max_rel_diff']:.1e}")
-    return "\n".join([
-        head,
-        f"{'':<11} {'top-1':>7} {'top-5':>7}",
-        f"{'fp32':<11} {r['fp32_top1']:>7.2f} {r['fp32_top5']:>7.2f}",
-        f"{'fake-quant':<11} {r['fake_quant_top1']:>7.2f} {r['fake_quant_top5']:>7.2f}",
-        int8,
-        tail,
-    ])
+    head = (
+        f"{r['model']} {r['arch']['name']} on {r['dataset']}: QAT {r['epochs']} epochs at lr {r['lr']:.3g}, "
+        f"{r['eval_images']} test images"
+    )
+    int8 = (
+        f"{'int8 (ORT)':<11} {r['int8_top1']:>7.2f} {r['int8_top5']:>7.2f}   "
+        f"{lat['batch1']:.3f} / {lat['batch32']:.3f} ms/img at batch 1 / 32"
+    )
+    tail = (
+        f"top-1 drop {r['top1_drop']:.2f} points; ONNX INT8 vs converted max rel diff "
+        f"{r['onnx_int8_vs_converted_max_rel_diff']:.1e}"
+    )
+    return "\n".join(
+        [
+            head,
+            f"{'':<11} {'top-1':>7} {'top-5':>7}",
+            f"{'fp32':<11} {r['fp32_top1']:>7.2f} {r['fp32_top5']:>7.2f}",
+            f"{'fake-quant':<11} {r['fake_quant_top1']:>7.2f} {r['fake_quant_top5']:>7.2f}",
+            int8,
+            tail,
+        ]
+    )
 
 
 def run_qat_app(cfg: DictConfig) -> dict | None:

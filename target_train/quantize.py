@@ -80,9 +80,14 @@ def default_settings() -> "QuantSettings":
     return choose_settings(ACTIVATION_TYPE, REDUCE_RANGE, PER_CHANNEL, CALIBRATION_METHOD)
 
 
-def choose_settings(activation_type: str, reduce_range: Optional[bool], per_channel: bool,
-                    calibration_method: str, machine: Optional[str] = None,
-                    vnni: Optional[bool] | str = "detect") -> QuantSettings:
+def choose_settings(
+    activation_type: str,
+    reduce_range: Optional[bool],
+    per_channel: bool,
+    calibration_method: str,
+    machine: Optional[str] = None,
+    vnni: Optional[bool] | str = "detect",
+) -> QuantSettings:
     """ONNX Runtime's CPU guidance (``quantize_static`` docstring): QDQ with int8 weights;
     uint8 activations on x86-64 (``reduce_range`` where the CPU has no VNNI, to avoid int16
     saturation in the u8s8 kernels), int8 activations on ARM."""
@@ -99,9 +104,12 @@ def choose_settings(activation_type: str, reduce_range: Optional[bool], per_chan
         reasons.append(f"activations {activation_type} for {'x86-64' if x86 else machine}")
     if reduce_range is None:
         reduce_range = bool(x86 and not vnni)
-        reasons.append(f"reduce_range={str(reduce_range).lower()} "
-                       f"({'VNNI found' if vnni else 'no VNNI' if vnni is False else 'VNNI unknown'})" if x86
-                       else "reduce_range=false (not x86)")
+        reasons.append(
+            f"reduce_range={str(reduce_range).lower()} "
+            f"({'VNNI found' if vnni else 'no VNNI' if vnni is False else 'VNNI unknown'})"
+            if x86
+            else "reduce_range=false (not x86)"
+        )
     return QuantSettings(
         activation_type="QUInt8" if activation_type == "uint8" else "QInt8",
         weight_type="QInt8",
@@ -152,8 +160,7 @@ def make_reader(batches: Iterable[torch.Tensor]):
     return BatchReader()
 
 
-def quantize(fp32_path: Path, int8_path: Path, batches: Iterable[torch.Tensor], settings: QuantSettings,
-             work_dir: Path) -> int:
+def quantize(fp32_path: Path, int8_path: Path, batches: Iterable[torch.Tensor], settings: QuantSettings, work_dir: Path) -> int:
     """Pre-process (shape inference + ORT optimizations), then static QDQ quantization.
 
     Returns the number of calibration images that went through the model.
@@ -165,18 +172,22 @@ def quantize(fp32_path: Path, int8_path: Path, batches: Iterable[torch.Tensor], 
     pre = work_dir / "model.preprocessed.onnx"
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
     reader = make_reader(batches)
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[settings.calibration_method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[settings.calibration_method]
     quantize_static(
-        str(pre), str(int8_path), reader,
+        str(pre),
+        str(int8_path),
+        reader,
         quant_format=QuantFormat.QDQ,
         per_channel=settings.per_channel,
         reduce_range=settings.reduce_range,
         activation_type=getattr(QuantType, settings.activation_type),
         weight_type=getattr(QuantType, settings.weight_type),
         calibrate_method=method,
-        extra_options={"ActivationSymmetric": settings.activation_symmetric,
-                       "WeightSymmetric": settings.weight_symmetric},
+        extra_options={"ActivationSymmetric": settings.activation_symmetric, "WeightSymmetric": settings.weight_symmetric},
     )
     pre.unlink(missing_ok=True)
     return reader.count

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from repopt.vgg.arch import ArchSpec
 from repopt.errors import ScalesError
-from repopt.io import read_json
 from repopt.family import get_spec
+from repopt.io import read_json
 from repopt.scales import OFFICIAL_PREFIX, ScalesFile, official_names, read_scales
+from repopt.vgg.arch import ArchSpec
 
 
 @dataclass
@@ -38,8 +38,14 @@ class ScalesChoice:
         """The provenance recorded in the run's metrics: kind, path, sha256 and metadata of the file read,
         and the checkpoint state dict the scales came from."""
         f = self.file
-        return {"kind": self.kind, "path": str(f.path) if f else None, "sha256": f.sha256 if f else None,
-                "transform": self.transform, "scales_from": self.scales_from, "metadata": dict(f.metadata) if f else {}}
+        return {
+            "kind": self.kind,
+            "path": str(f.path) if f else None,
+            "sha256": f.sha256 if f else None,
+            "transform": self.transform,
+            "scales_from": self.scales_from,
+            "metadata": dict(f.metadata) if f else {},
+        }
 
     def identity(self) -> dict:
         """What makes two runs' scales the same: their kind and the sha256 of the file read (not its path),
@@ -104,12 +110,16 @@ def official_member(arch: ArchSpec, name: str = "") -> str:
     if name:
         match = [c for c in candidates if c.lower() == name.lower()]
         if not match:
-            raise ScalesError(f"scales=official_mean:{name}: the released {name} scales do not have the scale keys of arch "
-                              f"{arch.name} (its layers differ); members that fit: {', '.join(candidates) or 'none'}")
+            raise ScalesError(
+                f"scales=official_mean:{name}: the released {name} scales do not have the scale keys of arch "
+                f"{arch.name} (its layers differ); members that fit: {', '.join(candidates) or 'none'}"
+            )
         return match[0]
     if not candidates:
-        raise ScalesError(f"scales=official_mean: no released member has the layers of arch {arch.name} "
-                          f"(released: {', '.join(official_names())}); give scales=official_mean:<member> of the same layout")
+        raise ScalesError(
+            f"scales=official_mean: no released member has the layers of arch {arch.name} "
+            f"(released: {', '.join(official_names())}); give scales=official_mean:<member> of the same layout"
+        )
     return candidates[0]
 
 
@@ -123,6 +133,8 @@ def check_recorded_hash(file: ScalesFile) -> None:
     if recorded.get("scales_file") and Path(recorded["scales_file"]).name != file.path.name:
         return
     if recorded["scales_sha256"] != file.sha256:
-        raise ScalesError(f"{file.path}: differs from the file its stage-one run wrote (sha256 {file.sha256[:12]}..., "
-                          f"recorded {recorded['scales_sha256'][:12]}... in {file.path.parent / 'metrics.json'}); the file "
-                          f"was damaged or replaced. Re-run stage one (resume=true re-exports it) or give another scales file")
+        raise ScalesError(
+            f"{file.path}: differs from the file its stage-one run wrote (sha256 {file.sha256[:12]}..., "
+            f"recorded {recorded['scales_sha256'][:12]}... in {file.path.parent / 'metrics.json'}); the file "
+            f"was damaged or replaced. Re-run stage one (resume=true re-exports it) or give another scales file"
+        )

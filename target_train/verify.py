@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from hypersearch.model import build_hs_model
-from repopt.family import family_names, family_of, get_spec
 from repopt.engine import Runtime, TrainStep
+from repopt.family import family_names, family_of, get_spec
 from repopt.numerics import rel_diff
 from repopt.scales import random_scales
 
@@ -95,10 +95,24 @@ def paired_models(arch, num_classes: int, scales, dtype, seed: int):
     return csla, target
 
 
-def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=torch.float64, *, seed: int = 0,
-                    num_classes: int = 10, image_size: int = 16, batch_size: int = 8, lr: float | None = None,
-                    momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-3, eps: float = 1e-16,
-                    strides=(1, 2, 1, 2, 2), prune: float | None = None) -> Result:
+def run_equivalence(
+    arch="tiny",
+    optimizer: str = "sgd",
+    steps: int = 20,
+    dtype=torch.float64,
+    *,
+    seed: int = 0,
+    num_classes: int = 10,
+    image_size: int = 16,
+    batch_size: int = 8,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 1e-3,
+    eps: float = 1e-16,
+    strides=(1, 2, 1, 2, 2),
+    prune: float | None = None,
+) -> Result:
     """Train the CSLA/target pair for ``steps`` steps and report the relative differences.
 
     Any family: ``arch`` names a VGG or a GhostNet member (GhostNet's classifier dropout is
@@ -143,8 +157,11 @@ def run_equivalence(arch="tiny", optimizer: str = "sgd", steps: int = 20, dtype=
         current = target.state_dict()
         weight = max(rel_diff(kernel, current[name]) for name, kernel in fused.items())
         source = csla.state_dict()
-        bn = max(rel_diff(current[k], source[k]) for k in current
-                 if k not in fused and current[k].is_floating_point() and _is_norm_entry(target, k))
+        bn = max(
+            rel_diff(current[k], source[k])
+            for k in current
+            if k not in fused and current[k].is_floating_point() and _is_norm_entry(target, k)
+        )
         csla.eval()
         target.eval()
         x = torch.randn(batch_size, 3, image_size, image_size, generator=gen, dtype=torch.float64).to(dtype)
@@ -157,20 +174,35 @@ def _is_norm_entry(model: nn.Module, key: str) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m target_train.verify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", help="architecture name of any family, e.g. tiny, ghostnet_tiny (default: tiny)")
-    parser.add_argument("--family", choices=family_names(), default=None,
-                        help="check this family's small test member (vgg: tiny, ghostnet: ghostnet_tiny) instead of --arch")
+    parser = argparse.ArgumentParser(
+        prog="python -m target_train.verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", default="tiny", help="architecture name of any family, e.g. tiny, ghostnet_tiny (default: tiny)"
+    )
+    parser.add_argument(
+        "--family",
+        choices=family_names(),
+        default=None,
+        help="check this family's small test member (vgg: tiny, ghostnet: ghostnet_tiny) instead of --arch",
+    )
     parser.add_argument("--steps", type=int, default=20, help="training steps (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="sgd,adamw", help="comma list of sgd, adamw")
     parser.add_argument("--dtypes", default="float64,float32", help="comma list of float64, float32")
-    parser.add_argument("--eps", type=float, default=None,
-                        help="AdamW eps (default: 1e-16 for vgg, 1e-12 for ghostnet; the CSLA/target difference is an "
-                             "eps effect, see README)")
-    parser.add_argument("--prune", type=float, default=None, metavar="RATIO",
-                        help="VGG: channel-prune both models at RATIO first (masks sliced with the kept channels)")
+    parser.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="AdamW eps (default: 1e-16 for vgg, 1e-12 for ghostnet; the CSLA/target difference is an eps effect, see README)",
+    )
+    parser.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="VGG: channel-prune both models at RATIO first (masks sliced with the kept channels)",
+    )
     args = parser.parse_args(argv)
     if args.family is not None:
         args.arch = SMALL_MEMBER[args.family]
@@ -185,8 +217,10 @@ def main(argv=None) -> int:
             bound = bound_for(args.arch, name, dtype)
             verdict = "(reported)" if bound is None else "ok" if r.passed(bound) else "FAIL"
             ok &= bound is None or r.passed(bound)
-            print(f"{name:<9} {r.dtype:<8} {r.steps:>5} {r.weight_rel_diff:>10.2e} {r.logit_rel_diff:>10.2e} "
-                  f"{r.bn_rel_diff:>10.2e}  {'—' if bound is None else f'{bound:.0e}':>5}  {verdict}")
+            print(
+                f"{name:<9} {r.dtype:<8} {r.steps:>5} {r.weight_rel_diff:>10.2e} {r.logit_rel_diff:>10.2e} "
+                f"{r.bn_rel_diff:>10.2e}  {'—' if bound is None else f'{bound:.0e}':>5}  {verdict}"
+            )
     return 0 if ok else 1
 
 

@@ -36,21 +36,23 @@ def layer_stats(deployed: torch.nn.Module) -> list[dict]:
         absmax = float(w.abs().max())
         ch_std = flat.std(dim=1).clamp_min(1e-12)
         ch_ratio = flat.abs().amax(dim=1) / ch_std
-        rows.append({
-            "name": name,
-            "kind": kind,
-            "out_channels": int(w.shape[0]),
-            "in_channels": int(w.shape[1]),
-            "stride": stride,
-            "weight_min": float(w.min()),
-            "weight_max": float(w.max()),
-            "weight_absmax": absmax,
-            "weight_std": std,
-            "absmax_over_std": absmax / std if std > 0 else math.inf,
-            "channel_absmax_over_std_max": float(ch_ratio.max()),
-            "channel_absmax_over_std_median": float(ch_ratio.median()),
-            "bias_absmax": float(module.bias.detach().abs().max()) if module.bias is not None else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "out_channels": int(w.shape[0]),
+                "in_channels": int(w.shape[1]),
+                "stride": stride,
+                "weight_min": float(w.min()),
+                "weight_max": float(w.max()),
+                "weight_absmax": absmax,
+                "weight_std": std,
+                "absmax_over_std": absmax / std if std > 0 else math.inf,
+                "channel_absmax_over_std_max": float(ch_ratio.max()),
+                "channel_absmax_over_std_median": float(ch_ratio.median()),
+                "bias_absmax": float(module.bias.detach().abs().max()) if module.bias is not None else None,
+            }
+        )
     return rows
 
 
@@ -58,5 +60,9 @@ def summarize_layers(rows: list[dict]) -> dict:
     convs = [r["absmax_over_std"] for r in rows if r["kind"] != "linear"]
     worst = max((r for r in rows if r["kind"] != "linear"), key=lambda r: r["absmax_over_std"])
     t = torch.tensor(convs, dtype=torch.float64)
-    return {"conv_absmax_over_std_median": float(t.median()), "conv_absmax_over_std_mean": float(t.mean()),
-            "conv_absmax_over_std_max": float(t.max()), "conv_absmax_over_std_worst_layer": worst["name"]}
+    return {
+        "conv_absmax_over_std_median": float(t.median()),
+        "conv_absmax_over_std_mean": float(t.mean()),
+        "conv_absmax_over_std_max": float(t.max()),
+        "conv_absmax_over_std_worst_layer": worst["name"],
+    }

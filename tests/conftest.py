@@ -29,7 +29,10 @@ def artifacts(tmp_path_factory):
     scales_pth = root / "tiny.pth"  # the official release format: torch.save of a dict of tensors
     torch.save(arch.init_scales(), scales_pth)
     return {
-        "root": root, "run_dir": run_dir, "checkpoint": run_dir / "last.pt", "scales_safetensors": scales_st,
+        "root": root,
+        "run_dir": run_dir,
+        "checkpoint": run_dir / "last.pt",
+        "scales_safetensors": scales_st,
         "scales_pth": scales_pth,
     }
 

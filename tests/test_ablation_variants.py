@@ -32,9 +32,19 @@ from target_train.optim import RepOptSGD
 from target_train.scales_source import channel_mean, resolve_scales
 from tests.helpers.runs import pipeline_overrides, read_json, run_hydra
 
-TINY_TARGET = ["arch.name=tiny", "arch.strides=[1,2,2,2,1]", "data.name=synthetic", "data.batch_size=32",
-               "data.synthetic_train_size=64", "data.synthetic_test_size=32", "epochs=1", "sched.warmup_epochs=0",
-               "device=cpu", "progress=off", "deploy=false"]
+TINY_TARGET = [
+    "arch.name=tiny",
+    "arch.strides=[1,2,2,2,1]",
+    "data.name=synthetic",
+    "data.batch_size=32",
+    "data.synthetic_train_size=64",
+    "data.synthetic_test_size=32",
+    "epochs=1",
+    "sched.warmup_epochs=0",
+    "device=cpu",
+    "progress=off",
+    "deploy=false",
+]
 
 
 def _target(tmp_path, *overrides: str) -> TargetConfig:
@@ -69,16 +79,25 @@ def _assert_masks(run, scales) -> None:
 
 def test_every_variant_composes_to_its_stage_settings():
     expected = {
-        "searched": (True, None, "none", True, True), "channel_mean": (True, None, "channel_mean", True, True),
-        "reinit_only": (True, None, "none", True, False), "masks_only": (True, None, "none", False, True),
-        "plain": (False, "none", "none", True, True), "init": (False, "init", "none", True, True),
-        "ones": (False, "ones", "none", True, True), "official_mean": (False, "official_mean", "none", True, True),
+        "searched": (True, None, "none", True, True),
+        "channel_mean": (True, None, "channel_mean", True, True),
+        "reinit_only": (True, None, "none", True, False),
+        "masks_only": (True, None, "none", False, True),
+        "plain": (False, "none", "none", True, True),
+        "init": (False, "init", "none", True, True),
+        "ones": (False, "ones", "none", True, True),
+        "official_mean": (False, "official_mean", "none", True, True),
     }
     for variant, (searches, scales, transform, reinit, masks) in expected.items():
         hs, target = stage_configs(PipelineConfig(variant=variant))
         assert (hs is not None) == searches == (variant in SEARCHING), variant
         assert (target.scales, target.scales_transform, target.reinit, target.masks, target.model) == (
-            scales, transform, reinit, masks, "target"), variant
+            scales,
+            transform,
+            reinit,
+            masks,
+            "target",
+        ), variant
     assert set(expected) | {"repvgg", "qarepvgg", "custom"} == set(VARIANTS)
 
 
@@ -139,8 +158,12 @@ def test_masks_only_masks_the_gradients_of_a_model_not_reinitialized(tmp_path, s
 
 def test_a_shared_search_runs_once_for_every_variant_that_needs_it(in_tmp):
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["variant=searched,channel_mean,masks_only,init",
-                                                              "shared_search=true", f"hydra.sweep.dir={sweep}"])
+    run_hydra(
+        pipeline_main,
+        ["-m"]
+        + pipeline_overrides()
+        + ["variant=searched,channel_mean,masks_only,init", "shared_search=true", f"hydra.sweep.dir={sweep}"],
+    )
     searches = list((sweep / "searches").iterdir())
     assert len(searches) == 1 and (searches[0] / "scales.safetensors").is_file()
     jobs = [read_json(sweep / str(n) / "metrics.json") for n in range(4)]

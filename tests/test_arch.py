@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import repopt
-from repopt.vgg.arch import ArchSpec, get_arch
 from repopt.errors import ConfigError
 from repopt.vgg import MODES, RepOptVGG
+from repopt.vgg.arch import ArchSpec, get_arch
 
 OFFICIAL_DIR = Path(repopt.__file__).parent / "official_scales"
 OFFICIAL = ("B1", "B2", "L1", "L2")
@@ -274,6 +274,7 @@ def test_stride_geometry():
 
 # ---------------------------------------------------------------- overrides from the config
 
+
 def test_overridden_depth_and_width_are_another_architecture():
     base = get_arch("tiny")
     deeper = get_arch("tiny", num_blocks=[1, 1, 3, 1], width_multiplier=[0.25, 0.25, 0.25, 0.25])
@@ -314,8 +315,18 @@ def test_overrides_end_to_end_hs_scales_target(tmp_path, capsys):
     assert target["status"] == "completed" and target["scales"]["kind"] == "file" and target["depth"] == 6
     assert load_checkpoint(target_dir / "last.pt")["arch"] == expected.to_dict()
     other = tmp_path / "other"
-    run_hydra(target_main, TINY + ["arch.num_blocks=[1,1,3,1]", "arch.width_multiplier=[0.25,0.25,0.25,0.25]",
-                                   "epochs=1", f"scales={hs_dir}", f"hydra.run.dir={other}"], expect_exit=1)
+    run_hydra(
+        target_main,
+        TINY
+        + [
+            "arch.num_blocks=[1,1,3,1]",
+            "arch.width_multiplier=[0.25,0.25,0.25,0.25]",
+            "epochs=1",
+            f"scales={hs_dir}",
+            f"hydra.run.dir={other}",
+        ],
+        expect_exit=1,
+    )
     err = capsys.readouterr().err
     assert "does not fit arch tiny[num_blocks=1-1-3-1,width_multiplier=0.25-0.25-0.25-0.25]" in err
     assert "stage3.2.scale_conv.weight" in err and not (other / "last.pt").exists()

@@ -88,8 +88,11 @@ def test_crash_while_overwriting_keeps_the_old_file(artifacts, tmp_path, monkeyp
     """A crash (an OSError, or Ctrl-C) while the checkpoint / scales / metrics writer overwrites an existing
     valid file, either half-way through writing or just before the rename: the exception propagates, the
     old file is byte-for-byte intact and still loads, and no temporary file is left behind."""
-    sources = {"last.pt": artifacts["checkpoint"], "scales.safetensors": artifacts["scales_safetensors"],
-               "metrics.json": artifacts["run_dir"] / "metrics.json"}
+    sources = {
+        "last.pt": artifacts["checkpoint"],
+        "scales.safetensors": artifacts["scales_safetensors"],
+        "metrics.json": artifacts["run_dir"] / "metrics.json",
+    }
     path = tmp_path / name
     shutil.copyfile(sources[name], path)
     before, listing = path.read_bytes(), sorted(os.listdir(tmp_path))

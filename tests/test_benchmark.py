@@ -11,20 +11,24 @@ import torch
 
 from pipelines.bench.reference import LoopMaskedAdamW, LoopMaskedSGD
 from pipelines.benchmark import main
-from repopt.vgg.arch import get_arch
 from repopt.optim import param_groups
+from repopt.vgg.arch import get_arch
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
 SECTION_ROWS = {
-    "opt": {"sgd_foreach", "repopt_sgd_foreach", "repopt_sgd_default", "loop_sgd", "adamw_foreach", "repopt_adamw",
-            "loop_adamw"},
+    "opt": {"sgd_foreach", "repopt_sgd_foreach", "repopt_sgd_default", "loop_sgd", "adamw_foreach", "repopt_adamw", "loop_adamw"},
     "train": {"target", "repvgg", "hs_unfused", "hs_fused"},
     "loader": {"device", "torchvision", "repopt_dataloader"},
     "hs_epoch": {"eager"},
 }
 RATIOS = {
-    "opt": ["repopt_sgd_over_sgd_foreach", "loop_over_repopt_sgd_foreach", "repopt_sgd_default_over_sgd_fused",
-            "repopt_adamw_over_adamw_foreach", "loop_over_repopt_adamw"],
+    "opt": [
+        "repopt_sgd_over_sgd_foreach",
+        "loop_over_repopt_sgd_foreach",
+        "repopt_sgd_default_over_sgd_fused",
+        "repopt_adamw_over_adamw_foreach",
+        "loop_over_repopt_adamw",
+    ],
     "train": ["target_over_repvgg_img_s", "target_over_repvgg_peak_mem", "hs_fused_over_hs_unfused_img_s"],
     "loader": ["device_over_dataloader"],
     "hs_epoch": ["eager_s_per_50k", "best_s_per_50k"],
@@ -44,10 +48,40 @@ def restore_threads():
 
 def test_benchmark_cli_tiny(tmp_path, restore_threads, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["--device", "cpu", "--arch", "tiny", "--steps", "3", "--warmup", "1", "--hs-images", "256",
-               "--hs-batch", "64", "--resolution", "32", "--batch", "8", "--workers", "1", "--loader-epochs", "1",
-               "--num-classes", "10", "--threads", "1", "--sections", "opt,train,loader,hs_epoch", "--out", str(out),
-               "--json", "-q"])
+    rc = main(
+        [
+            "--device",
+            "cpu",
+            "--arch",
+            "tiny",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--hs-images",
+            "256",
+            "--hs-batch",
+            "64",
+            "--resolution",
+            "32",
+            "--batch",
+            "8",
+            "--workers",
+            "1",
+            "--loader-epochs",
+            "1",
+            "--num-classes",
+            "10",
+            "--threads",
+            "1",
+            "--sections",
+            "opt,train,loader,hs_epoch",
+            "--out",
+            str(out),
+            "--json",
+            "-q",
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result  # --json: the same document on stdout
@@ -86,8 +120,11 @@ def test_opt_section_times_the_default_step_and_its_compilation(monkeypatch, sin
     from pipelines.benchmark import build_parser, resolve_settings
 
     monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)  # tiny stands in for B1
-    settings = resolve_settings(build_parser().parse_args(
-        ["--device", "cpu", "--arch", "tiny", "--num-classes", "10", "--steps", "2", "--warmup", "1", "--sections", "opt"]))
+    settings = resolve_settings(
+        build_parser().parse_args(
+            ["--device", "cpu", "--arch", "tiny", "--num-classes", "10", "--steps", "2", "--warmup", "1", "--sections", "opt"]
+        )
+    )
     sec = opt_step.run(settings)
     rows = {r["key"]: r for r in sec["rows"]}
     default = sec["settings"]["repopt_sgd_default"]
@@ -126,14 +163,18 @@ def test_loop_reference_matches_repoptimizer(rule):
     masks = [masks_by_param(m, grad_masks(m, scales, rule=rule)) for m in models]
     if rule == "sgd":
         kw = dict(lr=0.1, momentum=0.9, nesterov=True)
-        opts = [RepOptSGD(param_groups(models[0], wd), masks[0], foreach=True, **kw),
-                RepOptSGD(param_groups(models[1], wd), masks[1], foreach=False, **kw),
-                LoopMaskedSGD(param_groups(models[2], wd), masks[2], **kw)]
+        opts = [
+            RepOptSGD(param_groups(models[0], wd), masks[0], foreach=True, **kw),
+            RepOptSGD(param_groups(models[1], wd), masks[1], foreach=False, **kw),
+            LoopMaskedSGD(param_groups(models[2], wd), masks[2], **kw),
+        ]
     else:
         kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-        opts = [RepOptAdamW(param_groups(models[0], wd), masks[0], **kw),
-                RepOptAdamW(param_groups(models[1], wd), masks[1], **kw),
-                LoopMaskedAdamW(param_groups(models[2], wd), masks[2], **kw)]
+        opts = [
+            RepOptAdamW(param_groups(models[0], wd), masks[0], **kw),
+            RepOptAdamW(param_groups(models[1], wd), masks[1], **kw),
+            LoopMaskedAdamW(param_groups(models[2], wd), masks[2], **kw),
+        ]
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in base.parameters()]

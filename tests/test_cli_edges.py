@@ -34,8 +34,10 @@ def _blocked_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Output directories that cannot be created, with the reason the error gives."""
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    cases = {"existing file": (a_file, "is a file, not a directory"),
-             "under a file": (a_file / "run", "cannot be created (Not a directory)")}
+    cases = {
+        "existing file": (a_file, "is a file, not a directory"),
+        "under a file": (a_file / "run", "cannot be created (Not a directory)"),
+    }
     if Path("/proc").is_dir():  # Linux: procfs refuses new entries, files as well as directories
         cases["under /proc"] = (Path("/proc") / f"repopt-test-{os.getpid()}", "cannot be created")
         cases["/proc itself"] = (Path("/proc"), "is not writable")
@@ -66,19 +68,25 @@ def test_tune_names_study_dir_when_it_is_the_output_dir(tmp_path, capsys):
     blocked.write_text("not a directory")
     run_hydra(tune_main, ["tune=quickstart", f"study_dir={blocked}"], expect_exit=1)
     err = _error_lines(capsys.readouterr().err)
-    assert err == [f"error: output directory {blocked} (study_dir) is a file, not a directory; "
-                   f"choose another with study_dir=..."]
+    assert err == [f"error: output directory {blocked} (study_dir) is a file, not a directory; choose another with study_dir=..."]
 
 
 def test_the_command_line_shows_no_traceback(tmp_path):
     """The real command: one line on stderr, nothing on stdout, exit code 1."""
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
-    done = subprocess.run([sys.executable, "-m", "hypersearch", *TINY, f"hydra.run.dir={blocked}"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "hypersearch", *TINY, f"hydra.run.dir={blocked}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     assert done.stdout == "" and _error_lines(done.stderr) == [
-        f"error: output directory {blocked} (hydra.run.dir) is a file, not a directory; choose another with hydra.run.dir=..."]
+        f"error: output directory {blocked} (hydra.run.dir) is a file, not a directory; choose another with hydra.run.dir=..."
+    ]
 
 
 # ------------------------------------------------------------------ 2. a damaged study.db
@@ -134,14 +142,12 @@ def test_a_bad_space_entry_suggests_an_override_that_works(tmp_path, capsys):
     """space.hs.optim.lr.high=... cannot work (the key has dots); the message suggests the dict form."""
     from pipelines.tune.app import main as tune_main
 
-    run_hydra(tune_main, ["tune=quickstart", f"study_dir={tmp_path / 's'}", "space={hs.optim.lr: {low: 0.6}}"],
-              expect_exit=1)
+    run_hydra(tune_main, ["tune=quickstart", f"study_dir={tmp_path / 's'}", "space={hs.optim.lr: {low: 0.6}}"], expect_exit=1)
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1, err
     suggested = re.search(r"set it on the command line with '(space=\{.*\})'", err[0])
     assert suggested and suggested.group(1) == "space={hs.optim.lr: {high: ...}}", err[0]
-    fixed = _compose_tune(["tune=quickstart", "space={hs.optim.lr: {low: 0.6}}",
-                           suggested.group(1).replace("...", "0.7")])
+    fixed = _compose_tune(["tune=quickstart", "space={hs.optim.lr: {low: 0.6}}", suggested.group(1).replace("...", "0.7")])
     lr = fixed.space["hs.optim.lr"]
     assert (lr.low, lr.high, lr.log) == (0.6, 0.7, True)  # merged: the entry's other fields stay
     added = _compose_tune(["tune=quickstart", "++space={hs.optim.momentum: {type: float, low: 0.8, high: 0.95}}"])
@@ -154,8 +160,14 @@ def test_a_bad_space_entry_suggests_an_override_that_works(tmp_path, capsys):
 def test_an_error_is_shown_once_and_kept_in_the_log_file(tmp_path):
     """Hydra's console handler printed the logged error and the app printed it again on stderr."""
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "hypersearch", *TINY, "optim.lr=-1", f"hydra.run.dir={run_dir}"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "hypersearch", *TINY, "optim.lr=-1", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     message = "optim.lr=-1.0: must be > 0"
     assert done.returncode == 1, done.stderr
     assert (done.stdout + done.stderr).count(message) == 1, done.stdout + done.stderr
@@ -172,8 +184,7 @@ def test_the_prune_summary_is_in_its_log_file(tmp_path, capsys):
     from target_train.prune import main as prune_main
 
     run_dir = train_tiny_target(tmp_path, "target", ["scales=init", "deploy=false"])
-    run_hydra(prune_main, [f"run={run_dir}", "epochs=0", "latency_runs=2", "latency_warmup=0", "threads=1",
-                           "progress=off"])
+    run_hydra(prune_main, [f"run={run_dir}", "epochs=0", "latency_runs=2", "latency_warmup=0", "threads=1", "progress=off"])
     log_text = (run_dir / "prune_logs" / "prune.log").read_text()
     assert "top-1 before" in log_text and "MACs ratio" in log_text
 
@@ -192,8 +203,9 @@ def test_the_image_cache_is_not_written_into_the_data_root(tmp_path, monkeypatch
     before = _files(root)
     monkeypatch.delenv("REPOPT_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    cfg = DataConfig(name="imagefolder", root=str(root), image_size=8, batch_size=4, eval_batch_size=4,
-                     download=False, num_workers=0)
+    cfg = DataConfig(
+        name="imagefolder", root=str(root), image_size=8, batch_size=4, eval_batch_size=4, download=False, num_workers=0
+    )
     build_data(cfg, torch.device("cpu"))
     assert _files(root) == before, "nothing written into the data root"
     assert len(list((tmp_path / "xdg" / "repopt" / "decoded").glob("*.pt"))) == 2  # train and val
@@ -220,12 +232,15 @@ def _compose_pipeline(overrides: list[str]):
         return to_typed(compose(config_name="search_and_train", overrides=overrides), PipelineConfig)
 
 
-@pytest.mark.parametrize("overrides, hs, target", [
-    ([], "cifar100", "cifar100"),
-    (["data=cifar10"], "cifar10", "cifar10"),
-    (["data@target.data=synthetic"], "cifar100", "synthetic"),
-    (["data=cifar10", "data@hs.data=synthetic"], "synthetic", "cifar10"),
-])
+@pytest.mark.parametrize(
+    "overrides, hs, target",
+    [
+        ([], "cifar100", "cifar100"),
+        (["data=cifar10"], "cifar10", "cifar10"),
+        (["data@target.data=synthetic"], "cifar100", "synthetic"),
+        (["data=cifar10", "data@hs.data=synthetic"], "synthetic", "cifar10"),
+    ],
+)
 def test_data_chooses_both_stages_and_a_stage_keeps_its_own(overrides, hs, target):
     cfg = _compose_pipeline(overrides)
     assert (cfg.hs.data.name, cfg.target.data.name, cfg.data) == (hs, target, None)

@@ -67,8 +67,9 @@ def test_root_configs_restate_no_schema_default(app):
         if key in ("defaults", "hydra") or isinstance(value, dict) or key in groups:
             continue
         default = schema[key]
-        assert value != (OmegaConf.to_container(default) if OmegaConf.is_config(default) else default), \
+        assert value != (OmegaConf.to_container(default) if OmegaConf.is_config(default) else default), (
             f"conf/{app}.yaml: {key}: {value!r} is the schema default; delete it from the YAML"
+        )
 
 
 def test_arch_configs_mirror_the_registries():

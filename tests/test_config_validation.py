@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import pipeline_overrides, run_hydra
 from hypersearch.app import main as hs_main
 from hypersearch.config import HSConfig
 from pipelines.config import PipelineConfig
 from repopt.config import to_typed
 from repopt.errors import ConfigError
 from target_train.config import TargetConfig
+from tests.helpers.runs import pipeline_overrides, run_hydra
 
 BAD = [  # (override, the key the message must name, what it must say)
     ({"optim": {"lr": -1.0}}, "optim.lr=-1.0", "> 0"),
@@ -67,8 +67,10 @@ def test_stage_choices_are_validated_with_the_key():
 def test_the_defaults_and_edge_values_are_accepted():
     for schema in (HSConfig, TargetConfig, PipelineConfig):
         to_typed({}, schema)
-    to_typed({"optim": {"momentum": 0.0, "weight_decay": 0.0}, "epochs": 5, "sched": {"warmup_epochs": 5},
-              "label_smoothing": 0.0}, HSConfig)
+    to_typed(
+        {"optim": {"momentum": 0.0, "weight_decay": 0.0}, "epochs": 5, "sched": {"warmup_epochs": 5}, "label_smoothing": 0.0},
+        HSConfig,
+    )
 
 
 def test_pipeline_errors_name_the_stage_key():
@@ -104,4 +106,3 @@ def test_pipeline_stage_value_on_the_command_line(in_tmp, capsys):
     run_hydra(pipeline_main, pipeline_overrides() + ["hs.optim.momentum=1.5", f"hydra.run.dir={job}"], expect_exit=1)
     assert "error: hs.optim.momentum=1.5: must be in [0, 1)" in capsys.readouterr().err
     assert not (job / "hs" / "last.pt").exists()
-

@@ -9,10 +9,10 @@ from hydra import compose, initialize_config_module
 
 import pipelines.config  # noqa: F401  (registers the pipeline schema)
 import target_train.export  # noqa: F401  (registers the export schema)
-from pipelines.config import PipelineConfig
-from repopt.vgg.arch import get_arch
 from hypersearch.config import HSConfig
+from pipelines.config import PipelineConfig
 from repopt.config import to_typed
+from repopt.vgg.arch import get_arch
 from target_train.config import TargetConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -26,8 +26,13 @@ def _compose(name, overrides=()):
 def test_paper_preset_is_the_papers_recipe():
     cfg = to_typed(_compose("hypersearch", ["experiment=paper"]), HSConfig)
     assert (cfg.arch.name, cfg.data.name, cfg.epochs, cfg.data.batch_size) == ("B1", "cifar100", 240, 256)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == \
-        ("sgd", 0.1, 0.9, True, 4e-5)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (
+        "sgd",
+        0.1,
+        0.9,
+        True,
+        4e-5,
+    )
     assert cfg.optim.lr * cfg.data.batch_size / cfg.optim.base_batch_size == 0.1
     assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.min_lr) == ("warmup_cosine", 5, 0.0)
     assert cfg.label_smoothing == 0.0 and cfg.data.image_size == 32 and list(cfg.arch.strides) == [2, 2, 2, 2, 2]

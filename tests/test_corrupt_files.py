@@ -53,7 +53,7 @@ def _zip_payload_ranges(data: bytes) -> list[tuple[int, int]]:
             if "/data/" not in info.filename:
                 continue
             offset = info.header_offset
-            name_len, extra_len = struct.unpack("<HH", data[offset + 26:offset + 30])
+            name_len, extra_len = struct.unpack("<HH", data[offset + 26 : offset + 30])
             start = offset + 30 + name_len + extra_len
             ranges.append((start, start + info.file_size))
     return ranges
@@ -143,7 +143,7 @@ def test_truncated_scales_file_is_a_scales_error(artifacts, source, fraction):
     """A scales file (safetensors or official-style .pth) cut at any length: ScalesError, never another type."""
     data = artifacts[source].read_bytes()
     path = artifacts["root"] / "case_truncated"
-    path.write_bytes(data[:int(fraction * len(data))])
+    path.write_bytes(data[: int(fraction * len(data))])
     assert _scales_outcome(path, "tiny") == "refused"
 
 
@@ -161,8 +161,9 @@ def test_bit_flipped_scales_file_is_refused_or_still_valid(artifacts, source, fl
     payload = [_safetensors_payload_range(data)] if source == "scales_safetensors" else _zip_payload_ranges(data)
     if _in_ranges([off % len(data) for off, _ in flips], payload):
         # structure untouched: loaded exactly when every (float32) payload value is still finite
-        finite = all(bool(torch.isfinite(torch.frombuffer(bytearray(damaged[lo:hi]), dtype=torch.float32)).all())
-                     for lo, hi in payload)
+        finite = all(
+            bool(torch.isfinite(torch.frombuffer(bytearray(damaged[lo:hi]), dtype=torch.float32)).all()) for lo, hi in payload
+        )
         assert outcome == ("loaded" if finite else "refused")
 
 
@@ -193,7 +194,7 @@ def test_truncated_checkpoint_is_a_checkpoint_error(artifacts, fraction):
     """``last.pt`` cut at any length: CheckpointError, never another exception type."""
     data = artifacts["checkpoint"].read_bytes()
     path = artifacts["root"] / "case_truncated.pt"
-    path.write_bytes(data[:int(fraction * len(data))])
+    path.write_bytes(data[: int(fraction * len(data))])
     assert _checkpoint_outcome(path) is None
 
 
@@ -270,7 +271,7 @@ def _first_float_one_payload(data: bytes) -> int:
     the exponent all ones (inf or NaN)."""
     for lo, hi in _zip_payload_ranges(data):
         for off in range(lo, hi - 3, 4):
-            value = struct.unpack("<f", data[off:off + 4])[0]
+            value = struct.unpack("<f", data[off : off + 4])[0]
             if 1.0 <= abs(value) < 2.0:
                 return off + 3
     raise AssertionError("no float in [1, 2) in the checkpoint")
@@ -328,14 +329,14 @@ def _legacy_pickle(obj, path: Path) -> bytes:
 def test_truncated_legacy_pth_scales_file_is_a_scales_error(tmp_path):
     data = _legacy_pickle(get_arch("tiny").init_scales(), tmp_path / "full.pth")
     path = tmp_path / "scales.pth"
-    path.write_bytes(data[:data.index(b"X\x10\x00\x00\x00protocol_version") + 1])  # cut inside a string length
+    path.write_bytes(data[: data.index(b"X\x10\x00\x00\x00protocol_version") + 1])  # cut inside a string length
     with pytest.raises(ScalesError):
         load_scales(path, "tiny")
 
 
 def test_bit_flipped_legacy_pth_scales_file_is_a_scales_error(tmp_path):
     data = _legacy_pickle(get_arch("tiny").init_scales(), tmp_path / "full.pth")
-    keys = [m for m in re.finditer(rb"X([\x01-\x40])\x00\x00\x00", data) if data[m.end():m.end() + m.group(1)[0]].isdigit()]
+    keys = [m for m in re.finditer(rb"X([\x01-\x40])\x00\x00\x00", data) if data[m.end() : m.end() + m.group(1)[0]].isdigit()]
     path = tmp_path / "scales.pth"
     path.write_bytes(_flip(data, [(keys[-1].end(), 0)]))  # a digit stays a digit: '9' <-> '8'
     with pytest.raises(ScalesError):
@@ -345,6 +346,6 @@ def test_bit_flipped_legacy_pth_scales_file_is_a_scales_error(tmp_path):
 def test_truncated_legacy_checkpoint_is_a_checkpoint_error(artifacts, tmp_path):
     data = _legacy_pickle(load_checkpoint(artifacts["checkpoint"]), tmp_path / "full.pt")
     path = tmp_path / "last.pt"
-    path.write_bytes(data[:data.index(b"X\x10\x00\x00\x00protocol_version") + 1])
+    path.write_bytes(data[: data.index(b"X\x10\x00\x00\x00protocol_version") + 1])
     with pytest.raises(CheckpointError):
         load_checkpoint(path)

@@ -164,14 +164,26 @@ def test_resume_mid_epoch_gives_the_same_batches():
 def test_epochs_are_different_permutations():
     n = 100
     images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
-    tb = TensorBatches(images, torch.arange(n), CPU, batch_size=10, mean=(0, 0, 0), std=(1, 1, 1),
-                       augment=True, drop_last=True, seed=3, padding=0, hflip=False)
+    tb = TensorBatches(
+        images,
+        torch.arange(n),
+        CPU,
+        batch_size=10,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        augment=True,
+        drop_last=True,
+        seed=3,
+        padding=0,
+        hflip=False,
+    )
     orders = [torch.cat([y for _, y in tb.epoch(e)]) for e in range(3)]
     for order in orders:
         assert torch.equal(order.sort().values, torch.arange(n))  # every sample once per epoch
     assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
-    other_seed = TensorBatches(images, torch.arange(n), CPU, batch_size=10, mean=(0, 0, 0), std=(1, 1, 1),
-                               augment=True, drop_last=True, seed=4)
+    other_seed = TensorBatches(
+        images, torch.arange(n), CPU, batch_size=10, mean=(0, 0, 0), std=(1, 1, 1), augment=True, drop_last=True, seed=4
+    )
     assert not torch.equal(torch.cat([y for _, y in other_seed.epoch(0)]), orders[0])
 
 
@@ -199,8 +211,19 @@ def test_train_batches_apply_the_seeded_augmentation():
     g = torch.Generator().manual_seed(1)
     n, pad, seed, epoch = 40, 4, 5, 2
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
-    tb = TensorBatches(images, torch.arange(n), CPU, batch_size=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
-                       augment=True, drop_last=True, seed=seed, padding=pad, hflip=True)
+    tb = TensorBatches(
+        images,
+        torch.arange(n),
+        CPU,
+        batch_size=8,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.2, 0.25, 0.3),
+        augment=True,
+        drop_last=True,
+        seed=seed,
+        padding=pad,
+        hflip=True,
+    )
     perm = epoch_permutation(n, seed, epoch, True)
     for b, (x, y) in enumerate(tb.epoch(epoch)):
         idx = perm[b * 8 : (b + 1) * 8]
@@ -254,9 +277,13 @@ def test_synthetic_is_learnable_by_a_tiny_cnn(one_thread):
     torch.manual_seed(0)
     bundle = build_data(_cfg(name="synthetic", batch_size=64), CPU)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, bundle.num_classes),
+        torch.nn.Conv2d(3, 16, 3, padding=1, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, bundle.num_classes),
     )
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for e in range(15):  # 120 steps, with the crop + flip augmentation
@@ -369,8 +396,7 @@ def test_subset_of_a_folder_keeps_every_class():
 def test_dataloader_path_yields_normalized_resumable_batches(tmp_path):
     root = tmp_path / "large"
     write_fake_imagefolder(root, ["a", "b", "c"], n_per_class=4, size=(80, 90), fmt="jpg")
-    cfg = _cfg(name="imagefolder", root=str(root), image_size=72, batch_size=4, eval_batch_size=5,
-               random_resized_crop=True)
+    cfg = _cfg(name="imagefolder", root=str(root), image_size=72, batch_size=4, eval_batch_size=5, random_resized_crop=True)
     bundle = build_data(cfg, CPU, seed=2)
     assert bundle.mean == (0.485, 0.456, 0.406) and len(bundle.train) == 3 and len(bundle.test) == 3
     train = _collect(bundle.train, epoch=1)

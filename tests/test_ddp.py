@@ -10,8 +10,10 @@ import pytest
 from repopt.engine import load_checkpoint
 from tests.helpers.runs import DDP_BOUND, TINY, read_json, worst_rel_diff
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed",
+)
 
 
 def _torchrun():
@@ -29,8 +31,11 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "target_train", *overrides, f"hydra.run.dir={one}"], env, tmp_path)
-    _run([_torchrun(), "--standalone", "--nproc-per-node=2", "-m", "target_train", *overrides, f"hydra.run.dir={two}"],
-         env, tmp_path)
+    _run(
+        [_torchrun(), "--standalone", "--nproc-per-node=2", "-m", "target_train", *overrides, f"hydra.run.dir={two}"],
+        env,
+        tmp_path,
+    )
     m1, m2 = read_json(one / "metrics.json"), read_json(two / "metrics.json")
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"]
     a, b = load_checkpoint(one / "last.pt")["model"], load_checkpoint(two / "last.pt")["model"]

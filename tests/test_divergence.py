@@ -41,6 +41,7 @@ def test_divergence_in_epoch_2_keeps_the_epoch_1_checkpoint(in_tmp):
     as ``optim.lr=1e30`` would; 1e9 this late in the cosine schedule only gives huge, finite losses).
     Exit 1, status diverged at a step of epoch 2, and last.pt is still the epoch-1 checkpoint, byte for byte, with finite weights; ``resume=true`` (sane lr) continues from it."""
     run_dir = in_tmp / "run"
+
     def explode_lr(trainer):
         trainer.scheduler.base_lrs = [1e30 for _ in trainer.scheduler.base_lrs]
         for group in trainer.optimizer.param_groups:
@@ -68,8 +69,7 @@ def test_diverged_job_in_a_pipeline_sweep_is_recorded_and_compared(in_tmp, capsy
     """``pipelines.search_and_train -m hs.optim.lr=1e30,0.05``: job 0 diverges in stage one, the sweep goes
     on and job 1 completes; ``pipelines.compare`` lists job 0 with status diverged (and its step)."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"],
-              expect_exit=1)
+    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=1e30,0.05", f"hydra.sweep.dir={sweep}"], expect_exit=1)
     bad, good = read_json(sweep / "0" / "metrics.json"), read_json(sweep / "1" / "metrics.json")
     assert bad["status"] == "diverged" and bad["failed_stage"] == "hs", bad
     assert read_json(sweep / "0" / "hs" / "metrics.json")["status"] == "diverged"

@@ -115,8 +115,10 @@ def test_deploy_and_best_hold_the_ema_when_it_is_chosen(tmp_path):
 
 def test_with_ema_evaluate_false_the_trained_model_is_delivered(tmp_path):
     run_dir = tmp_path / "run"
-    run_hydra(target_main, TINY + ["epochs=1", "scales=init", "deploy=false", "ema.enabled=true", "ema.evaluate=false",
-                                   f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        TINY + ["epochs=1", "scales=init", "deploy=false", "ema.enabled=true", "ema.evaluate=false", f"hydra.run.dir={run_dir}"],
+    )
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["delivered"] == "model" and metrics["ema_top1"] is None
     assert "ema_test_top1" not in pd.read_csv(run_dir / "history.csv").columns

@@ -29,8 +29,16 @@ class _StopAt(Callback):
 
 
 # every=3 does not divide the 4 steps of an epoch, so the resumed segment's updates fall at other positions
-EMA_MIX = ["scales=init", "deploy=false", "ema.enabled=true", "ema.decay=0.8", "ema.every=3",
-           "mix.mixup_alpha=0.4", "mix.cutmix_alpha=1.0", "mix.switch_prob=0.5"]
+EMA_MIX = [
+    "scales=init",
+    "deploy=false",
+    "ema.enabled=true",
+    "ema.decay=0.8",
+    "ema.every=3",
+    "mix.mixup_alpha=0.4",
+    "mix.cutmix_alpha=1.0",
+    "mix.switch_prob=0.5",
+]
 
 
 @pytest.fixture(scope="module")

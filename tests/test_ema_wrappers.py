@@ -20,9 +20,15 @@ def test_two_process_ddp_ema_equals_one_process(tmp_path):
     overrides = TINY + EMA + ["epochs=1"]
     env = _env(threads=1)  # PYTHONPATH: the children import this checkout, not an installed copy
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = subprocess.run([_torchrun(), "--standalone", "--nproc-per-node=2", "-m", "target_train", *overrides,
-                           f"hydra.run.dir={two}"], check=False, env=env, cwd=tmp_path, timeout=300,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_torchrun(), "--standalone", "--nproc-per-node=2", "-m", "target_train", *overrides, f"hydra.run.dir={two}"],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_hydra(target_main, overrides + [f"hydra.run.dir={one}"])  # the one-process reference, in this process
     m1, m2 = read_json(one / "metrics.json"), read_json(two / "metrics.json")

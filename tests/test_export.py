@@ -13,12 +13,12 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from repopt.vgg.arch import ArchSpec  # noqa: E402
 from repopt.config import DataConfig, to_typed  # noqa: E402
 from repopt.data import build_data  # noqa: E402
 from repopt.engine import load_checkpoint  # noqa: E402
 from repopt.numerics import rel_diff  # noqa: E402
 from repopt.vgg import RepOptVGG  # noqa: E402
+from repopt.vgg.arch import ArchSpec  # noqa: E402
 from target_train import export as export_mod  # noqa: E402
 from target_train import finished_run, onnx_io  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
@@ -27,11 +27,33 @@ from target_train.families.vgg import fuse  # noqa: E402
 from tests.helpers.runs import read_json, run_hydra, train_tiny_target  # noqa: E402
 
 EXPORT_FAST = ["calibration_images=64", "latency_runs=3", "latency_warmup=1", "threads=1"]
-QUANT_FIELDS = ("fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "top1_drop", "calibration_images", "eval_images",
-                "onnx_fp32_max_rel_diff", "latency_ms_per_image", "layers", "model", "arch", "opset", "quantization",
-                "created")
-LAYER_FIELDS = ("name", "out_channels", "in_channels", "weight_min", "weight_max", "weight_absmax", "weight_std",
-                "absmax_over_std")
+QUANT_FIELDS = (
+    "fp32_top1",
+    "fp32_top5",
+    "int8_top1",
+    "int8_top5",
+    "top1_drop",
+    "calibration_images",
+    "eval_images",
+    "onnx_fp32_max_rel_diff",
+    "latency_ms_per_image",
+    "layers",
+    "model",
+    "arch",
+    "opset",
+    "quantization",
+    "created",
+)
+LAYER_FIELDS = (
+    "name",
+    "out_channels",
+    "in_channels",
+    "weight_min",
+    "weight_max",
+    "weight_absmax",
+    "weight_std",
+    "absmax_over_std",
+)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -75,8 +97,11 @@ def ort_logits(path: Path, x: torch.Tensor) -> np.ndarray:
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and "export_logs" not in p.parts}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and "export_logs" not in p.parts
+    }
 
 
 # ---------------------------------------------------------------------------- the target run

@@ -31,21 +31,28 @@ def test_family_chooses_its_default_member_in_every_app():
     job = to_typed(_compose("search_and_train", ["family=ghostnet"]), PipelineConfig)
     assert (hs.family, hs.arch.name) == ("ghostnet", "ghostnet_0_5x")
     assert (target.family, target.arch.name, target.scales) == ("ghostnet", "ghostnet_0_5x", "official")
-    assert (job.hs.family, job.target.family, job.hs.arch.name, job.target.arch.name) == \
-        ("ghostnet", "ghostnet", "ghostnet_0_5x", "ghostnet_0_5x")
+    assert (job.hs.family, job.target.family, job.hs.arch.name, job.target.arch.name) == (
+        "ghostnet",
+        "ghostnet",
+        "ghostnet_0_5x",
+        "ghostnet_0_5x",
+    )
     assert to_typed(_compose("target_train"), TargetConfig).arch.name == "B1"  # vgg stays the default
     assert read_scales(target.scales, target.arch.spec()).path.name == "RepOptGhostNet_0_5x_scales.pth"
     swept = to_typed(_compose("search_and_train", ["sweep=families_cpu", "family=ghostnet"]), PipelineConfig)
     assert swept.hs.arch.name == swept.target.arch.name == "ghostnet_0_25x"
 
 
-@pytest.mark.parametrize("app,overrides,needle", [
-    ("target_train", ["family=ghostnet", "arch=B1"], "arch=B1 is a vgg architecture but family=ghostnet"),
-    ("target_train", ["family=ghostnet", "model=repvgg"], "the ghostnet baseline is model=rep"),
-    ("target_train", ["model=rep"], "the vgg baseline is model=repvgg"),
-    ("hypersearch", ["family=ghostnet", "arch.num_blocks=[1,1,1,1]"], "apply to the vgg family only"),
-    ("search_and_train", ["family=ghostnet", "hs.family=vgg"], "hs.family=vgg differs from family=ghostnet"),
-])
+@pytest.mark.parametrize(
+    "app,overrides,needle",
+    [
+        ("target_train", ["family=ghostnet", "arch=B1"], "arch=B1 is a vgg architecture but family=ghostnet"),
+        ("target_train", ["family=ghostnet", "model=repvgg"], "the ghostnet baseline is model=rep"),
+        ("target_train", ["model=rep"], "the vgg baseline is model=repvgg"),
+        ("hypersearch", ["family=ghostnet", "arch.num_blocks=[1,1,1,1]"], "apply to the vgg family only"),
+        ("search_and_train", ["family=ghostnet", "hs.family=vgg"], "hs.family=vgg differs from family=ghostnet"),
+    ],
+)
 def test_mismatched_family_settings_are_one_clear_error(app, overrides, needle):
     schema = {"target_train": TargetConfig, "hypersearch": HSConfig, "search_and_train": PipelineConfig}[app]
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -58,8 +65,11 @@ def test_unknown_family_is_named():
 
 
 def _ghostnet_overrides() -> list[str]:
-    swap = {"arch@hs.arch=tiny": "arch@hs.arch=ghostnet_tiny", "arch@target.arch=tiny": "arch@target.arch=ghostnet_tiny",
-            "target.deploy=false": "target.deploy=true"}
+    swap = {
+        "arch@hs.arch=tiny": "arch@hs.arch=ghostnet_tiny",
+        "arch@target.arch=tiny": "arch@target.arch=ghostnet_tiny",
+        "target.deploy=false": "target.deploy=true",
+    }
     return ["family=ghostnet"] + [swap.get(o, o) for o in pipeline_overrides()]
 
 
@@ -67,9 +77,18 @@ def test_ghostnet_pipeline_end_to_end(in_tmp):
     """HS -> scales -> target -> deploy.pt (loads without the project) -> ONNX/INT8, and the RepGhostNet
     baseline, as two jobs of one sweep that compare lists by family and variant."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + _ghostnet_overrides() + [
-        "variant=searched,repvgg", "export=true", "quant.calibration_images=32", "quant.latency_runs=2",
-        f"hydra.sweep.dir={sweep}"])
+    run_hydra(
+        pipeline_main,
+        ["-m"]
+        + _ghostnet_overrides()
+        + [
+            "variant=searched,repvgg",
+            "export=true",
+            "quant.calibration_images=32",
+            "quant.latency_runs=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+    )
     searched, baseline = sweep / "0", sweep / "1"
     job = read_json(searched / "metrics.json")
     assert job["status"] == "completed" and job["hs"]["family"] == job["target"]["family"] == "ghostnet"
@@ -99,10 +118,25 @@ def test_compare_treats_the_family_as_a_swept_setting(in_tmp):
     """sweep=families_cpu picks each family's CPU member; a family=vgg,ghostnet sweep is one table with
     a family column (here on synthetic data, the plain variant only, one short epoch)."""
     sweep = in_tmp / "sweep"
-    stage = ["data=synthetic", "data.synthetic_train_size=64", "data.synthetic_test_size=32", "data.batch_size=32",
-             "epochs=1", "sched.warmup_epochs=0", "device=cpu", "progress=off", "compile=false"]
-    overrides = ["sweep=families_cpu", "family=vgg,ghostnet", "variant=plain", "target.deploy=false",
-                 "data@hs.data=synthetic", "data@target.data=synthetic"] + [f"target.{o}" for o in stage if not o.startswith("data=")]
+    stage = [
+        "data=synthetic",
+        "data.synthetic_train_size=64",
+        "data.synthetic_test_size=32",
+        "data.batch_size=32",
+        "epochs=1",
+        "sched.warmup_epochs=0",
+        "device=cpu",
+        "progress=off",
+        "compile=false",
+    ]
+    overrides = [
+        "sweep=families_cpu",
+        "family=vgg,ghostnet",
+        "variant=plain",
+        "target.deploy=false",
+        "data@hs.data=synthetic",
+        "data@target.data=synthetic",
+    ] + [f"target.{o}" for o in stage if not o.startswith("data=")]
     run_hydra(pipeline_main, ["-m"] + overrides + [f"hydra.sweep.dir={sweep}"])
     rows = {read_json(sweep / j / "metrics.json")["target"]["arch"]: read_json(sweep / j / "metrics.json") for j in ("0", "1")}
     assert set(rows) == {"small", "ghostnet_0_25x"} and all(r["status"] == "completed" for r in rows.values())
@@ -120,8 +154,16 @@ def test_ema_and_mixup_train_a_ghostnet_target_on_the_device_loader(tmp_path):
 
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith("arch")] + [
-        "family=ghostnet", "arch=ghostnet_tiny", "arch.strides=[1,2,2,2,1]", "scales=init", "data.loader=device",
-        "ema.enabled=true", "ema.decay=0.9", "mix.mixup_alpha=0.4", f"hydra.run.dir={run_dir}"]
+        "family=ghostnet",
+        "arch=ghostnet_tiny",
+        "arch.strides=[1,2,2,2,1]",
+        "scales=init",
+        "data.loader=device",
+        "ema.enabled=true",
+        "ema.decay=0.9",
+        "mix.mixup_alpha=0.4",
+        f"hydra.run.dir={run_dir}",
+    ]
     run_hydra(target_main, overrides)
     m = read_json(run_dir / "metrics.json")
     assert m["status"] == "completed" and m["family"] == "ghostnet" and m["delivered"] == "ema"

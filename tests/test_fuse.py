@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from repopt.vgg.arch import get_arch
-from repopt.vgg.blocks import DeployBlock
 from repopt.numerics import rel_diff
 from repopt.vgg import RepOptVGG
+from repopt.vgg.arch import get_arch
+from repopt.vgg.blocks import DeployBlock
 from target_train import build_repvgg_model, build_target_model, fuse
 from target_train.families.vgg import fold_block
 

@@ -16,7 +16,8 @@ from repopt.scales import load_scales, random_scales, read_scales
 from target_train.families.ghostnet import module_mask
 from target_train.handler import fuse, grad_masks, reinitialize
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
-from target_train.verify import DEFAULT_EPS, GHOSTNET_BOUNDS, main as verify_main, run_equivalence
+from target_train.verify import DEFAULT_EPS, GHOSTNET_BOUNDS, run_equivalence
+from target_train.verify import main as verify_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,7 +70,7 @@ def test_masks_equal_the_official_formulas_on_the_released_scales(official):
             w = module.dw.weight
             s = official[f"{path}.cheap_operation.1.weight"].view(-1, 1, 1, 1)
             eye = depthwise_identity(w.shape[0], w.shape[-1])
-            official_mask = torch.ones_like(w) * s ** power + eye
+            official_mask = torch.ones_like(w) * s**power + eye
             mask = masks[f"{path}.cheap_operation.0.weight"]
             positive = (s > 0).view(-1)
             torch.testing.assert_close(mask[positive], official_mask[positive], rtol=1e-6, atol=0)
@@ -119,8 +120,9 @@ def test_reinitialize_is_the_fused_csla_module_at_step_0():
     reinitialize(plain, scales, use_identity_scales=False)
     path, module = plain.ghost_modules()[0]
     k = w0[path].shape[-1] // 2
-    torch.testing.assert_close(module.dw.weight[:, 0, k, k],
-                               w0[path][:, 0, k, k] * scales[f"{path}.cheap_operation.1.weight"] + 1.0)
+    torch.testing.assert_close(
+        module.dw.weight[:, 0, k, k], w0[path][:, 0, k, k] * scales[f"{path}.cheap_operation.1.weight"] + 1.0
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

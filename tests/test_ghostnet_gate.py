@@ -14,13 +14,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def official_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return F.relu6(x + 3.) / 6.
+    return F.relu6(x + 3.0) / 6.0
 
 
 def _inputs(gen: torch.Generator) -> torch.Tensor:
     """Random values over both kinks and beyond, plus the kinks -3 and 3 themselves and their neighbours."""
     kinks = torch.tensor([-3.0, 3.0], dtype=torch.float64)
-    near = torch.cat([kinks, kinks.nextafter(kinks - 1), kinks.nextafter(kinks + 1), torch.tensor([0.0, -6.0, 6.0], dtype=torch.float64)])
+    near = torch.cat(
+        [kinks, kinks.nextafter(kinks - 1), kinks.nextafter(kinks + 1), torch.tensor([0.0, -6.0, 6.0], dtype=torch.float64)]
+    )
     return torch.cat([torch.randn(4096, generator=gen, dtype=torch.float64) * 4, near])
 
 

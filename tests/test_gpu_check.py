@@ -37,8 +37,11 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path):
         raise Skip("no data here")
 
     seen = []
-    results = run_parts([Part("a", ok, 10), Part("b", broken, 10), Part("c", partial, 10), Part("d", absent, 10)],
-                        budget_s=100, on_result=lambda r: seen.append(len(r)))
+    results = run_parts(
+        [Part("a", ok, 10), Part("b", broken, 10), Part("c", partial, 10), Part("d", absent, 10)],
+        budget_s=100,
+        on_result=lambda r: seen.append(len(r)),
+    )
     assert ran == ["ok", "broken", "partial"] and seen == [1, 2, 3, 4]
     assert [r.status for r in results] == [OK, FAILED, FAILED, SKIPPED]
     assert results[0].figures == {"value": 1.5}
@@ -60,8 +63,7 @@ def test_the_budget_caps_each_part_and_skips_what_does_not_fit():
         now[0] += 70.0
         return {}
 
-    results = run_parts([Part("a", slow, 300), Part("b", slow, 300), Part("c", slow, 300)], budget_s=150,
-                        clock=lambda: now[0])
+    results = run_parts([Part("a", slow, 300), Part("b", slow, 300), Part("c", slow, 300)], budget_s=150, clock=lambda: now[0])
     assert limits == [150.0, 80.0]  # each part's limit is what is left of the budget
     assert [r.status for r in results] == [OK, OK, SKIPPED] and "--parts c" in results[2].error
 

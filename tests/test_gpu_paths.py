@@ -59,9 +59,17 @@ def _on_cuda(device: torch.device) -> bool:
 
 def _tiny(device: torch.device, steps: int = 16, batch: int = 32) -> list[str]:
     """A tiny run on synthetic data on ``device``: ``steps`` training steps per epoch."""
-    return ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", f"data.batch_size={batch}",
-            f"data.synthetic_train_size={steps * batch}", "data.synthetic_test_size=64", "sched.warmup_epochs=0.5",
-            "progress=off", f"device={device}"]
+    return [
+        "arch=tiny",
+        "arch.strides=[1,2,2,2,1]",
+        "data=synthetic",
+        f"data.batch_size={batch}",
+        f"data.synthetic_train_size={steps * batch}",
+        "data.synthetic_test_size=64",
+        "sched.warmup_epochs=0.5",
+        "progress=off",
+        f"device={device}",
+    ]
 
 
 # ------------------------------------------------------------------------ compiled HS training
@@ -74,8 +82,13 @@ class _CompileCounter(Callback):
     def on_step_end(self, trainer) -> None:
         from torch._dynamo.utils import counters
 
-        self.after.append({"frames": sum(counters["frames"].values()), "graphs": counters["stats"]["unique_graphs"],
-                           "recompiles": sum(counters["recompiles"].values())})
+        self.after.append(
+            {
+                "frames": sum(counters["frames"].values()),
+                "graphs": counters["stats"]["unique_graphs"],
+                "recompiles": sum(counters["recompiles"].values()),
+            }
+        )
 
 
 def test_compiled_hs_training_matches_eager_and_never_recompiles(device, tmp_path, monkeypatch):
@@ -160,8 +173,17 @@ def test_device_loader_yields_the_cpu_batches(device, world_size):
     """The device loader (uint8 images on the device, crop/flip/normalize there) yields bit for bit
     the batches it yields on the CPU with the same seed: a whole epoch, a resumed epoch (start=3)
     and each rank's slice of a 2-rank run. On the CPU both sides are the CPU (the path still runs)."""
-    cfg = DataConfig(name="synthetic", synthetic_train_size=1000, synthetic_test_size=100, batch_size=96, loader="device",
-                     crop_padding=4, hflip=True, drop_last=True, image_size=32)
+    cfg = DataConfig(
+        name="synthetic",
+        synthetic_train_size=1000,
+        synthetic_test_size=100,
+        batch_size=96,
+        loader="device",
+        crop_padding=4,
+        hflip=True,
+        drop_last=True,
+        image_size=32,
+    )
     for rank in range(world_size):
         on_device = build_data(cfg, device, seed=7, rank=rank, world_size=world_size)
         on_cpu = build_data(cfg, "cpu", seed=7, rank=rank, world_size=world_size)
@@ -195,8 +217,17 @@ def test_compiled_repoptsgd_equals_eager_step(device):
     torch.manual_seed(0)
     base = build_target_model(arch, 10).to(device)
     models = [copy.deepcopy(base) for _ in range(2)]
-    opts = [RepOptSGD(param_groups(m, 1e-3), masks_by_param(m, grad_masks(m, scales)), lr=0.05, momentum=0.9,
-                      nesterov=True, compiled=compiled) for m, compiled in zip(models, (False, True))]
+    opts = [
+        RepOptSGD(
+            param_groups(m, 1e-3),
+            masks_by_param(m, grad_masks(m, scales)),
+            lr=0.05,
+            momentum=0.9,
+            nesterov=True,
+            compiled=compiled,
+        )
+        for m, compiled in zip(models, (False, True))
+    ]
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
     graphs = []
@@ -264,8 +295,9 @@ def test_one_process_ddp_step_equals_plain_training(device, tmp_path):
         for (name, a), b in zip(plain.state_dict().items(), ddp.state_dict().values()):
             if a.is_floating_point():
                 assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) <= 1e-4, name
-        assert float((plain.stage1[0].conv.weight - build_target_model(arch, 10).to(device).stage1[0].conv.weight)
-                     .abs().max()) > 0
+        assert (
+            float((plain.stage1[0].conv.weight - build_target_model(arch, 10).to(device).stage1[0].conv.weight).abs().max()) > 0
+        )
     finally:
         dist.destroy_process_group()
 
@@ -289,16 +321,25 @@ def test_sigterm_then_resume_on_device_equals_uninterrupted_run(device, tmp_path
     from repopt import load_scales
 
     steps = 96 if _on_cuda(device) else 16  # a GPU epoch must still be long enough to be caught mid-way
-    command = [sys.executable, "-m", "hypersearch", *_tiny(device, steps=steps, batch=16), "data.image_size=16",
-               "epochs=3", "deterministic=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "hypersearch",
+        *_tiny(device, steps=steps, batch=16),
+        "data.image_size=16",
+        "epochs=3",
+        "deterministic=true",
+    ]
     env = dict(_env(), CUBLAS_WORKSPACE_CONFIG=":4096:8")
     run_dir, reference = tmp_path / "run", tmp_path / "reference"
-    ref = subprocess.run(command + [f"hydra.run.dir={reference}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    ref = subprocess.run(
+        command + [f"hydra.run.dir={reference}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     with open(tmp_path / "interrupted.out", "wb") as out:
-        proc = subprocess.Popen(command + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command + [f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             _wait_until(lambda: (run_dir / "last.pt").exists() or proc.poll() is not None, timeout=240)
             assert proc.poll() is None, "the run ended before it could be stopped:\n" + (tmp_path / "interrupted.out").read_text()
@@ -311,8 +352,9 @@ def test_sigterm_then_resume_on_device_equals_uninterrupted_run(device, tmp_path
     assert read_json(run_dir / "metrics.json")["status"] == "interrupted"
     run = load_checkpoint(run_dir / "last.pt")["run"]
     assert run["epoch"] in (1, 2) and run["global_step"] < 3 * steps, run
-    resumed = subprocess.run(command + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     done, full = read_json(run_dir / "metrics.json"), read_json(reference / "metrics.json")
     assert done["status"] == full["status"] == "completed"
@@ -320,8 +362,9 @@ def test_sigterm_then_resume_on_device_equals_uninterrupted_run(device, tmp_path
     for key in ("top1", "top5", "loss", "best_top1", "epochs", "steps"):
         assert done[key] == full[key], (key, done[key], full[key])
     columns = ["epoch_seconds", "images_per_sec"]
-    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "history.csv").drop(columns=columns),
-                                  pd.read_csv(reference / "history.csv").drop(columns=columns))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run_dir / "history.csv").drop(columns=columns), pd.read_csv(reference / "history.csv").drop(columns=columns)
+    )
     a, b = load_scales(run_dir, get_arch("tiny")), load_scales(reference, get_arch("tiny"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

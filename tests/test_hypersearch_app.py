@@ -7,11 +7,19 @@ import torch
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales, read_metadata
 from repopt.engine.callbacks import Callback, active
-from tests.helpers.runs import TINY, read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_cifar100
+from tests.helpers.runs import TINY, read_json, run_hydra
 
-RUN_FILES = ["metrics.json", "history.csv", "last.pt", "scales.safetensors", "scales.csv", "scales.png",
-             ".hydra/config.yaml", ".hydra/overrides.yaml"]
+RUN_FILES = [
+    "metrics.json",
+    "history.csv",
+    "last.pt",
+    "scales.safetensors",
+    "scales.csv",
+    "scales.png",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+]
 
 
 def _assert_run_files(run_dir):
@@ -23,8 +31,17 @@ def test_hypersearch_on_cifar100_format_end_to_end(in_tmp):
     write_fake_cifar100(in_tmp / "c100", n_train=160, n_test=80, num_classes=100)
     run_dir = in_tmp / "run"
     overrides = [o for o in TINY if not o.startswith("data.synthetic") and o != "data=synthetic"]
-    run_hydra(hs_main, overrides + ["data=cifar100", f"data.root={in_tmp / 'c100'}", "data.download=false",
-                                    "data.verify_checksums=false", f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        hs_main,
+        overrides
+        + [
+            "data=cifar100",
+            f"data.root={in_tmp / 'c100'}",
+            "data.download=false",
+            "data.verify_checksums=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
     _assert_run_files(run_dir)
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
@@ -87,8 +104,12 @@ def test_resume_after_interruption_matches_uninterrupted(in_tmp):
             assert resumed[key] == full[key], (name, key, resumed[key], full[key])
         pd.testing.assert_frame_equal(
             pd.read_csv(run_dir / "history.csv").drop(columns=["epoch_seconds", "images_per_sec"]),
-            pd.read_csv(in_tmp / "full" / "history.csv").drop(columns=["epoch_seconds", "images_per_sec"]))
-        a, b = load_scales(run_dir, get_arch("tiny", [1, 2, 2, 2, 1])), load_scales(in_tmp / "full", get_arch("tiny", [1, 2, 2, 2, 1]))
+            pd.read_csv(in_tmp / "full" / "history.csv").drop(columns=["epoch_seconds", "images_per_sec"]),
+        )
+        a, b = (
+            load_scales(run_dir, get_arch("tiny", [1, 2, 2, 2, 1])),
+            load_scales(in_tmp / "full", get_arch("tiny", [1, 2, 2, 2, 1])),
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -118,10 +139,21 @@ def test_submitit_local_launcher_runs_a_sweep(in_tmp):
     import sys
 
     sweep = in_tmp / "sweep"
-    cmd = [sys.executable, "-m", "hypersearch", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-           *TINY, "epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "hypersearch",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        *TINY,
+        "epochs=1",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         _assert_run_files(sweep / job)

@@ -12,11 +12,11 @@ from repopt.config import DataConfig, to_typed
 from repopt.data import build_data
 from repopt.data.stats import IMAGENET_STATS
 from repopt.errors import ConfigError
-from target_train.app import main as target_main
 from repopt.scales import resolve_scales_path
+from target_train.app import main as target_main
 from target_train.config import TargetConfig
-from tests.helpers.runs import read_json, run_hydra
 from tests.helpers.fake_datasets import write_fake_imagefolder
+from tests.helpers.runs import read_json, run_hydra
 
 CPU = torch.device("cpu")
 
@@ -66,8 +66,9 @@ def test_the_recipe_builds_the_official_transforms(tmp_path):
 
 def test_randaugment_replays_from_seed_epoch_and_batch():
     """Per sample in the DataLoader workers' path, under the seed of (seed, epoch, batch, position)."""
-    cfg = DataConfig(name="synthetic", loader="dataloader", batch_size=16, synthetic_train_size=64, num_workers=0,
-                     randaugment_magnitude=15)
+    cfg = DataConfig(
+        name="synthetic", loader="dataloader", batch_size=16, synthetic_train_size=64, num_workers=0, randaugment_magnitude=15
+    )
     a, b = build_data(cfg, CPU, seed=1).train, build_data(cfg, CPU, seed=1).train
     first = [x for x, _ in a.epoch(2)]
     assert all(torch.equal(p, q) for p, (q, _) in zip(first, b.epoch(2)))
@@ -76,8 +77,14 @@ def test_randaugment_replays_from_seed_epoch_and_batch():
     assert not torch.equal(first[0], next(plain.epoch(2))[0])  # it does change the images
 
 
-@pytest.mark.parametrize("data", [{"name": "synthetic"}, {"name": "cifar10", "loader": "device"},
-                                  {"name": "imagefolder", "root": "/nowhere", "image_size": 32}])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"name": "synthetic"},
+        {"name": "cifar10", "loader": "device"},
+        {"name": "imagefolder", "root": "/nowhere", "image_size": 32},
+    ],
+)
 def test_randaugment_on_the_device_loader_is_refused_with_the_fix(data):
     with pytest.raises(ConfigError, match=r"data\.randaugment_magnitude=9 .* set data\.loader=dataloader"):
         build_data(DataConfig(**data, randaugment_magnitude=9), CPU)
@@ -86,10 +93,27 @@ def test_randaugment_on_the_device_loader_is_refused_with_the_fix(data):
 def test_one_real_step_of_the_recipe_at_224_px(tmp_path):
     root, run_dir = tmp_path / "imagenet", tmp_path / "run"
     write_fake_imagefolder(root, ["n01", "n02", "n03"], 2, (256, 240), split_names=("train", "val"), fmt="jpg")
-    run_hydra(target_main, ["experiment=target_imagenet", f"data.root={root}", "arch=tiny", "scales=init",
-                            "data.batch_size=4", "data.eval_batch_size=6", "data.num_workers=0", "epochs=1",
-                            "sched.warmup_epochs=0", "max_steps_per_epoch=1", "deploy=false", "device=cpu", "compile=false",
-                            "optim.compile_step=false", "progress=off", f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        [
+            "experiment=target_imagenet",
+            f"data.root={root}",
+            "arch=tiny",
+            "scales=init",
+            "data.batch_size=4",
+            "data.eval_batch_size=6",
+            "data.num_workers=0",
+            "epochs=1",
+            "sched.warmup_epochs=0",
+            "max_steps_per_epoch=1",
+            "deploy=false",
+            "device=cpu",
+            "compile=false",
+            "optim.compile_step=false",
+            "progress=off",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "completed" and (metrics["steps"], metrics["epochs"]) == (1, 1)
     assert metrics["dataset"] == "imagefolder" and metrics["optimizer"] == "RepOptSGD" and 0 <= metrics["top1"] <= 100

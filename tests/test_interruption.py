@@ -22,8 +22,18 @@ from repopt import get_arch, load_scales
 from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from tests.helpers.runs import SIGNAL_RUN as BASE_SIGNAL_RUN
-from tests.helpers.runs import (SIGNAL_STEPS, TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json,
-                            run_hydra, wait_until)
+from tests.helpers.runs import (
+    SIGNAL_STEPS,
+    TINY,
+    TINY_STEPS,
+    _all_finite,
+    _env,
+    _RecordEpochCheckpoints,
+    _sha256,
+    read_json,
+    run_hydra,
+    wait_until,
+)
 
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]
 
@@ -81,8 +91,15 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
         assert _all_finite(state["model"].values())
         assert not (run_dir / "scales.safetensors").exists()  # stage one exports only when training ends
 
-        resumed = subprocess.run(command + [f"hydra.run.dir={run_dir}", "resume=true"], check=False, cwd=tmp_path, env=env,
-                                 capture_output=True, text=True, timeout=300)
+        resumed = subprocess.run(
+            command + [f"hydra.run.dir={run_dir}", "resume=true"],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"at epoch {run['epoch']}, step {run['step_in_epoch']}" in (run_dir / "app.log").read_text()  # "resumed from"
         assert ref_proc.wait(timeout=300) == 0, (tmp_path / "reference.out").read_text()

@@ -20,8 +20,18 @@ def test_joblib_sweep_of_four_seeds_gives_four_complete_distinct_jobs(tmp_path):
     overrides naming its seed and a checkpoint of that seed; the four scales files differ pairwise; the
     sweep ends with its summary line."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "hypersearch", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2,3",
-               *TINY, "epochs=1", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "hypersearch",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1,2,3",
+        *TINY,
+        "epochs=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
     done = subprocess.run(command, check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import target_train
-from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError, ScalesError
 from repopt.vgg import RepOptVGG
+from repopt.vgg.arch import get_arch
 from target_train import build_target_model, grad_masks, masks_by_param, reinitialize
 
 ARCHS = [("tiny", None), ("tiny", (1, 1, 2, 2, 2)), ("small", (1, 1, 1, 2, 2))]
@@ -266,8 +266,9 @@ def test_reinit_equals_fused_csla_block():
             if spec.has_identity:
                 block.scale_identity.weight.copy_(scales[f"{spec.name}.scale_identity.weight"])
         for spec, block in hs.blocks():
-            torch.testing.assert_close(target.get_parameter(f"{spec.name}.conv.weight").detach(), block.fused_kernel(),
-                                       rtol=1e-14, atol=1e-14)
+            torch.testing.assert_close(
+                target.get_parameter(f"{spec.name}.conv.weight").detach(), block.fused_kernel(), rtol=1e-14, atol=1e-14
+            )
 
 
 def test_reinit_rejects_wrong_scales_and_models():

@@ -51,7 +51,7 @@ def test_cutmix_pastes_one_box_of_the_previous_sample_with_lam_its_kept_area():
         assert bool((pasted == box).all())  # the same box in every image and channel
         rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
         if rows.numel():
-            assert bool(box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())  # a filled rectangle
+            assert bool(box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())  # a filled rectangle
         assert abs((1 - lam) - float(box.float().mean())) < 1e-6
 
 
@@ -79,8 +79,7 @@ def test_both_on_chooses_mixup_or_cutmix_per_batch():
         kinds.append("cutmix" if bool(((x == X) | (x == X.roll(1, 0))).all()) else "mixup")
     assert 5 <= kinds.count("cutmix") <= 35, kinds
     only_cutmix = BatchMix(MixConfig(mixup_alpha=0.4, cutmix_alpha=1.0, switch_prob=1.0), C, seed=0)
-    assert all(bool(((x == X) | (x == X.roll(1, 0))).all()) for x, _ in
-               (only_cutmix(X.clone(), Y, 0, b) for b in range(10)))
+    assert all(bool(((x == X) | (x == X.roll(1, 0))).all()) for x, _ in (only_cutmix(X.clone(), Y, 0, b) for b in range(10)))
 
 
 def test_prob_zero_leaves_the_batch_alone_with_one_hot_labels():

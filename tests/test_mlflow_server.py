@@ -47,16 +47,29 @@ def mlflow_server(tmp_path):
     root.mkdir()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # no job runner (scheduled server-side jobs, a process of its own): nothing here uses it, and it
     # doubles the start and stop time on a small machine
     env = dict(_env(1), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log_path = root / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START_S
         while not _answers(url):
@@ -84,9 +97,19 @@ def test_parallel_pipeline_jobs_log_to_a_tracking_server(tmp_path, mlflow_server
     url, root = mlflow_server
     sweep = tmp_path / "sweep"
     lrs = ("0.1", "0.2")
-    command = [sys.executable, "-m", "pipelines.search_and_train", "-m", "hydra/launcher=local_parallel",
-               f"hs.optim.lr={','.join(lrs)}", *pipeline_overrides(), "target.optim.compile_step=false",
-               "logger=mlflow", f"logger.tracking_uri={url}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.search_and_train",
+        "-m",
+        "hydra/launcher=local_parallel",
+        f"hs.optim.lr={','.join(lrs)}",
+        *pipeline_overrides(),
+        "target.optim.compile_step=false",
+        "logger=mlflow",
+        f"logger.tracking_uri={url}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     done = subprocess.run(command, check=False, cwd=tmp_path, env=_env(1), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
     assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr and "sweep: 2 jobs completed" in done.stderr
@@ -105,11 +128,16 @@ def test_parallel_pipeline_jobs_log_to_a_tracking_server(tmp_path, mlflow_server
         joined = read_json(job_dir / "metrics.json")
         assert joined["status"] == "completed" and job.data.metrics["top1"] == joined["top1"]
         assert {a.path for a in client.list_artifacts(job.info.run_id)} == {"metrics.json"}
-        children = {run.data.tags["repopt.stage"]: run for run in runs.values()
-                    if run.data.tags.get("mlflow.parentRunId") == job.info.run_id}
+        children = {
+            run.data.tags["repopt.stage"]: run
+            for run in runs.values()
+            if run.data.tags.get("mlflow.parentRunId") == job.info.run_id
+        }
         assert set(children) == {"hypersearch", "target_train"}
-        for stage, folder, files in (("hypersearch", "hs", {"metrics.json", "history.csv", "scales.safetensors"}),
-                                     ("target_train", "target", {"metrics.json", "history.csv"})):
+        for stage, folder, files in (
+            ("hypersearch", "hs", {"metrics.json", "history.csv", "scales.safetensors"}),
+            ("target_train", "target", {"metrics.json", "history.csv"}),
+        ):
             run, metrics = children[stage], read_json(job_dir / folder / "metrics.json")
             assert run.info.status == "FINISHED" and run.data.tags["repopt.status"] == "completed"
             assert run.data.tags["repopt.run_dir"] == str(job_dir / folder)

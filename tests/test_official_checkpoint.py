@@ -30,11 +30,24 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ARCHS = {"vgg": "tiny", "ghostnet": "ghostnet_tiny"}
 OFFICIAL_KEYS = {  # how the official HS models name their layers (LinearAddBlock, RepOptGhostModule)
-    "vgg": ["stage0.conv.weight", "stage0.scale_conv.weight", "stage0.conv_1x1.weight", "stage0.scale_1x1.weight",
-            "stage1.1.scale_identity.weight", "stage1.1.bn.running_mean", "linear.weight"],
-    "ghostnet": ["conv_stem.weight", "blocks.1.0.ghost1.primary_conv.0.weight", "blocks.1.0.ghost1.fusion_scale.weight",
-                 "blocks.1.0.ghost1.cheap_operation.0.weight", "blocks.1.0.ghost1.cheap_operation.1.weight",
-                 "blocks.1.0.ghost1.final_bn.running_mean", "classifier.weight"],
+    "vgg": [
+        "stage0.conv.weight",
+        "stage0.scale_conv.weight",
+        "stage0.conv_1x1.weight",
+        "stage0.scale_1x1.weight",
+        "stage1.1.scale_identity.weight",
+        "stage1.1.bn.running_mean",
+        "linear.weight",
+    ],
+    "ghostnet": [
+        "conv_stem.weight",
+        "blocks.1.0.ghost1.primary_conv.0.weight",
+        "blocks.1.0.ghost1.fusion_scale.weight",
+        "blocks.1.0.ghost1.cheap_operation.0.weight",
+        "blocks.1.0.ghost1.cheap_operation.1.weight",
+        "blocks.1.0.ghost1.final_bn.running_mean",
+        "classifier.weight",
+    ],
 }
 
 
@@ -50,8 +63,9 @@ def fake_yacs():
     class CfgNode(dict):
         def __init__(self, init=None):
             super().__init__(init or {})
-            self.__dict__.update({"__immutable__": False, "__deprecated_keys__": set(), "__renamed_keys__": {},
-                                  "__new_allowed__": False})
+            self.__dict__.update(
+                {"__immutable__": False, "__deprecated_keys__": set(), "__renamed_keys__": {}, "__new_allowed__": False}
+            )
 
         def __getattr__(self, name):
             if name in self:
@@ -76,13 +90,24 @@ def fake_yacs():
 
 def official_config(CfgNode):
     """A frozen search config shaped like the official ``config.py`` (nested nodes, tuples, None)."""
-    cfg = CfgNode({
-        "MODEL": CfgNode({"ARCH": "RepOpt-VGG-B1-hs", "RESUME": "", "LABEL_SMOOTHING": 0.1}),
-        "DATA": CfgNode({"DATASET": "cf100", "IMG_SIZE": 32, "MEAN": (0.5071, 0.4865, 0.4409)}),
-        "TRAIN": CfgNode({"EPOCHS": 240, "BASE_LR": 0.1, "EMA_ALPHA": 5e-5, "SCALES_PATH": None,
-                          "OPTIMIZER": CfgNode({"NAME": "sgd", "MOMENTUM": 0.9})}),
-        "AMP_OPT_LEVEL": "O1", "OUTPUT": "output/RepOpt-VGG-B1-hs/search", "SAVE_FREQ": 20,
-    })
+    cfg = CfgNode(
+        {
+            "MODEL": CfgNode({"ARCH": "RepOpt-VGG-B1-hs", "RESUME": "", "LABEL_SMOOTHING": 0.1}),
+            "DATA": CfgNode({"DATASET": "cf100", "IMG_SIZE": 32, "MEAN": (0.5071, 0.4865, 0.4409)}),
+            "TRAIN": CfgNode(
+                {
+                    "EPOCHS": 240,
+                    "BASE_LR": 0.1,
+                    "EMA_ALPHA": 5e-5,
+                    "SCALES_PATH": None,
+                    "OPTIMIZER": CfgNode({"NAME": "sgd", "MOMENTUM": 0.9}),
+                }
+            ),
+            "AMP_OPT_LEVEL": "O1",
+            "OUTPUT": "output/RepOpt-VGG-B1-hs/search",
+            "SAVE_FREQ": 20,
+        }
+    )
     cfg.freeze()
     return cfg
 
@@ -102,8 +127,11 @@ def write_official_latest(path: Path, family: str, protocol: int = 2) -> tuple[d
     spec = get_spec(ARCHS[family])
     torch.manual_seed(0)
     model = build_model(spec, 100, "hs")
-    optimizer = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True) if family == "vgg"
-                 else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        if family == "vgg"
+        else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    )
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # momentum buffers / Adam moments in the optimizer's state
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=240)
@@ -113,9 +141,16 @@ def write_official_latest(path: Path, family: str, protocol: int = 2) -> tuple[d
     model_sd, ema_sd = model.state_dict(), ema.state_dict()
     assert all(key in model_sd for key in OFFICIAL_KEYS[family])
     with fake_yacs() as CfgNode:
-        state = {"model": model_sd, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                 "max_accuracy": 71.5, "epoch": 239, "config": official_config(CfgNode),
-                 "amp": OrderedDict(loss_scaler0={"loss_scale": 65536.0, "unskipped": 17}), "ema": ema_sd}
+        state = {
+            "model": model_sd,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "max_accuracy": 71.5,
+            "epoch": 239,
+            "config": official_config(CfgNode),
+            "amp": OrderedDict(loss_scaler0={"loss_scale": 65536.0, "unskipped": 17}),
+            "ema": ema_sd,
+        }
         torch.save(state, path, pickle_protocol=protocol)
     return model_sd, ema_sd
 
@@ -317,8 +352,11 @@ def test_a_pickle_cannot_rewrite_the_readers_tensor_records(tmp_path):
     ops = list(pickletools.genops(pkl))
     # the first tensor: REDUCE on its memoized args TUPLE (OrderedDict() for its hooks takes EMPTY_TUPLE);
     # the BUILD goes after the tensor's own memo put
-    cut = next(ops[i + 2][2] for i in range(2, len(ops) - 2)
-               if ops[i][0].name == "REDUCE" and ops[i - 2][0].name == "TUPLE" and "PUT" in ops[i + 1][0].name)
+    cut = next(
+        ops[i + 2][2]
+        for i in range(2, len(ops) - 2)
+        if ops[i][0].name == "REDUCE" and ops[i - 2][0].name == "TUPLE" and "PUT" in ops[i + 1][0].name
+    )
     hostile = tmp_path / "rewrite.pth"
     with zipfile.ZipFile(hostile, "w", zipfile.ZIP_STORED) as out:
         for name, data in entries:
@@ -334,8 +372,10 @@ def test_errors_name_the_keys_found_and_the_fix(tmp_path):
     sd = build_model(spec, 100, "hs").state_dict()
     without_ema = tmp_path / "no_ema.pth"
     with fake_yacs() as CfgNode:
-        torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
-                    "config": official_config(CfgNode)}, without_ema)
+        torch.save(
+            {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "config": official_config(CfgNode)},
+            without_ema,
+        )
     with pytest.raises(ScalesError) as exc:
         load_scales(without_ema, spec, scales_from="ema")
     for needle in (without_ema, "'ema'", "keys found: model, optimizer, epoch, config", "scales_from=model"):
@@ -379,7 +419,7 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
         with zipfile.ZipFile(path) as archive:
             records = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size]
         for record in records:  # the data follows the local header and its own name and extra field
-            header = data[record.header_offset:record.header_offset + 30]
+            header = data[record.header_offset : record.header_offset + 30]
             start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
             data[start] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -9,12 +9,21 @@ import io
 import pytest
 import torch
 
-from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError
 from repopt.scales import random_scales
 from repopt.vgg import RepOptVGG
-from target_train import (RepOptAdamW, RepOptSGD, build_optimizer, build_repopt, build_target_model, grad_masks,
-                          masks_by_param, param_groups, reinitialize)
+from repopt.vgg.arch import get_arch
+from target_train import (
+    RepOptAdamW,
+    RepOptSGD,
+    build_optimizer,
+    build_repopt,
+    build_target_model,
+    grad_masks,
+    masks_by_param,
+    param_groups,
+    reinitialize,
+)
 
 ARCH = get_arch("tiny", strides=(1, 1, 2, 2, 2))  # identity blocks, stride-2 blocks, stage0 without identity
 
@@ -77,8 +86,11 @@ def test_param_groups_hs_model():
     decay, no_decay = _names(model, groups[0]["params"]), _names(model, groups[1]["params"])
     all_names = {n for n, _ in model.named_parameters()}
     assert decay | no_decay == all_names and not decay & no_decay
-    expected_decay = {n for n in all_names if n.endswith(("conv.weight", "conv_1x1.weight", "scale_identity.weight"))
-                      and ".scale_conv." not in n} | {"linear.weight"}
+    expected_decay = {
+        n
+        for n in all_names
+        if n.endswith(("conv.weight", "conv_1x1.weight", "scale_identity.weight")) and ".scale_conv." not in n
+    } | {"linear.weight"}
     assert decay == expected_decay
     assert "stage1.0.scale_identity.weight" in decay and "stage1.0.conv_1x1.weight" in decay
     for n in no_decay:
@@ -100,8 +112,9 @@ def test_param_groups_target_model():
     decay_g, no_decay_g = param_groups(model, weight_decay=1e-3)
     decay, no_decay = _names(model, decay_g["params"]), _names(model, no_decay_g["params"])
     assert decay == {f"{b.name}.conv.weight" for b in ARCH.blocks} | {"linear.weight"}
-    assert no_decay == ({f"{b.name}.bn.weight" for b in ARCH.blocks} | {f"{b.name}.bn.bias" for b in ARCH.blocks}
-                        | {"linear.bias"})
+    assert no_decay == (
+        {f"{b.name}.bn.weight" for b in ARCH.blocks} | {f"{b.name}.bn.bias" for b in ARCH.blocks} | {"linear.bias"}
+    )
     assert decay_g["weight_decay"] == 1e-3 and no_decay_g["weight_decay"] == 0.0
 
 
@@ -167,15 +180,29 @@ def test_repopt_sgd_masked_equals_reference(impl, cfg):
         steps_grads.append([p.grad.clone() for p in model.parameters()])
         opt.step()
     params = list(model.parameters())
-    expected = reference_masked_sgd(init, [masks.get(p) for p in params], steps_grads, lr=0.03,
-                                    momentum=cfg["momentum"], wd=[wd_of[id(p)] for p in params],
-                                    nesterov=cfg["nesterov"], dampening=cfg.get("dampening", 0.0))
+    expected = reference_masked_sgd(
+        init,
+        [masks.get(p) for p in params],
+        steps_grads,
+        lr=0.03,
+        momentum=cfg["momentum"],
+        wd=[wd_of[id(p)] for p in params],
+        nesterov=cfg["nesterov"],
+        dampening=cfg.get("dampening", 0.0),
+    )
     for (name, p), e in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-13, atol=1e-15, msg=name)
     # the masks really changed the trajectory of the conv weights (and only theirs)
-    plain = reference_masked_sgd(init, [None] * len(params), steps_grads, lr=0.03, momentum=cfg["momentum"],
-                                 wd=[wd_of[id(p)] for p in params], nesterov=cfg["nesterov"],
-                                 dampening=cfg.get("dampening", 0.0))
+    plain = reference_masked_sgd(
+        init,
+        [None] * len(params),
+        steps_grads,
+        lr=0.03,
+        momentum=cfg["momentum"],
+        wd=[wd_of[id(p)] for p in params],
+        nesterov=cfg["nesterov"],
+        dampening=cfg.get("dampening", 0.0),
+    )
     for (name, p), e in zip(model.named_parameters(), plain):
         if name.endswith("conv.weight"):
             assert (p.detach() - e).abs().max() > 1e-3, name
@@ -257,8 +284,8 @@ def reference_masked_adamw(params, masks, steps_grads, lr, betas, eps, wd):
             p *= 1 - lr * wd[i]
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
-            m_hat = m[i] / (1 - b1 ** t)
-            v_hat = v[i] / (1 - b2 ** t)
+            m_hat = m[i] / (1 - b1**t)
+            v_hat = v[i] / (1 - b2**t)
             u = m_hat / (v_hat.sqrt() + eps)
             if masks[i] is not None:
                 u = u * masks[i]
@@ -370,7 +397,7 @@ def test_grad_scaler_with_repopt_sgd(fused):
     ref = copy.deepcopy(model)
     opt = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.05, momentum=0.9, fused=fused)
     ref_opt = RepOptSGD(param_groups(ref, 1e-3), sgd_masks(ref), lr=0.05, momentum=0.9, fused=fused)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     target = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(1))
 
@@ -381,7 +408,7 @@ def test_grad_scaler_with_repopt_sgd(fused):
     torch.nn.functional.cross_entropy(ref(x), target).backward()
     ref_opt.step()
     assert_params_equal(model, ref, exact=False, rtol=1e-6, atol=1e-7)
-    assert scaler.get_scale() == 2.0 ** 10
+    assert scaler.get_scale() == 2.0**10
 
     # an overflowing step is skipped: parameters and momentum unchanged, the scale backs off
     opt.zero_grad()
@@ -398,7 +425,7 @@ def test_grad_scaler_with_repopt_sgd(fused):
     for p in model.parameters():
         if id(p) in bufs:
             assert torch.equal(opt.state[p]["momentum_buffer"], bufs[id(p)])
-    assert scaler.get_scale() == 2.0 ** 9
+    assert scaler.get_scale() == 2.0**9
 
 
 # ---------------------------------------------------------------- argument checks
@@ -577,6 +604,7 @@ def test_fallback_when_compilation_fails_trains_the_eager_step(monkeypatch, capl
         def kernel(*args):
             attempts.append(1)
             raise RuntimeError("backend='inductor' raised:\nInvalidCxxCompiler: No working C++ compiler found")
+
         return kernel
 
     monkeypatch.setattr(optim_mod, "_masked_sgd_kernel", failing_kernel)
@@ -602,8 +630,9 @@ def test_fallback_when_compilation_fails_trains_the_eager_step(monkeypatch, capl
     assert len(warnings) == 1 and "compiling the single-pass step failed" in warnings[0], warnings
     assert_params_equal(model, ref)  # exactly the eager step, from the failed step on
     params = list(model.parameters())
-    expected = reference_masked_sgd(init, [masks.get(p) for p in params], steps_grads, lr=0.03, momentum=0.9,
-                                    wd=[wd_of[id(p)] for p in params], nesterov=True)
+    expected = reference_masked_sgd(
+        init, [masks.get(p) for p in params], steps_grads, lr=0.03, momentum=0.9, wd=[wd_of[id(p)] for p in params], nesterov=True
+    )
     for (name, p), e in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-13, atol=1e-15, msg=name)
 
@@ -612,8 +641,11 @@ def test_compiled_step_unavailable_falls_back_at_construction_or_raises_when_req
     import target_train.optim as optim_mod
 
     monkeypatch.setattr(optim_mod, "AUTO_COMPILE_MIN_PARAMS", 0)
-    monkeypatch.setattr(optim_mod, "compiled_step_unavailable",
-                        lambda *a, **k: "no working C++ compiler for inductor's CPU kernels (InvalidCxxCompiler)")
+    monkeypatch.setattr(
+        optim_mod,
+        "compiled_step_unavailable",
+        lambda *a, **k: "no working C++ compiler for inductor's CPU kernels (InvalidCxxCompiler)",
+    )
     caplog.set_level("INFO", logger="target_train.optim")
     model = make_model(torch.float32)
     opt = RepOptSGD(param_groups(model, 1e-3), sgd_masks(model), lr=0.1, momentum=0.9)

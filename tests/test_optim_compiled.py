@@ -92,7 +92,9 @@ def test_stage_two_app_trains_with_the_compiled_step(in_tmp):
     from target_train.app import main as target_main
     from tests.helpers.runs import TINY, read_json, run_hydra
 
-    run_hydra(target_main, TINY + ["epochs=1", "scales=init", "deploy=false", "optim.compile_step=true",
-                                   f"hydra.run.dir={in_tmp / 'run'}"])
+    run_hydra(
+        target_main,
+        TINY + ["epochs=1", "scales=init", "deploy=false", "optim.compile_step=true", f"hydra.run.dir={in_tmp / 'run'}"],
+    )
     metrics = read_json(in_tmp / "run" / "metrics.json")
     assert metrics["status"] == "completed" and metrics["optimizer"] == "RepOptSGD"

@@ -36,8 +36,10 @@ def test_the_configs_install_under_the_projects_own_package(tmp_path):
     import subprocess
     import sys
 
-    code = ("import importlib.util as u; import importlib.resources as r; "
-            "print(u.find_spec('conf') is None, (r.files('repopt.conf') / 'target_train.yaml').is_file())")
+    code = (
+        "import importlib.util as u; import importlib.resources as r; "
+        "print(u.find_spec('conf') is None, (r.files('repopt.conf') / 'target_train.yaml').is_file())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

@@ -11,7 +11,6 @@ from repopt.io import sha256_file
 from tests.helpers.runs import pipeline_overrides, read_json, run_hydra
 
 
-
 def test_two_setting_multirun_then_compare(in_tmp):
     sweep = in_tmp / "sweep"
     run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["hs.optim.lr=0.05,0.2", f"hydra.sweep.dir={sweep}"])
@@ -64,9 +63,18 @@ def test_seeds_aggregate_as_mean_std(in_tmp):
 def test_export_step_adds_int8_columns(in_tmp):
     """export=true runs ONNX export + INT8 PTQ as a third step; compare shows the INT8 columns."""
     sweep = in_tmp / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["variant=plain,repvgg", "export=true",
-                                                               "quant.calibration_images=32", "quant.latency_runs=2",
-                                                               f"hydra.sweep.dir={sweep}"])
+    run_hydra(
+        pipeline_main,
+        ["-m"]
+        + pipeline_overrides()
+        + [
+            "variant=plain,repvgg",
+            "export=true",
+            "quant.calibration_images=32",
+            "quant.latency_runs=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+    )
     for job in ("0", "1"):
         joined = read_json(sweep / job / "metrics.json")
         assert joined["status"] == "completed" and 0 <= joined["quant"]["int8_top1"] <= 100

@@ -45,8 +45,10 @@ def test_hydra_run_dir_below_a_regular_file_fails_before_training(in_tmp, capsys
     blocker.write_text("a regular file")
     run_hydra(hs_main, TINY + [f"hydra.run.dir={blocker / 'run'}"], expect_exit=1)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: output directory {blocker / 'run'} (hydra.run.dir) cannot be created (Not a directory); "
-                   f"choose another with hydra.run.dir=..."]
+    assert err == [
+        f"error: output directory {blocker / 'run'} (hydra.run.dir) cannot be created (Not a directory); "
+        f"choose another with hydra.run.dir=..."
+    ]
     assert blocker.read_text() == "a regular file"
 
 
@@ -67,8 +69,9 @@ def test_resume_with_another_class_count_is_refused_and_keeps_the_checkpoint(art
     run_dir = in_tmp / "run"
     shutil.copytree(artifacts["run_dir"], run_dir)
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "metrics.json", "history.csv")}
-    run_hydra(hs_main, TINY + ["epochs=2", "resume=true", "data.synthetic_num_classes=5", f"hydra.run.dir={run_dir}"],
-              expect_exit=1)
+    run_hydra(
+        hs_main, TINY + ["epochs=2", "resume=true", "data.synthetic_num_classes=5", f"hydra.run.dir={run_dir}"], expect_exit=1
+    )
     err = capsys.readouterr().err
     assert "data.synthetic_num_classes: 10 -> 5" in err and "Traceback" not in err
     assert {name: (run_dir / name).read_bytes() for name in before} == before

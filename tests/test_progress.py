@@ -31,9 +31,16 @@ def test_auto_progress_logs_when_stderr_is_not_a_terminal(monkeypatch):
     assert EpochProgress("auto", 0, 1, 0, 10, 30.0, show=False).mode == "off"
 
 
-@pytest.mark.parametrize("override,key", [("optim.name=sgdd", "optim.name"), ("sched.name=cosine", "sched.name"),
-                                          ("amp=fp8", "amp"), ("progress=verbose", "progress"),
-                                          ("progress_every_s=0", "progress_every_s")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.name=sgdd", "optim.name"),
+        ("sched.name=cosine", "sched.name"),
+        ("amp=fp8", "amp"),
+        ("progress=verbose", "progress"),
+        ("progress_every_s=0", "progress_every_s"),
+    ],
+)
 def test_string_settings_are_checked_before_anything_runs(tmp_path, capsys, override, key):
     run_dir = tmp_path / "run"
     run_hydra(hs_main, TINY + [override, f"hydra.run.dir={run_dir}"], expect_exit=1)
@@ -49,11 +56,13 @@ def test_tune_help_and_a_missing_study_are_one_line_not_a_traceback(tmp_path):
 
     from tests.helpers.runs import _env
 
-    shown = subprocess.run([sys.executable, "-m", "pipelines.tune", "--help"], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipelines.tune", "--help"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert shown.returncode == 0 and "Traceback" not in shown.stderr and "tune" in shown.stdout
-    missing = subprocess.run([sys.executable, "-m", "pipelines.tune"], cwd=tmp_path, env=_env(), capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "pipelines.tune"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "error: no search space: choose a study with tune=<name> (hs_recipe, quickstart)" in missing.stderr
 
@@ -80,4 +89,7 @@ def test_stage_two_says_where_it_runs_and_which_scales_it_loaded(tmp_path, capsy
     run_dir = tmp_path / "run"
     run_hydra(target_main, TINY + ["epochs=1", f"scales={artifacts['run_dir']}", f"hydra.run.dir={run_dir}"])
     out = capsys.readouterr().out
-    assert f"run directory {run_dir}; target with RepOptSGD; scales: file {artifacts['run_dir'] / 'scales.safetensors'} (sha256 " in out
+    assert (
+        f"run directory {run_dir}; target with RepOptSGD; scales: file {artifacts['run_dir'] / 'scales.safetensors'} (sha256 "
+        in out
+    )

@@ -17,8 +17,8 @@ from repopt.numerics import rel_diff  # noqa: E402
 from repopt.scales import random_scales  # noqa: E402
 from target_train import quantize as q  # noqa: E402
 from target_train.app import main as target_main  # noqa: E402
-from target_train.finished_run import load_model  # noqa: E402
 from target_train.families.vgg import fuse  # noqa: E402
+from target_train.finished_run import load_model  # noqa: E402
 from target_train.handler import grad_masks  # noqa: E402
 from target_train.prune import main as prune_main  # noqa: E402
 from target_train.pruning.channels import ChannelPlan, prune_vgg  # noqa: E402
@@ -140,7 +140,7 @@ def test_wrongly_sliced_masks_break_the_equivalence(monkeypatch):
         out = {}
         for name in plan.names:
             m = masks[f"{name}.conv.weight"].index_select(0, plan.index(name, "out"))
-            out[f"{name}.conv.weight"] = m[:, :len(plan.kept_in(name))].contiguous()
+            out[f"{name}.conv.weight"] = m[:, : len(plan.kept_in(name))].contiguous()
         return out
 
     monkeypatch.setattr(pm, "slice_masks", inputs_unsliced)
@@ -185,8 +185,7 @@ def test_prune_only_writes_a_checked_deployable_model(target_run, workdir):
 
 
 def test_fine_tune_with_the_sliced_repoptimizer(target_run):
-    run_hydra(prune_main, [f"run={target_run}", "epochs=1", "max_steps_per_epoch=2", "int8=true",
-                           "calibration_images=32"] + FAST)
+    run_hydra(prune_main, [f"run={target_run}", "epochs=1", "max_steps_per_epoch=2", "int8=true", "calibration_images=32"] + FAST)
     m = read_json_file(target_run / "pruned" / "metrics.json")
     p = m["channel_pruning"]
     assert m["optimizer"] == "RepOptSGD" and m["epochs"] == 1 and m["steps"] == 2
@@ -208,11 +207,14 @@ def test_an_existing_result_is_kept_unless_overwrite(target_run, capsys):
     assert read_json_file(target_run / "kept" / "metrics.json")["channel_pruning"]["ratio"] == 0.25
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["ratio=1.5"], "ratio=1.5: must be in (0, 1)"),
-    (["importance=taylor"], "importance='taylor'"),
-    (["out=../elsewhere"], "a folder name inside the run directory"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ratio=1.5"], "ratio=1.5: must be in (0, 1)"),
+        (["importance=taylor"], "importance='taylor'"),
+        (["out=../elsewhere"], "a folder name inside the run directory"),
+    ],
+)
 def test_bad_settings_are_one_clear_line(target_run, overrides, message, capsys):
     run_hydra(prune_main, [f"run={target_run}"] + overrides + FAST, expect_exit=1)
     assert message in capsys.readouterr().err
@@ -236,8 +238,11 @@ def test_repvgg_is_pruned_in_its_deployed_form_by_default(repvgg_run, capsys):
 
 
 def test_repvgg_branches_tie_identity_chains_to_one_channel_set(repvgg_run):
-    run_hydra(prune_main, [f"run={repvgg_run}", "repvgg_mode=branches", "round_to=null", "epochs=1",
-                           "max_steps_per_epoch=1", "out=branches"] + FAST)
+    run_hydra(
+        prune_main,
+        [f"run={repvgg_run}", "repvgg_mode=branches", "round_to=null", "epochs=1", "max_steps_per_epoch=1", "out=branches"]
+        + FAST,
+    )
     plan = ChannelPlan.from_dict(read_json_file(repvgg_run / "branches" / "prune.json"))
     arch = load_model(repvgg_run / "best.pt")[0].arch
     for spec in arch.blocks:
@@ -249,8 +254,10 @@ def test_repvgg_branches_tie_identity_chains_to_one_channel_set(repvgg_run):
 
 def test_ghostnet_runs_are_refused_clearly(workdir, capsys):
     run_dir = workdir / "ghost"
-    run_hydra(target_main, TINY + ["family=ghostnet", "arch=ghostnet_tiny", "epochs=1", "scales=init", "deploy=false",
-                                   f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        TINY + ["family=ghostnet", "arch=ghostnet_tiny", "epochs=1", "scales=init", "deploy=false", f"hydra.run.dir={run_dir}"],
+    )
     run_hydra(prune_main, [f"run={run_dir}"] + FAST, expect_exit=1)
     assert "supports the VGG family" in capsys.readouterr().err
     assert not (run_dir / "pruned").exists()
@@ -263,12 +270,25 @@ def test_pipeline_prune_step_and_the_comparison_columns(workdir):
     from tests.helpers.runs import pipeline_overrides
 
     job = workdir / "job"
-    run_hydra(pipeline_main, pipeline_overrides() + [
-        "target.optim.compile_step=false", "prune=true", "pruning.epochs=1", "pruning.max_steps_per_epoch=1",
-        "pruning.latency_runs=2", "pruning.threads=1", "pruning.progress=off", f"hydra.run.dir={job}"])
+    run_hydra(
+        pipeline_main,
+        pipeline_overrides()
+        + [
+            "target.optim.compile_step=false",
+            "prune=true",
+            "pruning.epochs=1",
+            "pruning.max_steps_per_epoch=1",
+            "pruning.latency_runs=2",
+            "pruning.threads=1",
+            "pruning.progress=off",
+            f"hydra.run.dir={job}",
+        ],
+    )
     summary = read_json_file(job / "metrics.json")
     assert summary["status"] == "completed" and summary["channel_pruning_run"]["stage"] == "prune"
-    assert summary["channel_pruning_run"]["channel_pruning"]["ratio"] == 0.5 and (job / "target" / "pruned" / "pruned.pt").is_file()
+    assert (
+        summary["channel_pruning_run"]["channel_pruning"]["ratio"] == 0.5 and (job / "target" / "pruned" / "pruned.pt").is_file()
+    )
     compare([job], plots=False)
     table = (job / "comparison.md").read_text()
     for title in ("pruned top-1", "pruned top-1 (no fine-tune)", "MACs kept", "speed-up b1"):
@@ -281,8 +301,9 @@ def test_pipeline_checks_the_pruning_settings_before_training(workdir, capsys):
     from pipelines.search_and_train import main as pipeline_main
     from tests.helpers.runs import pipeline_overrides
 
-    run_hydra(pipeline_main, pipeline_overrides() + ["prune=true", "pruning.ratio=2", f"hydra.run.dir={workdir / 'bad'}"],
-              expect_exit=1)
+    run_hydra(
+        pipeline_main, pipeline_overrides() + ["prune=true", "pruning.ratio=2", f"hydra.run.dir={workdir / 'bad'}"], expect_exit=1
+    )
     assert "pruning.ratio=2" in capsys.readouterr().err
     assert not (workdir / "bad" / "hs").exists()
     run_hydra(pipeline_main, ["family=ghostnet", "prune=true", f"hydra.run.dir={workdir / 'bad2'}"], expect_exit=1)
@@ -294,9 +315,15 @@ def test_compare_takes_differences_of_the_pruned_accuracy():
 
     from pipelines.compare import add_differences, aggregate, to_markdown
 
-    frame = pd.DataFrame({"variant": ["searched"] * 3 + ["repvgg"] * 3, "hs.seed": [0, 1, 2] * 2,
-                          "status": ["completed"] * 6, "target_top1": [50.0] * 6,
-                          "pruned_top1": [47.0, 46.0, 48.0, 40.0, 41.0, 39.0]})
+    frame = pd.DataFrame(
+        {
+            "variant": ["searched"] * 3 + ["repvgg"] * 3,
+            "hs.seed": [0, 1, 2] * 2,
+            "status": ["completed"] * 6,
+            "target_top1": [50.0] * 6,
+            "pruned_top1": [47.0, 46.0, 48.0, 40.0, 41.0, 39.0],
+        }
+    )
     table = aggregate(frame, ["variant"])
     title = add_differences(frame, table, ["variant"], ("variant", "repvgg"), "pruned_top1")
     assert title == "Δ pruned top-1 vs variant=repvgg [95 % CI]"

@@ -85,8 +85,7 @@ def test_block_layout_and_registration():
         build_baseline_model("ghostnet_tiny", 10, "qarepvgg")
 
 
-@pytest.mark.parametrize("in_ch,out_ch,stride", [(8, 8, 1), (8, 16, 1), (8, 8, 2)],
-                         ids=["identity", "widening", "strided"])
+@pytest.mark.parametrize("in_ch,out_ch,stride", [(8, 8, 1), (8, 16, 1), (8, 8, 2)], ids=["identity", "widening", "strided"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_block_folds_exactly(in_ch, out_ch, stride, dtype, tol):
     block = _randomized(QARepVGGBlock(_spec(in_ch, out_ch, stride)), dtype, seed=in_ch * out_ch + stride)
@@ -135,8 +134,10 @@ def test_settings_accept_it_for_vgg_only():
     hs, target = stage_configs(PipelineConfig(variant="qarepvgg"))
     assert hs is None and (target.model, target.scales) == ("qarepvgg", "none")
     with pytest.raises(ConfigError, match="variant=qarepvgg trains QARepVGG, a vgg baseline; family=ghostnet"):
-        to_typed({"family": "ghostnet", "variant": "qarepvgg", "hs": {"family": "ghostnet"},
-                  "target": {"family": "ghostnet"}}, PipelineConfig)
+        to_typed(
+            {"family": "ghostnet", "variant": "qarepvgg", "hs": {"family": "ghostnet"}, "target": {"family": "ghostnet"}},
+            PipelineConfig,
+        )
 
 
 # ---------------------------------------------------------------------------- stage two, export, pruning
@@ -150,7 +151,9 @@ def test_stage_two_trains_it_plainly_and_deploys_the_folded_model(qarepvgg_run, 
     assert metrics["status"] == "completed" and metrics["model"] == "qarepvgg" and metrics["optimizer"] == "SGD"
     assert metrics["scales"]["kind"] == "none" and metrics["deploy_max_rel_diff"] <= 1e-4
     ckpt = load_checkpoint(qarepvgg_run / "last.pt")
-    assert ckpt["mode"] == "qarepvgg" and "stage1.0.rbr_1x1.weight" in ckpt["model"] and "stage1.0.bn.running_var" in ckpt["model"]
+    assert (
+        ckpt["mode"] == "qarepvgg" and "stage1.0.rbr_1x1.weight" in ckpt["model"] and "stage1.0.bn.running_var" in ckpt["model"]
+    )
     model, _ = load_model(qarepvgg_run / "last.pt")  # the export and pruning steps' loader accepts it
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -179,8 +182,11 @@ def test_pruned_with_its_branches(qarepvgg_run):
     from target_train.prune import main as prune_main
     from target_train.pruning.channels import ChannelPlan
 
-    run_hydra(prune_main, [f"run={qarepvgg_run}", "repvgg_mode=branches", "round_to=null", "epochs=1",
-                           "max_steps_per_epoch=1", "out=branches"] + FAST)
+    run_hydra(
+        prune_main,
+        [f"run={qarepvgg_run}", "repvgg_mode=branches", "round_to=null", "epochs=1", "max_steps_per_epoch=1", "out=branches"]
+        + FAST,
+    )
     plan = ChannelPlan.from_dict(read_json(qarepvgg_run / "branches" / "prune.json"))
     arch = load_model(qarepvgg_run / "best.pt")[0].arch
     assert any(spec.has_identity for spec in arch.blocks)
@@ -197,9 +203,19 @@ def test_pipeline_variant_trains_exports_and_compares(workdir):
     step folds and INT8-quantizes it, and compare shows it as an ordinary variant row."""
     pytest.importorskip("onnxruntime")
     sweep = workdir / "sweep"
-    run_hydra(pipeline_main, ["-m"] + pipeline_overrides() + ["variant=repvgg,qarepvgg", "export=true",
-                                                               "quant.calibration_images=32", "quant.latency_runs=2",
-                                                               "quant.latency_warmup=0", f"hydra.sweep.dir={sweep}"])
+    run_hydra(
+        pipeline_main,
+        ["-m"]
+        + pipeline_overrides()
+        + [
+            "variant=repvgg,qarepvgg",
+            "export=true",
+            "quant.calibration_images=32",
+            "quant.latency_runs=2",
+            "quant.latency_warmup=0",
+            f"hydra.sweep.dir={sweep}",
+        ],
+    )
     for job, variant in (("0", "repvgg"), ("1", "qarepvgg")):
         joined = read_json(sweep / job / "metrics.json")
         assert joined["status"] == "completed" and joined["variant"] == variant

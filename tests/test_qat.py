@@ -44,8 +44,7 @@ def trained_run(workdir) -> Path:
     from target_train.app import main as target_main
 
     run_dir = workdir / "trained"
-    run_hydra(target_main, TINY + ["epochs=8", "optim.lr=0.8", "scales=init", "compile=false",
-                                   f"hydra.run.dir={run_dir}"])
+    run_hydra(target_main, TINY + ["epochs=8", "optim.lr=0.8", "scales=init", "compile=false", f"hydra.run.dir={run_dir}"])
     assert (run_dir / "best.pt").is_file()
     return run_dir
 
@@ -111,9 +110,23 @@ def test_qat_recovers_what_ptq_loses(trained_run, workdir):
     bundle = run_bundle(run_dir)
     assert onnx_nll(run_dir / "model.qat.int8.onnx", bundle) < onnx_nll(run_dir / "model.int8.onnx", bundle) - 0.1
     # the report: every field, the settings, the history
-    for key in ("fp32_top1", "fake_quant_top1", "int8_top1", "int8_top5", "top1_drop", "epochs", "lr", "steps",
-                "onnx_int8_vs_converted_max_rel_diff", "onnx_int8_vs_fake_quant_max_rel_diff", "latency_ms_per_image",
-                "quantization", "versions", "masks", "files"):
+    for key in (
+        "fp32_top1",
+        "fake_quant_top1",
+        "int8_top1",
+        "int8_top5",
+        "top1_drop",
+        "epochs",
+        "lr",
+        "steps",
+        "onnx_int8_vs_converted_max_rel_diff",
+        "onnx_int8_vs_fake_quant_max_rel_diff",
+        "latency_ms_per_image",
+        "quantization",
+        "versions",
+        "masks",
+        "files",
+    ):
         assert key in r, key
     assert r["top1_drop"] == pytest.approx(r["fp32_top1"] - r["int8_top1"])
     assert r["quantization"]["per_channel"] is False and r["quantization"]["weight_symmetric"] is True
@@ -239,15 +252,18 @@ def test_config_composes_with_the_schema_defaults():
     assert qat_mod.to_typed(cfg, qat_mod.QatConfig) == qat_mod.QatConfig(run="/tmp/somewhere")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ([], "run= is required"),
-    (["run=RUN", "epochs=-1"], "epochs must be >= 0"),
-    (["run=RUN", "lr=0"], "lr must be a positive number"),
-    (["run=RUN", "momentum=1.5"], "momentum must be in [0, 1)"),
-    (["run=RUN", "opset=17"], "opset 18 or newer"),
-    (["run=RUN", "checkpoint=first"], "choose best or last"),
-    (["run=MISSING"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "run= is required"),
+        (["run=RUN", "epochs=-1"], "epochs must be >= 0"),
+        (["run=RUN", "lr=0"], "lr must be a positive number"),
+        (["run=RUN", "momentum=1.5"], "momentum must be in [0, 1)"),
+        (["run=RUN", "opset=17"], "opset 18 or newer"),
+        (["run=RUN", "checkpoint=first"], "choose best or last"),
+        (["run=MISSING"], "does not exist"),
+    ],
+)
 def test_config_errors_are_one_line(workdir, capsys, overrides, message):
     existing = workdir / "some-run"
     existing.mkdir(exist_ok=True)
@@ -275,5 +291,4 @@ def test_quantizer_uses_onnxruntime_ranges():
     assert (act.dtype, act.quant_min, act.quant_max, act.qscheme) == (torch.int8, -128, 127, torch.per_tensor_affine)
     assert (weight.quant_min, weight.quant_max, weight.qscheme) == (-64, 64, torch.per_tensor_symmetric)
     _, weight = qat_specs(quant_mod.choose_settings("uint8", False, True, "minmax"))
-    assert (weight.quant_min, weight.quant_max, weight.qscheme, weight.ch_axis) == (-127, 127,
-                                                                                     torch.per_channel_symmetric, 0)
+    assert (weight.quant_min, weight.quant_max, weight.qscheme, weight.ch_axis) == (-127, 127, torch.per_channel_symmetric, 0)

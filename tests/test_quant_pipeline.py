@@ -24,12 +24,23 @@ from tests.helpers.runs import pipeline_overrides, read_json, run_hydra  # noqa:
 
 FAST = ["calibration_images=32", "latency_runs=2", "latency_warmup=0", "threads=1"]
 # variant=plain: no stage one (the steps under test come after stage two); QAT for one epoch
-STEPS = (["variant=plain", "export=true", "ptq_per_tensor=true", "qat=true", "qat_train.epochs=1"]
-         + [f"quant.{o}" for o in FAST] + [f"qat_train.{o}" for o in FAST])
+STEPS = (
+    ["variant=plain", "export=true", "ptq_per_tensor=true", "qat=true", "qat_train.epochs=1"]
+    + [f"quant.{o}" for o in FAST]
+    + [f"qat_train.{o}" for o in FAST]
+)
 RESULTS = {"quant": "quant.json", "quant_per_tensor": "quant-per_tensor.json", "qat": "qat.json"}
 # every file the three steps write into the target run
-STEP_FILES = ("model.onnx", "model.int8.onnx", "quant.json", "model.int8-per_tensor.onnx", "quant-per_tensor.json",
-              "model.qat.int8.onnx", "qat.json", "qat_history.csv")
+STEP_FILES = (
+    "model.onnx",
+    "model.int8.onnx",
+    "quant.json",
+    "model.int8-per_tensor.onnx",
+    "quant-per_tensor.json",
+    "model.qat.int8.onnx",
+    "qat.json",
+    "qat_history.csv",
+)
 
 
 # stage two trained past chance (a model at chance predicts one class: every INT8 column would read the same)
@@ -74,9 +85,14 @@ def test_compare_shows_the_three_columns(job):
     table = compare([job], plots=False)
     row = pd.read_csv(job / "comparison.csv").iloc[0]
     quant, per_tensor, qat = (read_json(job / "target" / RESULTS[k]) for k in ("quant", "quant_per_tensor", "qat"))
-    expected = {"int8_top1": quant["int8_top1"], "int8_top1_drop": quant["top1_drop"],
-                "int8_pt_top1": per_tensor["int8_top1"], "int8_pt_top1_drop": per_tensor["top1_drop"],
-                "qat_top1": qat["int8_top1"], "qat_top1_drop": qat["top1_drop"]}
+    expected = {
+        "int8_top1": quant["int8_top1"],
+        "int8_top1_drop": quant["top1_drop"],
+        "int8_pt_top1": per_tensor["int8_top1"],
+        "int8_pt_top1_drop": per_tensor["top1_drop"],
+        "qat_top1": qat["int8_top1"],
+        "qat_top1_drop": qat["top1_drop"],
+    }
     for column, value in expected.items():
         assert row[column] == pytest.approx(value), column
         assert table.iloc[0][column] == f"{value:.2f}", column  # one job: the value itself

@@ -12,12 +12,17 @@ def _job(root: Path, name: str, variant: str, seed: int, fp32: float, pc: float,
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     (job / "target").mkdir()
-    (job / "metrics.json").write_text(json.dumps({"status": "completed", "variant": variant, "config": {"target": {"seed": seed}}}))
-    layers = [{"kind": "conv3x3", "absmax_over_std": absmax, "weight_std": 0.1, "weight_absmax": absmax * 0.1},
-              {"kind": "linear", "absmax_over_std": 99.0, "weight_std": 9.0, "weight_absmax": 9.0}]  # the head is not a conv
+    (job / "metrics.json").write_text(
+        json.dumps({"status": "completed", "variant": variant, "config": {"target": {"seed": seed}}})
+    )
+    layers = [
+        {"kind": "conv3x3", "absmax_over_std": absmax, "weight_std": 0.1, "weight_absmax": absmax * 0.1},
+        {"kind": "linear", "absmax_over_std": 99.0, "weight_std": 9.0, "weight_absmax": 9.0},
+    ]  # the head is not a conv
     latency = {"fp32": {"batch1": 0.2, "batch32": 0.05}, "int8": {"batch1": 0.1, "batch32": 0.03}}
-    (job / "target" / "quant.json").write_text(json.dumps({"fp32_top1": fp32, "int8_top1": pc, "layers": layers,
-                                                           "latency_ms_per_image": latency}))
+    (job / "target" / "quant.json").write_text(
+        json.dumps({"fp32_top1": fp32, "int8_top1": pc, "layers": layers, "latency_ms_per_image": latency})
+    )
     (job / "target" / "quant-per_tensor.json").write_text(json.dumps({"int8_top1": pt}))
     (job / "target" / "qat.json").write_text(json.dumps({"int8_top1": qat}))
 

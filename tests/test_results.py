@@ -10,8 +10,18 @@ import pandas as pd
 import pytest
 
 from pipelines.compare import METRIC_COLUMNS, ROW_COLUMNS, JobRow, compare
-from repopt.results import (ChannelPruning, JobMetrics, QuantResult, StageMetrics, Status, from_dict, read_result,
-                            record_failure, to_dict, write_result)
+from repopt.results import (
+    ChannelPruning,
+    JobMetrics,
+    QuantResult,
+    StageMetrics,
+    Status,
+    from_dict,
+    read_result,
+    record_failure,
+    to_dict,
+    write_result,
+)
 
 
 def _job(tmp_path, name: str, overrides: list[str], metrics) -> None:
@@ -23,9 +33,14 @@ def _job(tmp_path, name: str, overrides: list[str], metrics) -> None:
 
 
 def test_round_trip_through_json_keeps_types(tmp_path):
-    job = JobMetrics(status=Status.COMPLETED, variant="searched", wall_seconds={"hs": 1.5, "total": 2.0},
-                     hs=StageMetrics(status=Status.COMPLETED, stage="hypersearch", top1=12.5, scales_sha256="ab"),
-                     target=StageMetrics(status=Status.DIVERGED, diverged_step=7, scales={"sha256": "ab"}), top1=3.0)
+    job = JobMetrics(
+        status=Status.COMPLETED,
+        variant="searched",
+        wall_seconds={"hs": 1.5, "total": 2.0},
+        hs=StageMetrics(status=Status.COMPLETED, stage="hypersearch", top1=12.5, scales_sha256="ab"),
+        target=StageMetrics(status=Status.DIVERGED, diverged_step=7, scales={"sha256": "ab"}),
+        top1=3.0,
+    )
     path = tmp_path / "metrics.json"
     write_result(path, job)
     data = json.loads(path.read_text())
@@ -42,10 +57,19 @@ def test_unknown_keys_are_ignored_on_read_and_refused_on_write(tmp_path):
 
 
 def _channel_pruning() -> ChannelPruning:
-    return ChannelPruning(ratio=0.5, method="repopt", top1_before=50.0, top1_pruned=20.0, top1_finetuned=45.0,
-                          macs_ratio=0.27, widths_before=[16, 32], widths_after=[8, 16],
-                          latency_ms_per_image={"unpruned": {"batch1": 2.0}, "pruned": {"batch1": 1.0}},
-                          speedup={"batch1": 2.0, "batch32": 1.5}, int8={"int8_top1": 44.0})
+    return ChannelPruning(
+        ratio=0.5,
+        method="repopt",
+        top1_before=50.0,
+        top1_pruned=20.0,
+        top1_finetuned=45.0,
+        macs_ratio=0.27,
+        widths_before=[16, 32],
+        widths_after=[8, 16],
+        latency_ms_per_image={"unpruned": {"batch1": 2.0}, "pruned": {"batch1": 1.0}},
+        speedup={"batch1": 2.0, "batch32": 1.5},
+        int8={"int8_top1": 44.0},
+    )
 
 
 def test_old_prune_and_pruned_keys_read_into_the_channel_pruning_fields(tmp_path):
@@ -66,14 +90,26 @@ def test_old_prune_and_pruned_keys_read_into_the_channel_pruning_fields(tmp_path
 
 
 def test_channel_pruning_and_quant_records_round_trip(tmp_path):
-    quant = QuantResult(model="target", arch={"name": "A0"}, fp32_top1=50.0, int8_top1=49.0, top1_drop=1.0,
-                        latency_ms_per_image={"fp32": {"batch1": 1.0}, "int8": {"batch1": 0.5}},
-                        files={"model.onnx": {"bytes": 3, "sha256": "ab"}}, tag="", threads=None)
+    quant = QuantResult(
+        model="target",
+        arch={"name": "A0"},
+        fp32_top1=50.0,
+        int8_top1=49.0,
+        top1_drop=1.0,
+        latency_ms_per_image={"fp32": {"batch1": 1.0}, "int8": {"batch1": 0.5}},
+        files={"model.onnx": {"bytes": 3, "sha256": "ab"}},
+        tag="",
+        threads=None,
+    )
     assert from_dict(QuantResult, to_dict(quant)) == quant
     assert from_dict(ChannelPruning, to_dict(_channel_pruning())) == _channel_pruning()
     assert from_dict(QuantResult, {"int8_top1": 2.0, "from_a_newer_version": 1}) == QuantResult(int8_top1=2.0)
-    job = JobMetrics(status=Status.COMPLETED, quant=quant, quant_per_tensor=QuantResult(tag="per_tensor"),
-                     channel_pruning_run=StageMetrics(status=Status.COMPLETED, channel_pruning=_channel_pruning()))
+    job = JobMetrics(
+        status=Status.COMPLETED,
+        quant=quant,
+        quant_per_tensor=QuantResult(tag="per_tensor"),
+        channel_pruning_run=StageMetrics(status=Status.COMPLETED, channel_pruning=_channel_pruning()),
+    )
     path = tmp_path / "metrics.json"
     write_result(path, job)
     back = read_result(path, JobMetrics)
@@ -96,15 +132,24 @@ def test_compare_takes_its_columns_from_the_result_types(tmp_path):
     hs = StageMetrics(status=Status.COMPLETED, stage="hypersearch", top1=40.0, scales_sha256="s")
 
     def job(top1, seconds):
-        return JobMetrics(status=Status.COMPLETED, variant="searched", hs=hs,
-                          target=StageMetrics(status=Status.COMPLETED, top1=top1, top5=top1 + 10, loss=1.0),
-                          wall_seconds={"hs": 1.0, "target": seconds - 1.0, "total": seconds}, hs_scales_sha256="s",
-                          scales_sha256="s")
+        return JobMetrics(
+            status=Status.COMPLETED,
+            variant="searched",
+            hs=hs,
+            target=StageMetrics(status=Status.COMPLETED, top1=top1, top5=top1 + 10, loss=1.0),
+            wall_seconds={"hs": 1.0, "target": seconds - 1.0, "total": seconds},
+            hs_scales_sha256="s",
+            scales_sha256="s",
+        )
 
     _job(tmp_path, "0", ["hs.epochs=1", "seed=0"], job(50.0, 10.0))
     _job(tmp_path, "1", ["hs.epochs=1", "seed=1"], job(54.0, 12.0))
-    _job(tmp_path, "2", ["hs.epochs=2", "seed=0"], JobMetrics(status=Status.DIVERGED, variant="searched",
-                                                             failed_stage="hs", error="non-finite loss"))
+    _job(
+        tmp_path,
+        "2",
+        ["hs.epochs=2", "seed=0"],
+        JobMetrics(status=Status.DIVERGED, variant="searched", failed_stage="hs", error="non-finite loss"),
+    )
     _job(tmp_path, "3", ["hs.epochs=3", "seed=0"], None)
     table = compare([tmp_path], plots=False)
     frame = pd.read_csv(tmp_path / "comparison.csv")
@@ -126,14 +171,25 @@ def _seed_jobs(tmp_path, values: dict[tuple[str, int], list[float]], dataset: st
     for (variant, depth), tops in values.items():
         for seed, top1 in enumerate(tops):
             target = StageMetrics(status=Status.COMPLETED, top1=top1, depth=depth, dataset=dataset, arch=f"d{depth}")
-            _job(tmp_path, str(n), [f"variant={variant}", f"hs.arch.num_blocks=d{depth}", f"hs.seed={seed}"],
-                 JobMetrics(status=Status.COMPLETED, variant=variant, target=target, top1=top1))
+            _job(
+                tmp_path,
+                str(n),
+                [f"variant={variant}", f"hs.arch.num_blocks=d{depth}", f"hs.seed={seed}"],
+                JobMetrics(status=Status.COMPLETED, variant=variant, target=target, top1=top1),
+            )
             n += 1
 
 
 def test_differences_to_the_baseline_match_a_hand_computation(tmp_path):
-    _seed_jobs(tmp_path, {("plain", 28): [60.0, 62.0, 61.0], ("searched", 28): [68.0, 70.0, 73.0],
-                          ("plain", 6): [80.0], ("searched", 6): [81.0, 82.0]})
+    _seed_jobs(
+        tmp_path,
+        {
+            ("plain", 28): [60.0, 62.0, 61.0],
+            ("searched", 28): [68.0, 70.0, 73.0],
+            ("plain", 6): [80.0],
+            ("searched", 6): [81.0, 82.0],
+        },
+    )
     table = compare([tmp_path], plots=True)
     deep = table[(table["variant"] == "searched") & (table["hs.arch.num_blocks"] == "d28")].iloc[0]
     # by hand: means 70.333 and 61; variances 19/3 and 1; se^2 = 19/9 + 1/3 = 22/9;
@@ -184,8 +240,12 @@ def test_an_arch_override_stays_a_setting_of_single_stage_sweeps(tmp_path):
     """``python -m target_train -m arch=tiny,small``: the swept arch is a column of its own, not
     overwritten by the result's architecture name."""
     for n, name in enumerate(("tiny", "small")):
-        _job(tmp_path, str(n), [f"arch={name}"], StageMetrics(status=Status.COMPLETED, stage="target_train", arch=name,
-                                                             top1=50.0 + n, depth=7 + n))
+        _job(
+            tmp_path,
+            str(n),
+            [f"arch={name}"],
+            StageMetrics(status=Status.COMPLETED, stage="target_train", arch=name, top1=50.0 + n, depth=7 + n),
+        )
     table = compare([tmp_path], plots=False)
     assert list(table["arch"]) == ["tiny", "small"] and list(table["depth"]) == [7, 8]
     frame = pd.read_csv(tmp_path / "comparison.csv")

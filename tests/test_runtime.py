@@ -12,16 +12,19 @@ from repopt.errors import ConfigError
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
 
-@pytest.mark.parametrize("mode, device, world, drop_last, expected", [
-    ("auto", CUDA, 1, True, "reduce-overhead"),  # static shapes on one GPU: CUDA graphs
-    ("auto", CUDA, 1, False, None),               # a short last batch would re-record graphs
-    ("auto", CUDA, 2, True, None),                # DDP: torch's default mode
-    ("auto", CPU, 1, True, None),
-    ("default", CUDA, 1, True, None),
-    (None, CUDA, 1, True, None),
-    ("max-autotune", CPU, 1, True, "max-autotune"),
-    ("reduce-overhead", CUDA, 2, False, "reduce-overhead"),  # explicit modes are kept
-])
+@pytest.mark.parametrize(
+    "mode, device, world, drop_last, expected",
+    [
+        ("auto", CUDA, 1, True, "reduce-overhead"),  # static shapes on one GPU: CUDA graphs
+        ("auto", CUDA, 1, False, None),  # a short last batch would re-record graphs
+        ("auto", CUDA, 2, True, None),  # DDP: torch's default mode
+        ("auto", CPU, 1, True, None),
+        ("default", CUDA, 1, True, None),
+        (None, CUDA, 1, True, None),
+        ("max-autotune", CPU, 1, True, "max-autotune"),
+        ("reduce-overhead", CUDA, 2, False, "reduce-overhead"),  # explicit modes are kept
+    ],
+)
 def test_compile_mode(mode, device, world, drop_last, expected):
     assert resolve_compile_mode(mode, device, world, drop_last) == expected
 

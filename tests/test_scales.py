@@ -15,10 +15,10 @@ import torch
 
 import repopt
 from repopt import load_scales, read_metadata, resolve_scales_path, save_scales
-from repopt.vgg.arch import get_arch
 from repopt.errors import ScalesError
-from repopt.scales import SCALES_FILENAME, read_scales, random_scales
+from repopt.scales import SCALES_FILENAME, random_scales, read_scales
 from repopt.vgg import RepOptVGG
+from repopt.vgg.arch import get_arch
 
 OFFICIAL_DIR = Path(repopt.__file__).parent / "official_scales"
 SHARED_DIR = Path("/work/shared/official-scales")
@@ -130,7 +130,9 @@ def test_failed_save_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     assert all(torch.equal(loaded[k], old[k]) for k in old)
 
 
-@pytest.mark.parametrize("bad_key", ["linear.weight", "stage0.conv.weight", "module.stage0.scale_conv.weight", "stage5.0.scale_conv.weight"])
+@pytest.mark.parametrize(
+    "bad_key", ["linear.weight", "stage0.conv.weight", "module.stage0.scale_conv.weight", "stage5.0.scale_conv.weight"]
+)
 def test_save_non_scale_key_raises(tmp_path, bad_key):
     scales = random_scales("tiny")
     scales[bad_key] = torch.ones(8)

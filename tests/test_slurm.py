@@ -28,7 +28,18 @@ from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.scheduler import being_requeued, restarted_by_scheduler
 from tests.helpers.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-from tests.helpers.runs import SIGNAL_RUN, SIGNAL_STEPS, TINY, TINY_STEPS, _env, _sha256, pipeline_overrides, read_json, run_hydra, wait_until
+from tests.helpers.runs import (
+    SIGNAL_RUN,
+    SIGNAL_STEPS,
+    TINY,
+    TINY_STEPS,
+    _env,
+    _sha256,
+    pipeline_overrides,
+    read_json,
+    run_hydra,
+    wait_until,
+)
 
 TIMING_COLUMNS = ["epoch_seconds", "images_per_sec"]
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
@@ -38,15 +49,18 @@ FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 # ------------------------------------------------------------------ without a cluster
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, False),                                                          # not a SLURM job
-    ({"SLURM_JOB_ID": "17"}, False),                                      # a job's first run: no count
-    ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "0"}, False),
-    ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "1"}, True),           # requeued once
-    ({"SLURM_JOB_ID": "18", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "4"}, True),  # an array task, again
-    ({"SLURM_RESTART_COUNT": "1"}, False),                                # a stray count outside a job
-    ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "one"}, False),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),  # not a SLURM job
+        ({"SLURM_JOB_ID": "17"}, False),  # a job's first run: no count
+        ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "0"}, False),
+        ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "1"}, True),  # requeued once
+        ({"SLURM_JOB_ID": "18", "SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "4"}, True),  # an array task, again
+        ({"SLURM_RESTART_COUNT": "1"}, False),  # a stray count outside a job
+        ({"SLURM_JOB_ID": "17", "SLURM_RESTART_COUNT": "one"}, False),
+    ],
+)
 def test_restarted_by_scheduler_reads_slurms_restart_count(monkeypatch, env, expected):
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -144,21 +158,26 @@ def _submit(folder: Path, name: str, command: list[str]) -> str:
     """``sbatch`` a one-CPU job that runs ``command`` in ``folder``; its output goes to ``folder/name.out``
     (appended: a requeued job's second run adds to it). Returns the job id."""
     script = folder / f"{name}.sbatch"
-    script.write_text("\n".join([
-        "#!/bin/bash",
-        f"#SBATCH --job-name=repopt-test-{name}",
-        "#SBATCH --cpus-per-task=1",
-        "#SBATCH --mem=2G",
-        "#SBATCH --time=15",
-        "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={folder / (name + '.out')}",
-        f"cd {shlex.quote(str(folder))}",
-        f"exec {shlex.join(command)}",
-        "",
-    ]))
-    done = subprocess.run(["sbatch", "--parsable", str(script)], cwd=folder, env=_env(), capture_output=True, text=True,
-                          timeout=60, check=True)
+    script.write_text(
+        "\n".join(
+            [
+                "#!/bin/bash",
+                f"#SBATCH --job-name=repopt-test-{name}",
+                "#SBATCH --cpus-per-task=1",
+                "#SBATCH --mem=2G",
+                "#SBATCH --time=15",
+                "#SBATCH --requeue",
+                "#SBATCH --open-mode=append",
+                f"#SBATCH --output={folder / (name + '.out')}",
+                f"cd {shlex.quote(str(folder))}",
+                f"exec {shlex.join(command)}",
+                "",
+            ]
+        )
+    )
+    done = subprocess.run(
+        ["sbatch", "--parsable", str(script)], cwd=folder, env=_env(), capture_output=True, text=True, timeout=60, check=True
+    )
     return done.stdout.strip().split(";")[0]
 
 
@@ -174,9 +193,19 @@ def test_a_pipeline_sweep_on_slurm_then_compare(tmp_path, cluster):
     of two SLURM jobs (one CPU each) that both complete, submitit's files under the sweep dir, and
     ``pipelines.compare`` reads the sweep as two rows."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "pipelines.search_and_train", "-m", "hydra/launcher=slurm_cpu",
-               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
-               *pipeline_overrides(), "hs.optim.lr=0.05,0.2", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.search_and_train",
+        "-m",
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=10",
+        *pipeline_overrides(),
+        "hs.optim.lr=0.05,0.2",
+        f"hydra.sweep.dir={sweep}",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280)
     output = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, output
@@ -246,8 +275,10 @@ def test_a_job_requeued_mid_run_continues_by_itself_and_ends_as_an_uninterrupted
     assert done["status"] == full["status"] == "completed"
     for key in ("top1", "top5", "loss", "best_top1", "epochs", "steps"):
         assert done[key] == full[key], (key, done[key], full[key])
-    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "history.csv").drop(columns=TIMING_COLUMNS),
-                                  pd.read_csv(reference / "history.csv").drop(columns=TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run_dir / "history.csv").drop(columns=TIMING_COLUMNS),
+        pd.read_csv(reference / "history.csv").drop(columns=TIMING_COLUMNS),
+    )
     assert _sha256(run_dir / "scales.safetensors") == _sha256(reference / "scales.safetensors")
 
 
@@ -261,10 +292,21 @@ def test_a_sweep_job_requeued_mid_run_is_waited_for_and_completes(tmp_path, clus
     with both jobs completed and exit 0."""
     sweep = tmp_path / "sweep"
     overrides = [o for o in pipeline_overrides() if not o.startswith(("hs.epochs=", "hs.data.synthetic_train_size="))]
-    command = [sys.executable, "-m", "pipelines.search_and_train", "-m", "hydra/launcher=slurm_cpu",
-               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
-               *overrides, "hs.epochs=20", "hs.data.synthetic_train_size=256", "hs.optim.lr=0.05,0.2",
-               f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.search_and_train",
+        "-m",
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=10",
+        *overrides,
+        "hs.epochs=20",
+        "hs.data.synthetic_train_size=256",
+        "hs.optim.lr=0.05,0.2",
+        f"hydra.sweep.dir={sweep}",
+    ]
     hs_dir, job_id = sweep / "0" / "hs", None
     with open(tmp_path / "sweep.out", "w") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT)
@@ -304,18 +346,42 @@ def test_a_study_on_postgresql_with_two_workers_as_a_slurm_array_one_killed(tmp_
     per trial number."""
     optuna = pytest.importorskip("optuna")
     from tests.test_tune import _tune_command, write_preset
-    from tests.test_tune_postgres import FINISHED as TRIAL_DONE, STARTED, _states
+    from tests.test_tune_postgres import FINISHED as TRIAL_DONE
+    from tests.test_tune_postgres import STARTED, _states
 
     conf = write_preset(tmp_path / "conf")
     study_dir, n_trials = tmp_path / "study", 3
     command = _tune_command(conf, study_dir, f"n_trials={n_trials}", "grace_period=2", f"storage='{postgres_url}'")
     script = tmp_path / "workers.sbatch"
-    script.write_text("\n".join(["#!/bin/bash", "#SBATCH --job-name=repopt-test-study", "#SBATCH --array=0-1",
-                                 "#SBATCH --cpus-per-task=1", "#SBATCH --mem=2G", "#SBATCH --time=15",
-                                 f"#SBATCH --output={tmp_path / 'worker%a.out'}", f"cd {shlex.quote(str(tmp_path))}",
-                                 f"exec {shlex.join(command)}", ""]))
-    job = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, env=_env(1), capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip().split(";")[0]
+    script.write_text(
+        "\n".join(
+            [
+                "#!/bin/bash",
+                "#SBATCH --job-name=repopt-test-study",
+                "#SBATCH --array=0-1",
+                "#SBATCH --cpus-per-task=1",
+                "#SBATCH --mem=2G",
+                "#SBATCH --time=15",
+                f"#SBATCH --output={tmp_path / 'worker%a.out'}",
+                f"cd {shlex.quote(str(tmp_path))}",
+                f"exec {shlex.join(command)}",
+                "",
+            ]
+        )
+    )
+    job = (
+        subprocess.run(
+            ["sbatch", "--parsable", str(script)],
+            cwd=tmp_path,
+            env=_env(1),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     logs = [tmp_path / f"worker{i}.out" for i in range(2)]
 
     def read(path: Path) -> str:
@@ -338,8 +404,9 @@ def test_a_study_on_postgresql_with_two_workers_as_a_slurm_array_one_killed(tmp_
         assert wait_until(a_trial_runs, timeout=180, interval=0.2), output_of(logs)
         victim, killed = running[0]
         subprocess.run(["scancel", "--signal=KILL", f"{job}_{victim}"], check=True, timeout=30)
-        assert wait_until(lambda: all(_state(f"{job}_{i}") in FINISHED for i in range(2)), timeout=300, interval=0.5), \
-            output_of(logs)
+        assert wait_until(lambda: all(_state(f"{job}_{i}") in FINISHED for i in range(2)), timeout=300, interval=0.5), output_of(
+            logs
+        )
     finally:
         subprocess.run(["scancel", job], timeout=30)
     output = output_of(logs)
@@ -350,5 +417,6 @@ def test_a_study_on_postgresql_with_two_workers_as_a_slurm_array_one_killed(tmp_
     assert rerun.state.name == "COMPLETE" and rerun.params == study.trials[killed].params
     assert sorted(p.name for p in study_dir.glob("trial_*")) == sorted(f"trial_{n}" for n in range(n_trials + 1))
     survivor = logs[1 - victim]
-    assert sorted(int(n) for n in TRIAL_DONE.findall(read(survivor)) + TRIAL_DONE.findall(read(logs[victim]))) == \
-        sorted(n for n, s in states.items() if s == "COMPLETE"), output
+    assert sorted(int(n) for n in TRIAL_DONE.findall(read(survivor)) + TRIAL_DONE.findall(read(logs[victim]))) == sorted(
+        n for n, s in states.items() if s == "COMPLETE"
+    ), output

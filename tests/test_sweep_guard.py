@@ -27,7 +27,6 @@ from repopt.sweep import JobOutcome, SweepGuard, is_loky_worker_cmdline, loky_wo
 from tests.helpers.runs import SIGNAL_RUN, SIGNAL_STEPS, TINY, _env, read_json, wait_until
 
 
-
 @contextlib.contextmanager
 def _process(command: list[str], log_path: Path):
     """A child process with its output in ``log_path``; it and its children are killed on the way out if still running."""
@@ -74,7 +73,9 @@ def test_summary_line_and_exit_code_of_each_outcome():
     line, code = summarize([JobOutcome("1", "completed"), ok])
     assert (line, code) == ("sweep: 2 jobs completed", 0)
     assert summarize([ok, JobOutcome("1", "pruned")]) == ("sweep: 2 jobs ended (1 completed, 1 pruned)", 0)
-    line, code = summarize([JobOutcome("10", "failed", "boom\ntraceback ..."), ok, JobOutcome("2", "diverged", "non-finite loss")])
+    line, code = summarize(
+        [JobOutcome("10", "failed", "boom\ntraceback ..."), ok, JobOutcome("2", "diverged", "non-finite loss")]
+    )
     assert code == 1
     assert line == "sweep: 2 of 3 jobs failed (job 2: diverged: non-finite loss; job 10: failed: boom)"
     line, code = summarize([ok, JobOutcome("1", "interrupted", "stopped by SIGTERM")])
@@ -101,8 +102,9 @@ def test_a_job_without_an_outcome_counts_as_failed(tmp_path):
 
 def test_loky_workers_are_told_from_loky_resource_trackers():
     py = sys.executable
-    assert is_loky_worker_cmdline([py, "-m", "joblib.externals.loky.backend.popen_loky_posix", "--process-name", "LokyProcess-1",
-                                   "--pipe", "14", ""])
+    assert is_loky_worker_cmdline(
+        [py, "-m", "joblib.externals.loky.backend.popen_loky_posix", "--process-name", "LokyProcess-1", "--pipe", "14", ""]
+    )
     assert is_loky_worker_cmdline([py, "-B", "-m", "loky.backend.popen_loky_posix", "--pipe", "3", ""])
     tracker = "from joblib.externals.loky.backend.resource_tracker import main; main(3, False)"
     assert not is_loky_worker_cmdline([py, "-B", "-c", tracker, ""])
@@ -136,14 +138,23 @@ def test_sweep_exit_code_and_summary(tmp_path, lrs, code):
     the sweep ends with ``sweep: 1 of 2 jobs failed (job 0: ...)`` on stderr and exit code 1. With two
     good learning rates: ``sweep: 2 jobs completed`` and exit code 0."""
     sweep = tmp_path / "sweep"
-    done = subprocess.run(_sweep(*TINY, "epochs=1", "sched.warmup_epochs=0", f"optim.lr={lrs}", f"hydra.sweep.dir={sweep}"),
-                          check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _sweep(*TINY, "epochs=1", "sched.warmup_epochs=0", f"optim.lr={lrs}", f"hydra.sweep.dir={sweep}"),
+        check=False,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == code, output
     assert read_json(sweep / "1" / "metrics.json")["status"] == "completed"
     if code:
         assert read_json(sweep / "0" / "metrics.json")["status"] == "diverged"
-        assert re.search(r"^sweep: 1 of 2 jobs failed \(job 0: (diverged|failed): non-finite loss at step 1", done.stderr, re.M), output
+        assert re.search(
+            r"^sweep: 1 of 2 jobs failed \(job 0: (diverged|failed): non-finite loss at step 1", done.stderr, re.M
+        ), output
         assert "job 1" not in done.stderr.split("sweep: ", 1)[1]
     else:
         assert "sweep: 2 jobs completed" in done.stderr.splitlines(), output
@@ -177,8 +188,9 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers_then_resume_completes(tmp_p
     exits 130 with the summary, and no process of the sweep is left afterwards. The same sweep with
     ``resume=true`` (same ``hydra.sweep.dir``) then completes both jobs and exits 0."""
     sweep = tmp_path / "sweep"
-    command = _sweep("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SIGNAL_RUN, "epochs=20", "seed=0,1",
-                     f"hydra.sweep.dir={sweep}")
+    command = _sweep(
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SIGNAL_RUN, "epochs=20", "seed=0,1", f"hydra.sweep.dir={sweep}"
+    )
     with _process(command, tmp_path / "sweep.out") as proc:
         both = lambda: all((sweep / j / "last.pt").exists() for j in ("0", "1"))  # noqa: E731
         assert wait_until(lambda: both() or proc.poll() is not None, timeout=300)
@@ -201,8 +213,9 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers_then_resume_completes(tmp_p
         steps.append(run["global_step"])
     assert wait_until(lambda: all(_gone(pid) for pid in processes), timeout=10), [p for p in processes if not _gone(p)]
 
-    resumed = subprocess.run(command + ["resume=true"], check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                             timeout=400)
+    resumed = subprocess.run(
+        command + ["resume=true"], check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "sweep: 2 jobs completed" in resumed.stderr.splitlines()
     for job, stopped_at in zip(("0", "1"), steps):

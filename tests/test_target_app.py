@@ -1,20 +1,19 @@
 """Stage two end to end: every scales= form, the RepVGG baseline, deploy.pt, re-init, bad input."""
 
-
 import pytest
 import torch
 
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales
-from repopt.host import seed_everything
 from repopt.config import to_typed
-from target_train.config import TargetConfig
 from repopt.engine import load_checkpoint
+from repopt.host import seed_everything
 from repopt.io import sha256_file
 from repopt.vgg import RepOptVGG
 from target_train import build_target_model, grad_masks, reinitialize
 from target_train.app import build_target_run
 from target_train.app import main as target_main
+from target_train.config import TargetConfig
 from target_train.optim import RepOptSGD
 from tests.helpers.runs import TINY, logits_without_the_project, read_json, run_hydra
 
@@ -85,9 +84,25 @@ def test_repvgg_with_explicit_unused_scales_warns_and_reads_nothing(tmp_path):
 def test_official_scales_b1(tmp_path):
     """The shipped official file drives a (one-step) B1 run."""
     run_dir = tmp_path / "official"
-    run_hydra(target_main, ["arch=B1", "data=synthetic", "data.batch_size=8", "data.synthetic_train_size=16",
-                            "data.synthetic_test_size=8", "data.image_size=32", "epochs=1", "sched.warmup_epochs=0", "max_steps_per_epoch=1",
-                            "progress=off", "device=cpu", "deploy=false", "scales=official:B1", f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        [
+            "arch=B1",
+            "data=synthetic",
+            "data.batch_size=8",
+            "data.synthetic_train_size=16",
+            "data.synthetic_test_size=8",
+            "data.image_size=32",
+            "epochs=1",
+            "sched.warmup_epochs=0",
+            "max_steps_per_epoch=1",
+            "progress=off",
+            "device=cpu",
+            "deploy=false",
+            "scales=official:B1",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "completed" and metrics["scales"]["kind"] == "official"
     assert metrics["scales"]["path"].endswith("RepOpt-VGG-B1-scales.pth")
@@ -112,8 +127,19 @@ def test_app_starts_from_the_reinitialized_weights_and_uses_the_masks(tmp_path, 
     """One step at lr 0 (the warm-up's first step) leaves the conv weights at their start: they must
     equal the foundation API's re-init."""
     run_dir = tmp_path / "lr0"
-    run_hydra(target_main, TINY + ["epochs=1", "sched.warmup_epochs=1", "sched.warmup_start_factor=0", "max_steps_per_epoch=1",
-                                   f"scales={hs_run}", "deploy=false", f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        TINY
+        + [
+            "epochs=1",
+            "sched.warmup_epochs=1",
+            "sched.warmup_start_factor=0",
+            "max_steps_per_epoch=1",
+            f"scales={hs_run}",
+            "deploy=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
     scales = load_scales(hs_run, ARCH)
     seed_everything(0)
     expected = reinitialize(build_target_model(ARCH, 10), scales)
@@ -123,9 +149,17 @@ def test_app_starts_from_the_reinitialized_weights_and_uses_the_masks(tmp_path, 
     for key in convs:
         assert torch.equal(state[key], expected.state_dict()[key]), key
     # and the optimizer the app builds is the RepOptimizer with exactly those masks
-    cfg = to_typed({"arch": {"name": "tiny", "strides": [1, 2, 2, 2, 1]}, "data": {"name": "synthetic", "batch_size": 32,
-                    "synthetic_train_size": 128, "synthetic_test_size": 64}, "scales": str(hs_run), "device": "cpu",
-                    "epochs": 1, "sched": {"warmup_epochs": 0}}, TargetConfig)
+    cfg = to_typed(
+        {
+            "arch": {"name": "tiny", "strides": [1, 2, 2, 2, 1]},
+            "data": {"name": "synthetic", "batch_size": 32, "synthetic_train_size": 128, "synthetic_test_size": 64},
+            "scales": str(hs_run),
+            "device": "cpu",
+            "epochs": 1,
+            "sched": {"warmup_epochs": 0},
+        },
+        TargetConfig,
+    )
     run = build_target_run(cfg, tmp_path / "inspect")
     assert isinstance(run.optimizer, RepOptSGD)
     names = {id(p): n for n, p in run.model.named_parameters()}
@@ -135,11 +169,14 @@ def test_app_starts_from_the_reinitialized_weights_and_uses_the_masks(tmp_path, 
         assert torch.equal(mask, reference[names[id(p)]])
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["scales=official:B1"], "does not fit arch tiny"),
-    (["scales=/nonexistent/scales.safetensors"], "does not exist"),
-    (["scales=init", "data=imagefolder", "data.root=/nonexistent/data"], "/nonexistent/data"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["scales=official:B1"], "does not fit arch tiny"),
+        (["scales=/nonexistent/scales.safetensors"], "does not exist"),
+        (["scales=init", "data=imagefolder", "data.root=/nonexistent/data"], "/nonexistent/data"),
+    ],
+)
 def test_bad_input_fails_before_training(tmp_path, capsys, overrides, needle):
     run_dir = tmp_path / "bad"
     run_hydra(target_main, TINY + overrides + [f"hydra.run.dir={run_dir}"], expect_exit=1)
@@ -152,7 +189,10 @@ def test_resume_with_other_class_count_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_hydra(target_main, TINY + ["epochs=1", "scales=init", "deploy=false", f"hydra.run.dir={run_dir}"])
     before = (run_dir / "last.pt").read_bytes()
-    run_hydra(target_main, TINY + ["epochs=2", "scales=init", "resume=true", "data.synthetic_num_classes=5",
-                                   f"hydra.run.dir={run_dir}"], expect_exit=1)
+    run_hydra(
+        target_main,
+        TINY + ["epochs=2", "scales=init", "resume=true", "data.synthetic_num_classes=5", f"hydra.run.dir={run_dir}"],
+        expect_exit=1,
+    )
     assert "num_classes" in capsys.readouterr().err
     assert (run_dir / "last.pt").read_bytes() == before

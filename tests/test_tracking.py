@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
 
 from hypersearch.app import main as hs_main
 from hypersearch.config import HSConfig
@@ -22,12 +21,12 @@ from hypersearch.export import abs_scales_by_stage
 from pipelines.compare import main as compare_main
 from pipelines.config import PipelineConfig
 from pipelines.search_and_train import main as pipeline_main
+from repopt import tracking
 from repopt.config import LOGGERS, LoggerConfig, to_typed
 from repopt.engine.callbacks import Callback, active
 from repopt.errors import ConfigError
 from repopt.family import get_spec
 from repopt.io import sha256_file
-from repopt import tracking
 from target_train.app import main as target_main
 from target_train.config import TargetConfig
 from tests.helpers.runs import REPO, TINY, pipeline_overrides, read_json, run_hydra
@@ -83,8 +82,11 @@ def test_tensorboard_hs_run_has_history_scalars_and_scale_histograms(in_tmp):
 
 def test_tensorboard_pipeline_stages_inherit_the_logger(in_tmp):
     job = in_tmp / "job"
-    run_hydra(pipeline_main, pipeline_overrides() + ["logger=tensorboard", "hs.epochs=2", "target.epochs=2",
-                                                     "target.optim.compile_step=false", f"hydra.run.dir={job}"])
+    run_hydra(
+        pipeline_main,
+        pipeline_overrides()
+        + ["logger=tensorboard", "hs.epochs=2", "target.epochs=2", "target.optim.compile_step=false", f"hydra.run.dir={job}"],
+    )
     for stage in ("hs", "target"):
         _assert_one_point_per_epoch(_events(job / stage / "tb"), _history(job / stage / "history.csv"))
     assert not _events(job / "target" / "tb").Tags()["histograms"]  # scales are stage one's
@@ -101,8 +103,14 @@ def test_stage_apps_select_the_logger(root, schema):
 
 def test_pipeline_stages_follow_every_logger_key():
     """``hs.logger`` and ``target.logger`` interpolate each key of the job's ``logger``."""
-    values = {"name": "mlflow", "tracking_uri": "sqlite:///x.db", "experiment": "e", "artifact_location": "/a",
-              "artifacts": False, "scales": False}
+    values = {
+        "name": "mlflow",
+        "tracking_uri": "sqlite:///x.db",
+        "experiment": "e",
+        "artifact_location": "/a",
+        "artifacts": False,
+        "scales": False,
+    }
     assert set(values) == {f.name for f in dataclasses.fields(LoggerConfig)}
     with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = to_typed(compose("search_and_train", [f"logger.{k}={v}" for k, v in values.items()]), PipelineConfig)
@@ -155,8 +163,11 @@ def test_mlflow_pipeline_nests_both_stage_runs_under_the_job(in_tmp, store):
     import mlflow
 
     job = in_tmp / "job"
-    run_hydra(pipeline_main, pipeline_overrides() + ["logger=mlflow", f"logger.tracking_uri={store}",
-                                                     "target.optim.compile_step=false", f"hydra.run.dir={job}"])
+    run_hydra(
+        pipeline_main,
+        pipeline_overrides()
+        + ["logger=mlflow", f"logger.tracking_uri={store}", "target.optim.compile_step=false", f"hydra.run.dir={job}"],
+    )
     runs = _runs()
     assert set(runs) == {f"search_and_train {in_tmp.name}/job", "hypersearch", "target_train"}
     parent = runs.pop(f"search_and_train {in_tmp.name}/job")
@@ -208,8 +219,19 @@ def test_mlflow_status_follows_the_result(in_tmp, store):
     assert resumed["metrics.test_top1"] == read_json(run_dir / "metrics.json")["top1"]
 
     diverged = in_tmp / "diverged"
-    run_hydra(hs_main, TINY + ["epochs=1", "optim.lr=1e30", "sched.warmup_epochs=0", "logger=mlflow",
-                               f"logger.tracking_uri={store}", f"hydra.run.dir={diverged}"], expect_exit=1)
+    run_hydra(
+        hs_main,
+        TINY
+        + [
+            "epochs=1",
+            "optim.lr=1e30",
+            "sched.warmup_epochs=0",
+            "logger=mlflow",
+            f"logger.tracking_uri={store}",
+            f"hydra.run.dir={diverged}",
+        ],
+        expect_exit=1,
+    )
     failed = next(r for r in _runs().values() if r["run_id"] != run["run_id"])
     assert failed["status"] == "FAILED" and "non-finite loss" in failed["tags.repopt.error"]
 
@@ -240,7 +262,9 @@ class _BlockImports:
 
 
 def test_logger_none_writes_nothing_extra_and_imports_neither_library(in_tmp, monkeypatch):
-    for name in [m for m in sys.modules if m.split(".")[0] in ("mlflow", "tensorboard") or m.startswith("torch.utils.tensorboard")]:
+    for name in [
+        m for m in sys.modules if m.split(".")[0] in ("mlflow", "tensorboard") or m.startswith("torch.utils.tensorboard")
+    ]:
         monkeypatch.delitem(sys.modules, name)  # loaded by an earlier test: a new import would reach the finder
     blocker = _BlockImports(("mlflow", "tensorboard"))
     monkeypatch.setattr(sys, "meta_path", [blocker, *sys.meta_path])
@@ -248,7 +272,16 @@ def test_logger_none_writes_nothing_extra_and_imports_neither_library(in_tmp, mo
     assert blocker.attempts == []
     assert read_json(in_tmp / "run" / "metrics.json")["status"] == "completed"
     assert {p.name for p in (in_tmp / "run").iterdir()} == {
-        ".hydra", ".lock", "app.log", "metrics.json", "history.csv", "last.pt", "scales.safetensors", "scales.csv", "scales.png"}
+        ".hydra",
+        ".lock",
+        "app.log",
+        "metrics.json",
+        "history.csv",
+        "last.pt",
+        "scales.safetensors",
+        "scales.csv",
+        "scales.png",
+    }
     assert {p.name for p in in_tmp.iterdir()} == {"run"}  # no mlflow.db, mlruns/ or outputs/ beside it
 
 
@@ -279,7 +312,9 @@ def test_a_failing_tracker_loses_no_metrics(in_tmp, monkeypatch):
 def test_only_rank_0_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     for name in ("tensorboard", "mlflow"):
-        tracker = tracking.open_tracker(LoggerConfig(name=name, tracking_uri=f"sqlite:///{tmp_path}/x.db"), tmp_path / "run", "hs")
+        tracker = tracking.open_tracker(
+            LoggerConfig(name=name, tracking_uri=f"sqlite:///{tmp_path}/x.db"), tmp_path / "run", "hs"
+        )
         assert not tracker.enabled
     assert not list(tmp_path.iterdir())
 
@@ -297,8 +332,10 @@ def test_target_run_logs_deploy_file(in_tmp, store):
     import mlflow
 
     run_dir = in_tmp / "run"
-    run_hydra(target_main, TINY + ["epochs=1", "scales=init", "logger=mlflow", f"logger.tracking_uri={store}",
-                                   f"hydra.run.dir={run_dir}"])
+    run_hydra(
+        target_main,
+        TINY + ["epochs=1", "scales=init", "logger=mlflow", f"logger.tracking_uri={store}", f"hydra.run.dir={run_dir}"],
+    )
     (run,) = _runs().values()
     assert run["tags.mlflow.runName"].startswith("target_train") and run["status"] == "FINISHED"
     assert {"deploy.pt", "metrics.json", "history.csv"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}

@@ -66,9 +66,38 @@ def test_verify_trains_both_models_with_train_step(counted):
 def test_benchmark_times_train_step(tmp_path, counted):
     threads = torch.get_num_threads()  # --threads sets the process's torch threads
     out = tmp_path / "bench.json"
-    assert bench_main(["--device", "cpu", "--arch", "tiny", "--steps", "2", "--warmup", "1", "--hs-images", "128",
-                       "--hs-batch", "64", "--resolution", "16", "--batch", "4", "--num-classes", "10", "--threads", "1",
-                       "--sections", "train,hs_epoch", "--out", str(out), "-q"]) == 0
+    assert (
+        bench_main(
+            [
+                "--device",
+                "cpu",
+                "--arch",
+                "tiny",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--hs-images",
+                "128",
+                "--hs-batch",
+                "64",
+                "--resolution",
+                "16",
+                "--batch",
+                "4",
+                "--num-classes",
+                "10",
+                "--threads",
+                "1",
+                "--sections",
+                "train,hs_epoch",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     torch.set_num_threads(threads)
     sections = json.loads(out.read_text())["sections"]
     # train: one untimed set-up step, then per model warm-up + timed steps; hs_epoch: warm-up + one epoch
@@ -91,8 +120,7 @@ def test_train_step_is_sgd_by_hand():
     a, b = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
     b.load_state_dict(a.state_dict())
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    step = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.5), Runtime(torch.device("cpu"), None, False),
-                     label_smoothing=0.1)
+    step = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.5), Runtime(torch.device("cpu"), None, False), label_smoothing=0.1)
     loss, logits = step(x, y)
     expected = torch.nn.functional.cross_entropy(b(x), y, label_smoothing=0.1)
     expected.backward()

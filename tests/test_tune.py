@@ -45,11 +45,18 @@ def base_overrides(target_epochs: int = 1) -> list[str]:
 
 def write_preset(root: Path, name: str = "tiny", **settings) -> Path:
     """A search space in ``<root>/tune/<name>.yaml`` (passed with ``--config-dir <root> tune=<name>``)."""
-    preset = {"study_name": name, "n_trials": 3, "sampler": {"name": "random", "seed": 0},
-              "pruner": {"name": "none"},
-              "space": {"hs.optim.lr": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
-                        "target.use_identity_scales": {"type": "categorical", "choices": [True, False]}},
-              "base": base_overrides(), **settings}
+    preset = {
+        "study_name": name,
+        "n_trials": 3,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "space": {
+            "hs.optim.lr": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
+            "target.use_identity_scales": {"type": "categorical", "choices": [True, False]},
+        },
+        "base": base_overrides(),
+        **settings,
+    }
     (root / "tune").mkdir(parents=True, exist_ok=True)
     (root / "tune" / f"{name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(preset, sort_keys=False))
     return root
@@ -73,8 +80,11 @@ def sha256(path: Path) -> str:
 
 
 def test_study_prunes_writes_report_and_compare_lists_pruned(in_tmp):
-    conf = write_preset(in_tmp / "conf", base=base_overrides(target_epochs=2),
-                        pruner={"name": "threshold", "lower": 101.0, "n_warmup_steps": 1, "n_startup_trials": 1})
+    conf = write_preset(
+        in_tmp / "conf",
+        base=base_overrides(target_epochs=2),
+        pruner={"name": "threshold", "lower": 101.0, "n_warmup_steps": 1, "n_startup_trials": 1},
+    )
     study_dir = in_tmp / "study"
     run_hydra(tune_main, ["--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}"])
 
@@ -90,17 +100,25 @@ def test_study_prunes_writes_report_and_compare_lists_pruned(in_tmp):
         assert set(trial.intermediate_values) == {0, TARGET_STEP_OFFSET}  # HS epoch 1, target epoch 1: then pruned
         job = study_dir / f"trial_{n}"
         joined = read_json(job / "metrics.json")
-        assert joined["status"] == "pruned" and joined["failed_stage"] == "target" and "pruned after target epoch 1" in joined["error"]
+        assert (
+            joined["status"] == "pruned"
+            and joined["failed_stage"] == "target"
+            and "pruned after target epoch 1" in joined["error"]
+        )
         assert joined["hs"]["status"] == "completed" and joined["target"]["status"] == "pruned"
         # the stopped stage is recorded as pruned, and its metrics, history and last.pt agree on where it stopped
         stage = read_json(job / "target/metrics.json")
-        assert stage["status"] == "pruned" and stage["epochs"] == 1 and stage["top1"] == trial.intermediate_values[TARGET_STEP_OFFSET]
+        assert (
+            stage["status"] == "pruned"
+            and stage["epochs"] == 1
+            and stage["top1"] == trial.intermediate_values[TARGET_STEP_OFFSET]
+        )
         assert len((job / "target/history.csv").read_text().splitlines()) == 2
         run = torch.load(job / "target/last.pt", weights_only=True, map_location="cpu")["run"]
         assert run["epoch"] == 1 and run["global_step"] == stage["steps"]
         assert read_json(job / "trial.json")["state"] == "PRUNED"
         overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
-        assert overrides[:len(base_overrides(2))] == base_overrides(2)
+        assert overrides[: len(base_overrides(2))] == base_overrides(2)
         assert f"hs.optim.lr={trial.params['hs.optim.lr']!r}" in overrides
     assert read_json(study_dir / "trial_0/metrics.json")["status"] == "completed"
 
@@ -123,8 +141,18 @@ def test_study_prunes_writes_report_and_compare_lists_pruned(in_tmp):
 
 
 def _tune_command(conf: Path, study_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.tune", "--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}",
-            "heartbeat_interval=1", "poll_seconds=0.5", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.tune",
+        "--config-dir",
+        str(conf),
+        "tune=tiny",
+        f"study_dir={study_dir}",
+        "heartbeat_interval=1",
+        "poll_seconds=0.5",
+        *extra,
+    ]
 
 
 def test_killed_study_continues_without_rerunning_completed_trials(tmp_path):
@@ -136,8 +164,11 @@ def test_killed_study_continues_without_rerunning_completed_trials(tmp_path):
         deadline = time.monotonic() + 120
         try:
             while time.monotonic() < deadline:  # kill it once trial 0 is COMPLETE in the database and trial 1 runs
-                if (study_dir / "trial_1").is_dir() and (study_dir / "study.db").is_file() and \
-                        states(study_dir / "study.db").get(0) == "COMPLETE":
+                if (
+                    (study_dir / "trial_1").is_dir()
+                    and (study_dir / "study.db").is_file()
+                    and states(study_dir / "study.db").get(0) == "COMPLETE"
+                ):
                     break
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()
                 time.sleep(0.1)
@@ -213,8 +244,12 @@ class _Trial:
 
 def _trainer(stage: str, epochs: int, done: int):
     stopped = []
-    trainer = SimpleNamespace(metrics_extra={"stage": stage}, cfg=SimpleNamespace(epochs=epochs),
-                              state=SimpleNamespace(epoch=done), request_stop=lambda: stopped.append(True))
+    trainer = SimpleNamespace(
+        metrics_extra={"stage": stage},
+        cfg=SimpleNamespace(epochs=epochs),
+        state=SimpleNamespace(epoch=done),
+        request_stop=lambda: stopped.append(True),
+    )
     return trainer, stopped
 
 
@@ -278,22 +313,52 @@ def test_presets_compose_with_every_end_of_their_space(preset):
 
 
 def test_bad_space_and_changed_study_are_errors_before_any_trial(tmp_path):
-    cfg = to_typed(TuneConfig(study_name="s", study_dir=str(tmp_path / "s"), n_trials=0, base=base_overrides(),
-                              space={"hs.optim.lrr": ParamSpec("float", 0.1, 0.2)}), TuneConfig)
+    cfg = to_typed(
+        TuneConfig(
+            study_name="s",
+            study_dir=str(tmp_path / "s"),
+            n_trials=0,
+            base=base_overrides(),
+            space={"hs.optim.lrr": ParamSpec("float", 0.1, 0.2)},
+        ),
+        TuneConfig,
+    )
     with pytest.raises(ConfigError, match="lrr"):
         run_study(cfg)
     assert not (tmp_path / "s" / "study.db").exists()
 
-    good = to_typed(TuneConfig(study_name="s", study_dir=str(tmp_path / "s"), n_trials=0, base=base_overrides(),
-                               space={"hs.optim.lr": ParamSpec("float", 0.1, 0.2)}), TuneConfig)
+    good = to_typed(
+        TuneConfig(
+            study_name="s",
+            study_dir=str(tmp_path / "s"),
+            n_trials=0,
+            base=base_overrides(),
+            space={"hs.optim.lr": ParamSpec("float", 0.1, 0.2)},
+        ),
+        TuneConfig,
+    )
     run_study(good)  # creates the study (no trials) and its report
     assert "0 trials requested" in (tmp_path / "s" / "study.md").read_text()
-    changed = to_typed(TuneConfig(study_name="s", study_dir=str(tmp_path / "s"), n_trials=0, base=base_overrides(),
-                                  space={"hs.optim.lr": ParamSpec("float", 0.1, 0.3)}), TuneConfig)
+    changed = to_typed(
+        TuneConfig(
+            study_name="s",
+            study_dir=str(tmp_path / "s"),
+            n_trials=0,
+            base=base_overrides(),
+            space={"hs.optim.lr": ParamSpec("float", 0.1, 0.3)},
+        ),
+        TuneConfig,
+    )
     with pytest.raises(ConfigError, match="created with another space"):
         run_study(changed)
     with pytest.raises(ConfigError, match="either searched or fixed"):
         to_typed(TuneConfig(base=["hs.epochs=2"], space={"hs.epochs": ParamSpec("int", 1, 3)}), TuneConfig)
     with pytest.raises(ConfigError, match="single-objective"):
-        to_typed(TuneConfig(objectives=["top1", "images_per_sec"], directions=["maximize", "maximize"],
-                            space={"hs.epochs": ParamSpec("int", 1, 3)}), TuneConfig)
+        to_typed(
+            TuneConfig(
+                objectives=["top1", "images_per_sec"],
+                directions=["maximize", "maximize"],
+                space={"hs.epochs": ParamSpec("int", 1, 3)},
+            ),
+            TuneConfig,
+        )

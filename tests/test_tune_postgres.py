@@ -17,11 +17,11 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from pipelines.tune import claim as tune  # noqa: E402
 from pipelines.tune import ClaimLock, advisory_key  # noqa: E402
+from pipelines.tune import claim as tune  # noqa: E402
 from pipelines.tune import main as tune_main  # noqa: E402
-from tests.helpers.runs import _env, read_json, run_hydra  # noqa: E402
 from tests.helpers.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fixtures)
+from tests.helpers.runs import _env, read_json, run_hydra  # noqa: E402
 from tests.test_tune import _tune_command, write_preset  # noqa: E402
 
 STARTED = re.compile(r"- trial (\d+)(?: \(re-run of trial \d+\))?: hs\.optim\.lr=")
@@ -75,8 +75,9 @@ def test_study_on_postgresql_runs_exactly_n_trials(in_tmp, postgres_url):
     conf = write_preset(in_tmp / "conf")
     study_dir = in_tmp / "study"
     assert postgres_url.startswith("postgresql://")  # the URL as a user writes it: the driver is SQLAlchemy's default
-    run_hydra(tune_main, ["--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}", "n_trials=2",
-                          f"storage='{postgres_url}'"])
+    run_hydra(
+        tune_main, ["--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}", "n_trials=2", f"storage='{postgres_url}'"]
+    )
 
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
@@ -85,13 +86,20 @@ def test_study_on_postgresql_runs_exactly_n_trials(in_tmp, postgres_url):
         job = study_dir / f"trial_{trial.number}"
         assert trial.value == read_json(job / "metrics.json")["top1"]
         assert read_json(job / "trial.json")["state"] == "COMPLETE"
-    assert sorted(p.name for p in study_dir.iterdir()) == ["history.png", "study.md", "trial_0", "trial_1", "tune.log"]  # no study.db
+    assert sorted(p.name for p in study_dir.iterdir()) == [
+        "history.png",
+        "study.md",
+        "trial_0",
+        "trial_1",
+        "tune.log",
+    ]  # no study.db
     assert "postgresql" in (study_dir / "study.md").read_text()
     assert _lock_is_free(postgres_url, "tiny")  # the worker gave its claim lock back
 
     # the same command again: the study has its trials, nothing runs
-    run_hydra(tune_main, ["--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}", "n_trials=2",
-                          f"storage='{postgres_url}'"])
+    run_hydra(
+        tune_main, ["--config-dir", str(conf), "tune=tiny", f"study_dir={study_dir}", "n_trials=2", f"storage='{postgres_url}'"]
+    )
     assert _states(postgres_url) == {0: "COMPLETE", 1: "COMPLETE"}
 
 
@@ -124,8 +132,14 @@ def test_claim_lock_is_one_advisory_lock_per_study(postgres_url):
 
 
 def test_claim_lock_of_a_killed_worker_is_freed_by_the_server(tmp_path, postgres_url):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, postgres_url], cwd=tmp_path, env=_env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, postgres_url],
+        cwd=tmp_path,
+        env=_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held", holder.stdout.read() if holder.poll() is not None else ""
         assert not _lock_is_free(postgres_url, "s")
@@ -148,7 +162,7 @@ def test_other_backends_warn_once_that_claims_are_not_exclusive(monkeypatch, cap
     warned = [r.getMessage() for r in caplog.records if "not exclusive" in r.getMessage()]
     assert len(warned) == 1 and "mysql" in warned[0]
     assert advisory_key("s") == advisory_key("s") != advisory_key("t")
-    assert -2**63 <= advisory_key("s") < 2**63
+    assert -(2**63) <= advisory_key("s") < 2**63
 
 
 # ------------------------------------------------------------------ three workers, one killed
@@ -173,7 +187,9 @@ def test_three_workers_one_killed_end_with_exactly_n_trials(tmp_path, postgres_u
                     break
             else:
                 assert all(p.poll() is None for p in procs), "\n".join(log.read_text()[-3000:] for log in logs)
-                assert time.monotonic() < deadline, "no trial started in time:\n" + "\n".join(log.read_text()[-3000:] for log in logs)
+                assert time.monotonic() < deadline, "no trial started in time:\n" + "\n".join(
+                    log.read_text()[-3000:] for log in logs
+                )
                 time.sleep(0.1)
         procs[victim].kill()
         procs[victim].wait()

@@ -11,11 +11,10 @@ from typing import Optional
 
 from .settings import Settings
 
-
-
 log = logging.getLogger("pipelines.benchmark")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CIFAR10_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
 
 def parse_data(spec: str) -> tuple[str, Optional[Path]]:
     """``synthetic`` or ``cifar10-jpeg[:<path to the .tar.gz or its extracted folder>]``."""
@@ -66,14 +65,29 @@ class DataSources:
 
         s = self.settings
         kind, path = parse_data(s.data)
-        common = dict(image_size=32, batch_size=s.hs_batch, eval_batch_size=512, loader=loader, num_workers=workers,
-                      crop_padding=4, hflip=True, drop_last=True)
+        common = dict(
+            image_size=32,
+            batch_size=s.hs_batch,
+            eval_batch_size=512,
+            loader=loader,
+            num_workers=workers,
+            crop_padding=4,
+            hflip=True,
+            drop_last=True,
+        )
         if kind == "synthetic":
-            return DataConfig(name="synthetic", synthetic_num_classes=10, synthetic_train_size=s.hs_images,
-                              synthetic_test_size=64, **common)
+            return DataConfig(
+                name="synthetic", synthetic_num_classes=10, synthetic_train_size=s.hs_images, synthetic_test_size=64, **common
+            )
         root = cifar10_root(path, Path(os.path.expanduser(s.data_cache)))
-        return DataConfig(name="imagefolder", root=str(root), train_subset=s.hs_images, test_subset=64,
-                          cache_dir=str(Path(os.path.expanduser(s.data_cache)) / "decoded"), **common)
+        return DataConfig(
+            name="imagefolder",
+            root=str(root),
+            train_subset=s.hs_images,
+            test_subset=64,
+            cache_dir=str(Path(os.path.expanduser(s.data_cache)) / "decoded"),
+            **common,
+        )
 
     def build(self, loader: str = "device", workers: int = 0):
         """``build_data`` for this run's data, built now (the caller owns it and its workers)."""

@@ -17,9 +17,9 @@ import math
 import torch
 
 from hypersearch.model import build_hs_model
-from repopt.vgg.arch import get_arch
 from repopt.engine import TrainStep
 from repopt.optim import StepOptions, build_plain
+from repopt.vgg.arch import get_arch
 
 from .data import DataSources
 from .settings import Settings, place, runtime
@@ -36,7 +36,9 @@ def _one_variant(label: str, mode, arch, bundle, lr: float, settings: Settings) 
     torch.manual_seed(settings.seed)
     model = place(build_hs_model(arch, bundle.num_classes, mode="hs", fused_forward=True), settings)
     model.train()
-    optimizer = build_plain(model, lr, name="sgd", weight_decay=WD, options=StepOptions(momentum=MOMENTUM, nesterov=True))  # as stage one builds it
+    optimizer = build_plain(
+        model, lr, name="sgd", weight_decay=WD, options=StepOptions(momentum=MOMENTUM, nesterov=True)
+    )  # as stage one builds it
     forward = model
     if mode is not None:
         forward = torch.compile(model, mode=None if mode == "default" else mode)
@@ -58,14 +60,26 @@ def _one_variant(label: str, mode, arch, bundle, lr: float, settings: Settings) 
     images = steps_per_epoch * settings.hs_batch
     last_loss = float(losses[-1]) if losses else float("nan")
     row = {
-        "key": label, "label": f"HS epoch, {label}", "unit": "s/epoch", "value": epoch.seconds,
-        "images": images, "images_per_s": images / epoch.seconds,
+        "key": label,
+        "label": f"HS epoch, {label}",
+        "unit": "s/epoch",
+        "value": epoch.seconds,
+        "images": images,
+        "images_per_s": images / epoch.seconds,
         "s_per_50k": epoch.seconds * REFERENCE_IMAGES / images,
-        "warmup_steps": warmup, "warmup_s": first.seconds, "compile_mode": mode,
-        "last_loss": last_loss, "loss_finite": math.isfinite(last_loss),
+        "warmup_steps": warmup,
+        "warmup_s": first.seconds,
+        "compile_mode": mode,
+        "last_loss": last_loss,
+        "loss_finite": math.isfinite(last_loss),
     }
-    log.info("hs_epoch: %-40s %7.2f s/epoch  %9.0f img/s  warm-up/compile %.1f s", row["label"], epoch.seconds,
-             row["images_per_s"], first.seconds)
+    log.info(
+        "hs_epoch: %-40s %7.2f s/epoch  %9.0f img/s  warm-up/compile %.1f s",
+        row["label"],
+        epoch.seconds,
+        row["images_per_s"],
+        first.seconds,
+    )
     return row
 
 
@@ -98,11 +112,22 @@ def run(settings: Settings, sources: DataSources) -> dict:
     best_compiled = min(compiled, key=lambda r: r["value"]) if compiled else None
     return {
         "title": f"HS epoch {arch.name} 32px batch {settings.hs_batch}",
-        "settings": {"arch": arch.name, "strides": list(arch.strides), "data": settings.data,
-                     "images": int(bundle.train.num_samples), "batch": settings.hs_batch, "drop_last": True,
-                     "steps_per_epoch": len(bundle.train), "lr": lr, "momentum": MOMENTUM,
-                     "nesterov": True, "weight_decay": WD, "amp": "bf16" if settings.amp else "off",
-                     "channels_last": settings.channels_last, "compile_modes": [m for _, m in variants if m]},
+        "settings": {
+            "arch": arch.name,
+            "strides": list(arch.strides),
+            "data": settings.data,
+            "images": int(bundle.train.num_samples),
+            "batch": settings.hs_batch,
+            "drop_last": True,
+            "steps_per_epoch": len(bundle.train),
+            "lr": lr,
+            "momentum": MOMENTUM,
+            "nesterov": True,
+            "weight_decay": WD,
+            "amp": "bf16" if settings.amp else "off",
+            "channels_last": settings.channels_last,
+            "compile_modes": [m for _, m in variants if m],
+        },
         "rows": rows,
         "ratios": {
             "eager_s_per_50k": eager["s_per_50k"] if eager else None,

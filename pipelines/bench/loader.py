@@ -42,17 +42,24 @@ class _UInt8Images(Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-def torchvision_loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch: int, workers: int,
-                       pin: bool) -> DataLoader:
-    transform = v2.Compose([
-        v2.RandomCrop(32, padding=4),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+def torchvision_loader(images: torch.Tensor, labels: torch.Tensor, mean, std, batch: int, workers: int, pin: bool) -> DataLoader:
+    transform = v2.Compose(
+        [
+            v2.RandomCrop(32, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
     return DataLoader(
-        _UInt8Images(images, labels, transform), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-        pin_memory=pin, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        _UInt8Images(images, labels, transform),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 
@@ -74,8 +81,15 @@ def _measure(label: str, key: str, epoch_fn, settings: Settings, **extra) -> dic
     with Stopwatch(device) as sw:
         for e in range(1, settings.loader_epochs + 1):
             images += _drain(epoch_fn(e), device)
-    row = {"key": key, "label": label, "unit": "img/s", "value": images / sw.seconds, "seconds": sw.seconds,
-           "images": images, **extra}
+    row = {
+        "key": key,
+        "label": label,
+        "unit": "img/s",
+        "value": images / sw.seconds,
+        "seconds": sw.seconds,
+        "images": images,
+        **extra,
+    }
     log.info("loader: %-40s %10.0f img/s (%d images, %.2f s)", label, row["value"], images, sw.seconds)
     return row
 
@@ -89,27 +103,42 @@ def run(settings: Settings, sources: DataSources) -> dict:
     images = bundle.train.images.cpu()
     labels = bundle.train.labels.cpu()
     tv = torchvision_loader(images, labels, bundle.mean, bundle.std, settings.hs_batch, workers, device.type == "cuda")
-    rows["torchvision"] = _measure(f"torchvision DataLoader ({workers} workers)", "torchvision", lambda e: iter(tv),
-                                   settings, workers=workers)
+    rows["torchvision"] = _measure(
+        f"torchvision DataLoader ({workers} workers)",
+        "torchvision",
+        lambda e: iter(tv),  # noqa: F821 (bound above; deleted only after the rounds)
+        settings,
+        workers=workers,
+    )
     del tv
     free_memory(device)
 
     dl_bundle = sources.build("dataloader", workers)
-    rows["repopt_dataloader"] = _measure(f"repopt loader=dataloader ({workers} workers)", "repopt_dataloader",
-                                         dl_bundle.train.epoch, settings, workers=workers)
+    rows["repopt_dataloader"] = _measure(
+        f"repopt loader=dataloader ({workers} workers)", "repopt_dataloader", dl_bundle.train.epoch, settings, workers=workers
+    )
     del dl_bundle
     free_memory(device)
 
     dev, tvv = rows["device"]["value"], rows["torchvision"]["value"]
     return {
         "title": "stage-one input pipeline (32 px, crop+flip+normalize)",
-        "settings": {"data": settings.data, "images": int(bundle.train.num_samples), "batch": settings.hs_batch,
-                     "workers": workers, "timed_epochs": settings.loader_epochs},
+        "settings": {
+            "data": settings.data,
+            "images": int(bundle.train.num_samples),
+            "batch": settings.hs_batch,
+            "workers": workers,
+            "timed_epochs": settings.loader_epochs,
+        },
         "rows": list(rows.values()),
         "ratios": {
             "device_over_dataloader": dev / tvv if tvv else None,
             "device_over_repopt_dataloader": dev / rows["repopt_dataloader"]["value"],
         },
-        "notes": ["with an image folder, loader=dataloader decodes the JPEG files in its workers (PIL) while the other "
-                  "two start from the decoded uint8 images"] if parse_data(settings.data)[0] == "cifar10-jpeg" else [],
+        "notes": [
+            "with an image folder, loader=dataloader decodes the JPEG files in its workers (PIL) while the other "
+            "two start from the decoded uint8 images"
+        ]
+        if parse_data(settings.data)[0] == "cifar10-jpeg"
+        else [],
     }

@@ -14,6 +14,7 @@ from repopt.host import cpu_name
 
 log = logging.getLogger("pipelines.benchmark")
 
+
 def load_average() -> Optional[list[float]]:
     """The 1, 5 and 15 min load averages (rounded), None where the OS has none."""
     try:
@@ -49,6 +50,7 @@ def cpu_busy_fraction(interval: float = 0.5) -> Optional[float]:
     cores busy measures the scheduler more than the code: with 2 threads on 2 shared cores every
     parallel region waits for its second thread to be scheduled.
     """
+
     def snapshot():
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
@@ -63,5 +65,3 @@ def cpu_busy_fraction(interval: float = 0.5) -> Optional[float]:
         return None
     total = total1 - total0
     return round(1.0 - (idle1 - idle0) / total, 3) if total > 0 else None
-
-

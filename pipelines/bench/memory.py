@@ -10,8 +10,8 @@ import torch
 
 from .timing import free_memory, sync
 
-
 log = logging.getLogger("pipelines.benchmark")
+
 
 def _proc_status_kib(key: str) -> Optional[int]:
     try:
@@ -75,5 +75,3 @@ class PeakMemory:
             return None
         hwm = _proc_status_kib("VmHWM")
         return None if hwm is None else max(hwm - self.base_kib, 0) / 1024.0
-
-

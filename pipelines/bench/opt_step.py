@@ -17,15 +17,15 @@ import time
 
 import torch
 
-from repopt.vgg.arch import get_arch
 from repopt.errors import ConfigError
 from repopt.optim import param_groups
 from repopt.scales import random_scales
+from repopt.vgg.arch import get_arch
 from target_train import RepOptAdamW, RepOptSGD, build_target_model, grad_masks, masks_by_param
 
+from .reference import LoopMaskedAdamW, LoopMaskedSGD
 from .settings import Settings
 from .timing import free_memory, ratio, summarize_ms, sync, time_rounds, timing_note
-from .reference import LoopMaskedAdamW, LoopMaskedSGD
 
 log = logging.getLogger("repopt.benchmark")
 
@@ -73,7 +73,7 @@ def run(settings: Settings) -> dict:
     grads = [p.grad for p in params]
 
     def restore():
-        torch._foreach_copy_(grads, saved)
+        torch._foreach_copy_(grads, saved)  # noqa: F821 (bound above; deleted after the timing)
 
     scales = random_scales(arch, settings.seed, signed=False)
     masks = {rule: masks_by_param(model, grad_masks(model, scales, rule=rule)) for rule in ("sgd", "adamw")}
@@ -103,9 +103,12 @@ def run(settings: Settings) -> dict:
         if key == "repopt_sgd_default":
             compiled = bool(getattr(opt, "compiled", False))
             label = f"{label}: {'compiled step' if compiled else 'eager step'}"
-            default_step = {"step": "compiled" if compiled else "eager",
-                            "eager_reason": getattr(opt, "eager_reason", None), "first_step_s": first_s[key],
-                            "inductor_cache": _cache_delta(before, _inductor_cache_counts())}
+            default_step = {
+                "step": "compiled" if compiled else "eager",
+                "eager_reason": getattr(opt, "eager_reason", None),
+                "first_step_s": first_s[key],
+                "inductor_cache": _cache_delta(before, _inductor_cache_counts()),
+            }
         calls[key] = (opt.step, restore if mutates else None)
         meta[key] = (label, rule)
     del opt
@@ -121,18 +124,23 @@ def run(settings: Settings) -> dict:
     n_params = sum(p.numel() for p in params)
     if "sgd_fused" in rows:
         gb_s = FUSED_SGD_BYTES_PER_WEIGHT * n_params / (rows["sgd_fused"]["ms"] * 1e6)
-        notes.append(f"torch fused SGD moves {FUSED_SGD_BYTES_PER_WEIGHT} bytes per fp32 weight (reads p, g, buf; writes p, buf): "
-                     f"{gb_s:,.0f} GB/s effective. A masked step moves at least as much, so loop / torch fused SGD "
-                     "bounds loop / RepOptSGD when the device is bandwidth-bound.")
+        notes.append(
+            f"torch fused SGD moves {FUSED_SGD_BYTES_PER_WEIGHT} bytes per fp32 weight (reads p, g, buf; writes p, buf): "
+            f"{gb_s:,.0f} GB/s effective. A masked step moves at least as much, so loop / torch fused SGD "
+            "bounds loop / RepOptSGD when the device is bandwidth-bound."
+        )
     if default_step is not None and "repopt_sgd_default" in rows:
         compiled = default_step["step"] == "compiled"
         steady_s = rows["repopt_sgd_default"]["ms"] / 1e3
         default_step["compile_s"] = max(default_step["first_step_s"] - steady_s, 0.0) if compiled else 0.0
         cache = default_step["inductor_cache"]
         if compiled:
-            notes.append(f"RepOptSGD default step: compiled; first step {default_step['first_step_s']:.2f} s (compile cost "
-                         f"{default_step['compile_s']:.2f} s" + (f"; inductor cache: {cache}" if cache else "")
-                         + f"), then {rows['repopt_sgd_default']['ms']:.3f} ms/step")
+            notes.append(
+                f"RepOptSGD default step: compiled; first step {default_step['first_step_s']:.2f} s (compile cost "
+                f"{default_step['compile_s']:.2f} s"
+                + (f"; inductor cache: {cache}" if cache else "")
+                + f"), then {rows['repopt_sgd_default']['ms']:.3f} ms/step"
+            )
         else:
             notes.append(f"RepOptSGD default step: eager ({default_step['eager_reason']})")
     ratios = {
@@ -155,10 +163,16 @@ def run(settings: Settings) -> dict:
     result = {
         "title": f"optimizer step on {arch.name} parameters",
         "settings": {
-            "arch": arch.name, "num_classes": settings.num_classes, "dtype": "float32",
-            "num_params": n_params, "num_tensors": len(params), "num_masked_tensors": n_masked,
-            "steps": settings.steps, "warmup": settings.warmup,
-            "sgd": {**SGD_ARGS, "weight_decay": SGD_WD}, "adamw": {**ADAMW_ARGS, "weight_decay": ADAMW_WD},
+            "arch": arch.name,
+            "num_classes": settings.num_classes,
+            "dtype": "float32",
+            "num_params": n_params,
+            "num_tensors": len(params),
+            "num_masked_tensors": n_masked,
+            "steps": settings.steps,
+            "warmup": settings.warmup,
+            "sgd": {**SGD_ARGS, "weight_decay": SGD_WD},
+            "adamw": {**ADAMW_ARGS, "weight_decay": ADAMW_WD},
             "timing": timing_note(device, "variants"),
             "repopt_sgd_default": default_step,
         },

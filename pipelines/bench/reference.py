@@ -22,10 +22,19 @@ class LoopMaskedSGD(torch.optim.Optimizer):
     """for each p: d_p = grad*mask (or grad itself); d_p += wd*p; buf = m*buf + (1-dampening)*d_p;
     d_p = d_p + buf*m (Nesterov) or buf; p -= lr*d_p. Unmasked gradients are modified in place."""
 
-    def __init__(self, params, grad_masks: Mapping[torch.Tensor, torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov))
+    def __init__(
+        self,
+        params,
+        grad_masks: Mapping[torch.Tensor, torch.Tensor],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        )
         self.grad_masks = dict(grad_masks)
 
     @torch.no_grad()
@@ -56,8 +65,15 @@ class LoopMaskedSGD(torch.optim.Optimizer):
 class LoopMaskedAdamW(torch.optim.Optimizer):
     """Per-parameter AdamW whose normalized update is multiplied by the mask (decay stays decoupled)."""
 
-    def __init__(self, params, grad_masks: Mapping[torch.Tensor, torch.Tensor], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params,
+        grad_masks: Mapping[torch.Tensor, torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.grad_masks = dict(grad_masks)
 
@@ -82,10 +98,10 @@ class LoopMaskedAdamW(torch.optim.Optimizer):
                     p.mul_(1.0 - lr * wd)
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
                 update = exp_avg / denom
                 mask = self.grad_masks.get(p)
                 if mask is not None:
                     update.mul_(mask)
-                p.add_(update, alpha=-lr / (1.0 - beta1 ** t))
+                p.add_(update, alpha=-lr / (1.0 - beta1**t))
         return loss

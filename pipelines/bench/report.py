@@ -7,12 +7,66 @@ from typing import Optional
 
 # key, label, section, ratio key, comparison, threshold, needs CUDA, needs arch B1
 TARGETS = (
-    ("sgd_step_foreach", "RepOptSGD step / torch SGD step (foreach)", "opt", "repopt_sgd_over_sgd_foreach", "<=", 1.3, False, True),
-    ("sgd_step_default", "RepOptSGD default step / torch SGD step (fused)", "opt", "repopt_sgd_default_over_sgd_fused", "<=", 1.3, False, True),
-    ("loop_vs_repopt_foreach", "per-parameter loop / RepOptSGD (foreach)", "opt", "loop_over_repopt_sgd_foreach", ">=", 5.0, False, True),
-    ("loop_vs_repopt_fused", "per-parameter loop / RepOptSGD (fused)", "opt", "loop_over_repopt_sgd_fused", ">=", 5.0, False, True),
-    ("sgd_step_compiled", "RepOptSGD compiled step / torch SGD step (fused)", "opt", "repopt_sgd_compiled_over_sgd_fused", "<=", 1.3, False, True),
-    ("loop_vs_repopt_compiled", "per-parameter loop / RepOptSGD (compiled step)", "opt", "loop_over_repopt_sgd_compiled", ">=", 5.0, False, True),
+    (
+        "sgd_step_foreach",
+        "RepOptSGD step / torch SGD step (foreach)",
+        "opt",
+        "repopt_sgd_over_sgd_foreach",
+        "<=",
+        1.3,
+        False,
+        True,
+    ),
+    (
+        "sgd_step_default",
+        "RepOptSGD default step / torch SGD step (fused)",
+        "opt",
+        "repopt_sgd_default_over_sgd_fused",
+        "<=",
+        1.3,
+        False,
+        True,
+    ),
+    (
+        "loop_vs_repopt_foreach",
+        "per-parameter loop / RepOptSGD (foreach)",
+        "opt",
+        "loop_over_repopt_sgd_foreach",
+        ">=",
+        5.0,
+        False,
+        True,
+    ),
+    (
+        "loop_vs_repopt_fused",
+        "per-parameter loop / RepOptSGD (fused)",
+        "opt",
+        "loop_over_repopt_sgd_fused",
+        ">=",
+        5.0,
+        False,
+        True,
+    ),
+    (
+        "sgd_step_compiled",
+        "RepOptSGD compiled step / torch SGD step (fused)",
+        "opt",
+        "repopt_sgd_compiled_over_sgd_fused",
+        "<=",
+        1.3,
+        False,
+        True,
+    ),
+    (
+        "loop_vs_repopt_compiled",
+        "per-parameter loop / RepOptSGD (compiled step)",
+        "opt",
+        "loop_over_repopt_sgd_compiled",
+        ">=",
+        5.0,
+        False,
+        True,
+    ),
     ("train_img_s", "RepOpt-VGG img/s / RepVGG img/s", "train", "target_over_repvgg_img_s", ">=", 1.75, True, True),
     ("train_peak_mem", "RepOpt-VGG peak mem / RepVGG peak mem", "train", "target_over_repvgg_peak_mem", "<=", 0.8, True, True),
     ("loader_speed", "device loader / torchvision DataLoader", "loader", "device_over_dataloader", ">=", 5.0, True, False),
@@ -29,8 +83,15 @@ def evaluate_targets(result: dict) -> list[dict]:
     cuda = result["settings"]["device"].startswith("cuda")
     out = []
     for key, label, section, ratio, op, threshold, needs_cuda, needs_b1 in TARGETS:
-        entry = {"key": key, "label": label, "section": section, "goal": f"{op} {threshold:g}", "value": None,
-                 "status": "n/a", "note": ""}
+        entry = {
+            "key": key,
+            "label": label,
+            "section": section,
+            "goal": f"{op} {threshold:g}",
+            "value": None,
+            "status": "n/a",
+            "note": "",
+        }
         sec = sections.get(section)
         if sec is None:
             entry["note"] = "section not run"
@@ -89,8 +150,10 @@ def _row_detail(section: str, row: dict) -> str:
     if section == "loader":
         return f"{row['images']} images in {row['seconds']:.2f} s"
     if section == "hs_epoch":
-        return (f"{row['images_per_s']:,.0f} img/s  {row['s_per_50k']:.1f} s per 50k  "
-                f"warm-up{'/compile' if row.get('compile_mode') else ''} {row['warmup_s']:.1f} s ({row['warmup_steps']} steps)")
+        return (
+            f"{row['images_per_s']:,.0f} img/s  {row['s_per_50k']:.1f} s per 50k  "
+            f"warm-up{'/compile' if row.get('compile_mode') else ''} {row['warmup_s']:.1f} s ({row['warmup_steps']} steps)"
+        )
     return ""
 
 

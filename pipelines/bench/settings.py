@@ -57,5 +57,3 @@ def runtime(settings: Settings) -> Runtime:
 def place(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """``repopt.setup.place``: ``model`` on the run's device, channels_last when the run trains in it."""
     return _place(model, runtime(settings))
-
-

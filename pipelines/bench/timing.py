@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-
 log = logging.getLogger("pipelines.benchmark")
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -117,5 +117,3 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-

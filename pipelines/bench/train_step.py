@@ -17,9 +17,9 @@ import math
 import torch
 
 from hypersearch.model import build_hs_model
-from repopt.vgg.arch import get_arch
 from repopt.engine import TrainStep
 from repopt.scales import random_scales
+from repopt.vgg.arch import get_arch
 from target_train import build_optimizer, build_repopt, build_repvgg_model, build_target_model
 
 from .memory import PeakMemory
@@ -42,6 +42,7 @@ def _variants(arch, settings: Settings):
         def build():
             model = place(build_model(), settings)
             return model, build_optimizer(model, "sgd", LR, WD)
+
         return build
 
     def hs(fused):
@@ -98,8 +99,14 @@ def run(settings: Settings) -> dict:
         step = make_step(model, optimizer, x, y, settings)
         for _ in range(max(settings.warmup, 1)):
             step()
-        rows[key] = {"key": key, "label": label, "unit": "img/s", "value": None, "peak_mem_mib": probe.stop(),
-                     "mem_kind": probe.kind}
+        rows[key] = {
+            "key": key,
+            "label": label,
+            "unit": "img/s",
+            "value": None,
+            "peak_mem_mib": probe.stop(),
+            "mem_kind": probe.kind,
+        }
         live[key] = (model, optimizer)
         calls[key] = (step, None)
     # time: interleaved rounds, one step of every model per round
@@ -109,16 +116,29 @@ def run(settings: Settings) -> dict:
         loss = float(calls[key][0].last["loss"].detach())  # the last timed step's
         rows[key].update(value=settings.batch / (summary["ms"] / 1e3), **summary, loss_finite=math.isfinite(loss))
         peak = rows[key]["peak_mem_mib"]
-        log.info("train: %-36s %9.1f img/s  %8.1f ms/step  peak %s MiB", rows[key]["label"], rows[key]["value"],
-                 summary["ms"], "n/a" if peak is None else f"{peak:.0f}")
+        log.info(
+            "train: %-36s %9.1f img/s  %8.1f ms/step  peak %s MiB",
+            rows[key]["label"],
+            rows[key]["value"],
+            summary["ms"],
+            "n/a" if peak is None else f"{peak:.0f}",
+        )
     del live, calls, samples, model, optimizer, step
     free_memory(device)
     return {
         "title": f"training step {arch.name} {settings.resolution}px batch {settings.batch}",
         "settings": {
-            "arch": arch.name, "resolution": settings.resolution, "batch": settings.batch, "num_classes": settings.num_classes,
-            "steps": settings.steps, "warmup": settings.warmup, "amp": "bf16" if settings.amp else "off",
-            "channels_last": settings.channels_last, "lr": LR, "weight_decay": WD, "memory": probe.kind,
+            "arch": arch.name,
+            "resolution": settings.resolution,
+            "batch": settings.batch,
+            "num_classes": settings.num_classes,
+            "steps": settings.steps,
+            "warmup": settings.warmup,
+            "amp": "bf16" if settings.amp else "off",
+            "channels_last": settings.channels_last,
+            "lr": LR,
+            "weight_decay": WD,
+            "memory": probe.kind,
             "timing": timing_note(device, "models"),
         },
         "rows": list(rows.values()),
@@ -127,7 +147,10 @@ def run(settings: Settings) -> dict:
             "target_over_repvgg_peak_mem": ratio(rows, "target", "repvgg", "peak_mem_mib"),
             "hs_fused_over_hs_unfused_img_s": ratio(rows, "hs_fused", "hs_unfused", "value"),
         },
-        "notes": [] if device.type == "cuda" else [
+        "notes": []
+        if device.type == "cuda"
+        else [
             "CPU memory is the rise of the process's peak RSS while the model was built and trained: it includes "
-            "allocator slack and oneDNN scratch space, so treat it as indicative"],
+            "allocator slack and oneDNN scratch space, so treat it as indicative"
+        ],
     }

@@ -29,9 +29,19 @@ CIFAR10_CANDIDATES = (REPO / "shared" / "data" / "cifar10-jpeg.tar.gz", REPO.par
 DEVICE_VARIABLE = "REPOPT_GPU_CHECK_DEVICE"  # tests/test_gpu_paths.py: run the gpu tests on this device
 
 # import name -> distribution, for the packages the parts need (pyproject's dependencies, dev extras)
-REQUIRED = {"hydra": "hydra-core", "omegaconf": "omegaconf", "numpy": "numpy", "pandas": "pandas", "scipy": "scipy",
-            "safetensors": "safetensors", "tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow",
-            "torchvision": "torchvision", "pytest": "pytest"}
+REQUIRED = {
+    "hydra": "hydra-core",
+    "omegaconf": "omegaconf",
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "scipy": "scipy",
+    "safetensors": "safetensors",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "PIL": "pillow",
+    "torchvision": "torchvision",
+    "pytest": "pytest",
+}
 OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"}  # the export test
 
 
@@ -65,8 +75,10 @@ def missing_packages(names: dict) -> list[str]:
 def _require(settings: CheckSettings) -> None:
     missing = missing_packages(REQUIRED)
     if missing:
-        raise PartFailed(f"missing Python packages: {', '.join(missing)}; install the project (pip install -e '.[dev]') or "
-                         f"bring them as wheels (docs/benchmarks.md, 'GPU results')")
+        raise PartFailed(
+            f"missing Python packages: {', '.join(missing)}; install the project (pip install -e '.[dev]') or "
+            f"bring them as wheels (docs/benchmarks.md, 'GPU results')"
+        )
 
 
 # ------------------------------------------------------------------------------------------- env
@@ -76,8 +88,13 @@ def _nvidia_smi() -> tuple[str | None, str | None]:
     if exe is None:
         return None, None
     try:
-        driver = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                text=True, timeout=30).stdout.strip().splitlines()
+        driver = (
+            subprocess.run(
+                [exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         full = subprocess.run([exe], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None, None
@@ -95,17 +112,23 @@ def env_part(settings: CheckSettings) -> Part:
             (settings.out / "nvidia-smi.txt").write_text(smi)
         cuda = torch.cuda.is_available()
         figures = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_model": cpu_name(), "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_model": cpu_name(),
+            "cpu_count": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "cuda_available": cuda, "driver": driver,
+            "cuda_available": cuda,
+            "driver": driver,
             "device_name": torch.cuda.get_device_name(0) if cuda else f"CPU ({cpu_name()})",
             "device_capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
             "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
-            "missing_packages": missing_packages(REQUIRED), "missing_optional_packages": missing_packages(OPTIONAL),
+            "missing_packages": missing_packages(REQUIRED),
+            "missing_optional_packages": missing_packages(OPTIONAL),
         }
         for module in ("torchvision", "hydra", "onnxruntime"):
             spec = importlib.util.find_spec(module)
@@ -132,8 +155,7 @@ def _junit(path: Path) -> dict:
                 outcome, message = name, node.get("message") or (node.text or "")[:500]
                 break
         counts[outcome] += 1
-        tests.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time") or 0),
-                      "message": message})
+        tests.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time") or 0), "message": message})
     return {**counts, "tests": tests}
 
 
@@ -141,8 +163,20 @@ def tests_part(settings: CheckSettings) -> Part:
     def run(timeout_s: float) -> dict:
         _require(settings)
         xml = settings.out / "gpu_tests.xml"
-        command = [settings.python, "-m", "pytest", "-m", "gpu", "tests/test_gpu_paths.py", "-p", "no:cacheprovider",
-                   "-q", "-rA", f"--junitxml={xml}", "--timeout=300"]
+        command = [
+            settings.python,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "tests/test_gpu_paths.py",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            f"--junitxml={xml}",
+            "--timeout=300",
+        ]
         if importlib.util.find_spec("pytest_timeout") is None:
             command.remove("--timeout=300")
         try:
@@ -160,9 +194,30 @@ def tests_part(settings: CheckSettings) -> Part:
 
 
 # -------------------------------------------------------------------------------------- benchmark
-QUICK_BENCHMARK = ["--arch", "tiny", "--steps", "3", "--warmup", "1", "--hs-images", "512", "--hs-batch", "128",
-                   "--resolution", "32", "--batch", "8", "--workers", "1", "--loader-epochs", "1", "--num-classes", "10",
-                   "--threads", "1"]
+QUICK_BENCHMARK = [
+    "--arch",
+    "tiny",
+    "--steps",
+    "3",
+    "--warmup",
+    "1",
+    "--hs-images",
+    "512",
+    "--hs-batch",
+    "128",
+    "--resolution",
+    "32",
+    "--batch",
+    "8",
+    "--workers",
+    "1",
+    "--loader-epochs",
+    "1",
+    "--num-classes",
+    "10",
+    "--threads",
+    "1",
+]
 
 
 def benchmark_part(settings: CheckSettings) -> Part:
@@ -170,15 +225,24 @@ def benchmark_part(settings: CheckSettings) -> Part:
         _require(settings)
         out_json = settings.out / "benchmark.json"
         command = [settings.python, "-m", "pipelines.benchmark", "--device", settings.device, "--out", str(out_json)]
-        run_logged(command + (QUICK_BENCHMARK if settings.quick else []), settings.out / "benchmark.log", timeout_s,
-                   env=settings.child_env(), cwd=REPO)
+        run_logged(
+            command + (QUICK_BENCHMARK if settings.quick else []),
+            settings.out / "benchmark.log",
+            timeout_s,
+            env=settings.child_env(),
+            cwd=REPO,
+        )
         from pipelines.bench.report import format_table
 
         result = json.loads(out_json.read_text())
         (settings.out / "benchmark.txt").write_text(format_table(result) + "\n")
 
-        return {"targets": result.get("targets", []), "settings": result.get("settings", {}),
-                "total_seconds": result.get("meta", {}).get("total_seconds"), "table_file": "benchmark.txt"}
+        return {
+            "targets": result.get("targets", []),
+            "settings": result.get("settings", {}),
+            "total_seconds": result.get("meta", {}).get("total_seconds"),
+            "table_file": "benchmark.txt",
+        }
 
     return Part("benchmark", run, 300)
 
@@ -196,8 +260,11 @@ def find_cifar10(settings: CheckSettings) -> Path:
     for path in candidates:
         if path.exists():
             return cifar10_root(path, settings.data_cache)
-    raise Skip("the shared CIFAR-10 is not here (looked for " + ", ".join(map(str, candidates)) +
-               "); pass --cifar10 <cifar10-jpeg.tar.gz or its extracted folder>")
+    raise Skip(
+        "the shared CIFAR-10 is not here (looked for "
+        + ", ".join(map(str, candidates))
+        + "); pass --cifar10 <cifar10-jpeg.tar.gz or its extracted folder>"
+    )
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -218,23 +285,50 @@ def hs_cifar10_part(settings: CheckSettings) -> Part:
         _require(settings)
         root = find_cifar10(settings)
         run_dir = settings.out / "hs_cifar10"
-        sizes = (["arch=tiny", "data.train_subset=1024", "data.test_subset=256", "data.batch_size=128", "epochs=2",
-                  "data.num_workers=1"] if settings.quick else ["epochs=3", "data.num_workers=8"])
-        command = [settings.python, "-m", "hypersearch", "experiment=paper", "data=imagefolder", f"data.root={root}",
-                   *sizes, "sched.warmup_epochs=1", "compile=true", "compile_mode=auto", "progress=log",
-                   f"device={settings.device}", f"hydra.run.dir={run_dir}"]
+        sizes = (
+            [
+                "arch=tiny",
+                "data.train_subset=1024",
+                "data.test_subset=256",
+                "data.batch_size=128",
+                "epochs=2",
+                "data.num_workers=1",
+            ]
+            if settings.quick
+            else ["epochs=3", "data.num_workers=8"]
+        )
+        command = [
+            settings.python,
+            "-m",
+            "hypersearch",
+            "experiment=paper",
+            "data=imagefolder",
+            f"data.root={root}",
+            *sizes,
+            "sched.warmup_epochs=1",
+            "compile=true",
+            "compile_mode=auto",
+            "progress=log",
+            f"device={settings.device}",
+            f"hydra.run.dir={run_dir}",
+        ]
         batch = 128 if settings.quick else 256  # the paper's 256 comes with experiment=paper
         wall = run_logged(command, settings.out / "hs_cifar10.log", timeout_s, env=settings.child_env(), cwd=REPO)
         history, metrics = _history(run_dir), _metrics(run_dir)
         after = [row["epoch_seconds"] for row in history[1:]]
         return {
-            "arch": metrics.get("arch"), "train_images": _train_images(metrics, batch), "batch": batch,
+            "arch": metrics.get("arch"),
+            "train_images": _train_images(metrics, batch),
+            "batch": batch,
             "compile": "auto mode (reduce-overhead on one GPU)" if settings.cuda else "default mode",
             "epochs": [{k: row.get(k) for k in ("epoch", "epoch_seconds", "images_per_sec", "test_top1")} for row in history],
             "first_epoch_s": history[0]["epoch_seconds"] if history else None,
             "s_per_epoch_after_compile": sum(after) / len(after) if after else None,
-            "top1": metrics.get("top1"), "peak_memory_gib": metrics.get("peak_memory_gib"),
-            "device": metrics.get("device"), "wall_seconds": wall, "status": metrics.get("status"),
+            "top1": metrics.get("top1"),
+            "peak_memory_gib": metrics.get("peak_memory_gib"),
+            "device": metrics.get("device"),
+            "wall_seconds": wall,
+            "status": metrics.get("status"),
         }
 
     return Part("hs_cifar10", run, 300 if settings.cuda else 420)
@@ -257,36 +351,74 @@ def target_224_part(settings: CheckSettings) -> Part:
         from .synthetic_folder import synthetic_image_folder
 
         train_images, batch = (48, 16) if settings.quick else (5120, 128)
-        root = synthetic_image_folder(settings.data_cache / f"synthetic-224-{train_images}", image_size=224,
-                                      train_images=train_images, val_images=max(batch, train_images // 20))
+        root = synthetic_image_folder(
+            settings.data_cache / f"synthetic-224-{train_images}",
+            image_size=224,
+            train_images=train_images,
+            val_images=max(batch, train_images // 20),
+        )
         workers = 1 if settings.quick else max(1, min(12, (os.cpu_count() or 2) - 2))
         arch = ["arch=tiny"] if settings.quick else ["arch=B1"]
         deadline = time.monotonic() + timeout_s
         models = {}
         for model, scales in (("target", "init" if settings.quick else "official:B1"), ("repvgg", "none")):
             run_dir = settings.out / "target_224" / model
-            command = [settings.python, "-m", "target_train", f"model={model}", f"scales={scales}", *arch,
-                       "data=imagefolder", f"data.root={root}", "data.image_size=224", "data.random_resized_crop=true",
-                       f"data.batch_size={batch}", f"data.num_workers={workers}", "epochs=2", "sched.warmup_epochs=0",
-                       "deploy=false", "progress=log", f"device={settings.device}", f"hydra.run.dir={run_dir}"]
-            run_logged(command, settings.out / f"target_224_{model}.log", deadline - time.monotonic(),
-                       env=settings.child_env(), cwd=REPO)
+            command = [
+                settings.python,
+                "-m",
+                "target_train",
+                f"model={model}",
+                f"scales={scales}",
+                *arch,
+                "data=imagefolder",
+                f"data.root={root}",
+                "data.image_size=224",
+                "data.random_resized_crop=true",
+                f"data.batch_size={batch}",
+                f"data.num_workers={workers}",
+                "epochs=2",
+                "sched.warmup_epochs=0",
+                "deploy=false",
+                "progress=log",
+                f"device={settings.device}",
+                f"hydra.run.dir={run_dir}",
+            ]
+            run_logged(
+                command, settings.out / f"target_224_{model}.log", deadline - time.monotonic(), env=settings.child_env(), cwd=REPO
+            )
             metrics, history = _metrics(run_dir), _history(run_dir)
             # the second epoch: worker start-up, cuDNN's first calls and the allocator's growth are behind it
-            models[model] = {"images_per_sec": history[-1]["images_per_sec"], "epoch_seconds": history[-1]["epoch_seconds"],
-                             "peak_memory_gib": metrics.get("peak_memory_gib"), "steps": metrics.get("steps"),
-                             "top1": metrics.get("top1"), "status": metrics.get("status")}
+            models[model] = {
+                "images_per_sec": history[-1]["images_per_sec"],
+                "epoch_seconds": history[-1]["epoch_seconds"],
+                "peak_memory_gib": metrics.get("peak_memory_gib"),
+                "steps": metrics.get("steps"),
+                "top1": metrics.get("top1"),
+                "status": metrics.get("status"),
+            }
         t, r = models["target"], models["repvgg"]
 
         def ratio(key):
             return t[key] / r[key] if t.get(key) and r.get(key) else None
 
-        return {"arch": "tiny" if settings.quick else "B1", "image_size": 224, "train_images": train_images, "batch": batch,
-                "workers": workers, "models": models, "target_over_repvgg_img_s": ratio("images_per_sec"),
-                "target_over_repvgg_peak_mem": ratio("peak_memory_gib")}
+        return {
+            "arch": "tiny" if settings.quick else "B1",
+            "image_size": 224,
+            "train_images": train_images,
+            "batch": batch,
+            "workers": workers,
+            "models": models,
+            "target_over_repvgg_img_s": ratio("images_per_sec"),
+            "target_over_repvgg_peak_mem": ratio("peak_memory_gib"),
+        }
 
     return Part("target_224", run, 240 if settings.cuda else 300)
 
 
-PARTS = {"env": env_part, "tests": tests_part, "benchmark": benchmark_part, "hs_cifar10": hs_cifar10_part,
-         "target_224": target_224_part}
+PARTS = {
+    "env": env_part,
+    "tests": tests_part,
+    "benchmark": benchmark_part,
+    "hs_cifar10": hs_cifar10_part,
+    "target_224": target_224_part,
+}

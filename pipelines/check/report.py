@@ -51,15 +51,24 @@ def _first_line(text: str | None) -> str:
 def format_markdown(doc: dict) -> str:
     meta, parts = doc["meta"], doc["parts"]
     env = next((p["figures"] for p in parts if p["name"] == "env"), {})
-    lines = [f"# Device check, {meta.get('started', '')}", "",
-             f"`{meta.get('command', '')}`: device {meta.get('device')}, {'quick' if meta.get('quick') else 'full'} "
-             f"settings, {_fmt(meta.get('wall_seconds'))} s wall (budget {_fmt(meta.get('budget_s'))} s).", ""]
+    lines = [
+        f"# Device check, {meta.get('started', '')}",
+        "",
+        f"`{meta.get('command', '')}`: device {meta.get('device')}, {'quick' if meta.get('quick') else 'full'} "
+        f"settings, {_fmt(meta.get('wall_seconds'))} s wall (budget {_fmt(meta.get('budget_s'))} s).",
+        "",
+    ]
     if env:
-        lines += [f"Machine: {env.get('device_name', '?')}; driver {env.get('driver') or '—'}; torch {env.get('torch')} "
-                  f"(CUDA {env.get('torch_cuda') or '—'}, cuDNN {env.get('cudnn') or '—'}); Python {env.get('python')}; "
-                  f"{env.get('cpu_count')} CPU cores ({env.get('cpu_model')}).", ""]
-    lines += _table(["part", "status", "seconds", "note"],
-                    [(p["name"], p["status"].upper(), p["seconds"], _first_line(p["error"])) for p in parts])
+        lines += [
+            f"Machine: {env.get('device_name', '?')}; driver {env.get('driver') or '—'}; torch {env.get('torch')} "
+            f"(CUDA {env.get('torch_cuda') or '—'}, cuDNN {env.get('cudnn') or '—'}); Python {env.get('python')}; "
+            f"{env.get('cpu_count')} CPU cores ({env.get('cpu_model')}).",
+            "",
+        ]
+    lines += _table(
+        ["part", "status", "seconds", "note"],
+        [(p["name"], p["status"].upper(), p["seconds"], _first_line(p["error"])) for p in parts],
+    )
     for p in parts:
         renderer = _SECTIONS.get(p["name"])
         if renderer and p["figures"]:
@@ -69,8 +78,10 @@ def format_markdown(doc: dict) -> str:
 
 def _tests_md(f: dict) -> list[str]:
     rows = [(t["name"], t["outcome"], t["seconds"], _first_line(t.get("message"))) for t in f.get("tests", [])]
-    return [f"## `pytest -m gpu` ({f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('skipped', 0)} skipped)",
-            ""] + _table(["test", "outcome", "seconds", "message"], rows)
+    return [
+        f"## `pytest -m gpu` ({f.get('passed', 0)} passed, {f.get('failed', 0)} failed, {f.get('skipped', 0)} skipped)",
+        "",
+    ] + _table(["test", "outcome", "seconds", "message"], rows)
 
 
 def _benchmark_md(f: dict) -> list[str]:
@@ -83,22 +94,31 @@ def _benchmark_md(f: dict) -> list[str]:
 
 def _hs_md(f: dict) -> list[str]:
     rows = [(e["epoch"], e["epoch_seconds"], e["images_per_sec"], e["test_top1"]) for e in f.get("epochs", [])]
-    return [f"## Paper HS on CIFAR-10 ({f.get('arch')}, {f.get('train_images')} images, batch {f.get('batch')}, "
-            f"compile {f.get('compile')})", "",
-            f"Seconds per epoch after compilation: **{_fmt(f.get('s_per_epoch_after_compile'))}** "
-            f"(first epoch, with compilation: {_fmt(f.get('first_epoch_s'))} s); peak memory "
-            f"{_fmt(f.get('peak_memory_gib'))} GiB.", ""] + _table(["epoch", "train s", "img/s", "test top-1"], rows)
+    return [
+        f"## Paper HS on CIFAR-10 ({f.get('arch')}, {f.get('train_images')} images, batch {f.get('batch')}, "
+        f"compile {f.get('compile')})",
+        "",
+        f"Seconds per epoch after compilation: **{_fmt(f.get('s_per_epoch_after_compile'))}** "
+        f"(first epoch, with compilation: {_fmt(f.get('first_epoch_s'))} s); peak memory "
+        f"{_fmt(f.get('peak_memory_gib'))} GiB.",
+        "",
+    ] + _table(["epoch", "train s", "img/s", "test top-1"], rows)
 
 
 def _target_md(f: dict) -> list[str]:
-    rows = [(m, r.get("images_per_sec"), r.get("epoch_seconds"), r.get("peak_memory_gib"), r.get("steps"))
-            for m, r in f.get("models", {}).items()]
-    return [f"## Target training at {f.get('image_size')} px ({f.get('arch')}, synthetic ImageFolder, "
-            f"{f.get('train_images')} images, batch {f.get('batch')})", "",
-            f"RepOpt-VGG / RepVGG: images/s {_fmt(f.get('target_over_repvgg_img_s'))}, peak memory "
-            f"{_fmt(f.get('target_over_repvgg_peak_mem'))} (the second epoch, with the worker DataLoader; "
-            f"`pipelines.benchmark`'s train section times the model alone).", ""] + _table(
-        ["model", "img/s", "epoch s", "peak GiB", "steps"], rows)
+    rows = [
+        (m, r.get("images_per_sec"), r.get("epoch_seconds"), r.get("peak_memory_gib"), r.get("steps"))
+        for m, r in f.get("models", {}).items()
+    ]
+    return [
+        f"## Target training at {f.get('image_size')} px ({f.get('arch')}, synthetic ImageFolder, "
+        f"{f.get('train_images')} images, batch {f.get('batch')})",
+        "",
+        f"RepOpt-VGG / RepVGG: images/s {_fmt(f.get('target_over_repvgg_img_s'))}, peak memory "
+        f"{_fmt(f.get('target_over_repvgg_peak_mem'))} (the second epoch, with the worker DataLoader; "
+        f"`pipelines.benchmark`'s train section times the model alone).",
+        "",
+    ] + _table(["model", "img/s", "epoch s", "peak GiB", "steps"], rows)
 
 
 _SECTIONS = {"tests": _tests_md, "benchmark": _benchmark_md, "hs_cifar10": _hs_md, "target_224": _target_md}

@@ -54,17 +54,27 @@ class Part:
     timeout_s: float
 
 
-def run_parts(parts: Sequence[Part], budget_s: float, on_result: Callable[[list[PartResult]], None] = lambda r: None,
-              clock: Callable[[], float] = time.monotonic) -> list[PartResult]:
+def run_parts(
+    parts: Sequence[Part],
+    budget_s: float,
+    on_result: Callable[[list[PartResult]], None] = lambda r: None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[PartResult]:
     """Run ``parts`` in order; ``on_result`` sees the results so far after each part (to write the report)."""
     deadline = clock() + budget_s
     results: list[PartResult] = []
     for part in parts:
         left = deadline - clock()
         if left < MIN_PART_SECONDS:
-            results.append(PartResult(part.name, SKIPPED, 0.0,
-                                      f"the time budget is spent ({budget_s:.0f} s, {max(left, 0):.0f} s left); "
-                                      f"raise --budget or run this part alone with --parts {part.name}"))
+            results.append(
+                PartResult(
+                    part.name,
+                    SKIPPED,
+                    0.0,
+                    f"the time budget is spent ({budget_s:.0f} s, {max(left, 0):.0f} s left); "
+                    f"raise --budget or run this part alone with --parts {part.name}",
+                )
+            )
             on_result(results)
             continue
         t0 = clock()
@@ -91,8 +101,9 @@ def tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def run_logged(command: Sequence[str], log_path: Path, timeout_s: float, *, env: dict | None = None,
-               cwd: Path | None = None) -> float:
+def run_logged(
+    command: Sequence[str], log_path: Path, timeout_s: float, *, env: dict | None = None, cwd: Path | None = None
+) -> float:
     """Run ``command`` with stdout and stderr in ``log_path``; return its wall seconds.
 
     Raises ``PartFailed`` naming the log's last lines when it exits non-zero or runs past
@@ -103,14 +114,17 @@ def run_logged(command: Sequence[str], log_path: Path, timeout_s: float, *, env:
     with open(log_path, "wb") as out:
         out.write(("$ " + " ".join(map(str, command)) + "\n").encode())
         out.flush()
-        proc = subprocess.Popen(list(map(str, command)), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            list(map(str, command)), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _end_group(proc)
-            raise PartFailed(f"timed out after {timeout_s:.0f} s: {' '.join(map(str, command[:4]))} ... "
-                             f"(log {log_path.name}):\n{tail(log_path)}") from None
+            raise PartFailed(
+                f"timed out after {timeout_s:.0f} s: {' '.join(map(str, command[:4]))} ... "
+                f"(log {log_path.name}):\n{tail(log_path)}"
+            ) from None
         except BaseException:
             _end_group(proc)
             raise

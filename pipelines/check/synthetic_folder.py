@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-def synthetic_image_folder(root: Path, *, image_size: int, train_images: int, val_images: int,
-                           classes: int = 10, seed: int = 0) -> Path:
+def synthetic_image_folder(
+    root: Path, *, image_size: int, train_images: int, val_images: int, classes: int = 10, seed: int = 0
+) -> Path:
     """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``; returns ``root`` (reused when complete)."""
     from PIL import Image
 

@@ -37,13 +37,29 @@ from repopt.tracking import log_files, require_backend, tracking_uri
 from .jobs import collect, distinct, latest_sweep
 from .plots import plot_comparison, plot_curves, plot_depth, plot_scales
 from .stats import parse_baseline
-from .table import DELTA_METRICS, add_differences, aggregate, common_overrides, default_baseline, setting_keys, synthetic_banner, to_markdown
+from .table import (
+    DELTA_METRICS,
+    add_differences,
+    aggregate,
+    common_overrides,
+    default_baseline,
+    setting_keys,
+    synthetic_banner,
+    to_markdown,
+)
 
 COMPARISON_FILES = ("comparison.csv", "comparison.md", "comparison.png", "depth.png", "scales.png", "curves.png")
 
 
-def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, baseline: str | None = None,
-            ignore: tuple[str, ...] = (), pruned: str = "pruned", delta_metric: str = "target_top1") -> pd.DataFrame:
+def compare(
+    dirs: list[Path],
+    out: Path | None = None,
+    plots: bool = True,
+    baseline: str | None = None,
+    ignore: tuple[str, ...] = (),
+    pruned: str = "pruned",
+    delta_metric: str = "target_top1",
+) -> pd.DataFrame:
     """Build the per-job frame, write the comparison files, return the per-setting table.
 
     ``baseline`` (``KEY=VALUE``) picks the reference setting of the differences; default: ``variant=plain``
@@ -64,8 +80,19 @@ def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, basel
     delta_title = add_differences(frame, table, keys, reference, delta_metric) if keys or baseline else None
     kept = distinct(frame)
     write_text(out / "comparison.csv", frame.to_csv(index=False))
-    write_text(out / "comparison.md", to_markdown(table, keys or ["setting"], dirs, common_overrides(kept), delta_title,
-                                                  synthetic_banner(kept), delta_metric, len(frame) - len(kept)))
+    write_text(
+        out / "comparison.md",
+        to_markdown(
+            table,
+            keys or ["setting"],
+            dirs,
+            common_overrides(kept),
+            delta_title,
+            synthetic_banner(kept),
+            delta_metric,
+            len(frame) - len(kept),
+        ),
+    )
     if plots:
         plot_comparison(table, keys or ["setting"], out / "comparison.png")
         plot_scales(kept, keys, out / "scales.png")
@@ -75,30 +102,59 @@ def compare(dirs: list[Path], out: Path | None = None, plots: bool = True, basel
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or single job directories); with "
-                        "--latest, roots of sweeps")
-    parser.add_argument("--latest", action="store_true",
-                        help="compare only the sweep started last below each dir (the one whose multirun.yaml is newest), "
-                             "e.g. --latest outputs/search_and_train/multirun; --out then defaults to that sweep")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="sweep directories (or single job directories); with --latest, roots of sweeps"
+    )
+    parser.add_argument(
+        "--latest",
+        action="store_true",
+        help="compare only the sweep started last below each dir (the one whose multirun.yaml is newest), "
+        "e.g. --latest outputs/search_and_train/multirun; --out then defaults to that sweep",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write the comparison files (default: the first dir)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
-    parser.add_argument("--baseline", default=None, metavar="KEY=VALUE",
-                        help="the reference setting of the differences (default: variant=plain when present); each setting "
-                             "is compared with the one that has the same other values and KEY=VALUE")
-    parser.add_argument("--ignore", default="", metavar="KEYS",
-                        help="comma list of overrides that do not tell settings apart (e.g. export,quant.latency_runs "
-                             "when sweeps of the same settings were run with and without the export step)")
-    parser.add_argument("--pruned", default="pruned", metavar="FOLDER",
-                        help="the pruning result folder in each target run (python -m target_train.prune out=FOLDER; "
-                             "default: pruned) whose accuracy, MACs and latency columns the table shows")
-    parser.add_argument("--delta", default="target_top1", choices=DELTA_METRICS, metavar="METRIC",
-                        help="the column whose difference to the reference setting is shown: "
-                             + ", ".join(DELTA_METRICS) + " (default: target_top1)")
-    parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
-                        help="also log the comparison files to an MLflow run 'compare' in URI (default: "
-                             "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="KEY=VALUE",
+        help="the reference setting of the differences (default: variant=plain when present); each setting "
+        "is compared with the one that has the same other values and KEY=VALUE",
+    )
+    parser.add_argument(
+        "--ignore",
+        default="",
+        metavar="KEYS",
+        help="comma list of overrides that do not tell settings apart (e.g. export,quant.latency_runs "
+        "when sweeps of the same settings were run with and without the export step)",
+    )
+    parser.add_argument(
+        "--pruned",
+        default="pruned",
+        metavar="FOLDER",
+        help="the pruning result folder in each target run (python -m target_train.prune out=FOLDER; "
+        "default: pruned) whose accuracy, MACs and latency columns the table shows",
+    )
+    parser.add_argument(
+        "--delta",
+        default="target_top1",
+        choices=DELTA_METRICS,
+        metavar="METRIC",
+        help="the column whose difference to the reference setting is shown: "
+        + ", ".join(DELTA_METRICS)
+        + " (default: target_top1)",
+    )
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help="also log the comparison files to an MLflow run 'compare' in URI (default: "
+        "sqlite:///<outputs>/mlflow.db, as logger=mlflow does)",
+    )
     parser.add_argument("--experiment", default="repopt", help="the MLflow experiment of --mlflow (default: repopt)")
     args = parser.parse_args(argv)
     try:
@@ -106,22 +162,34 @@ def main(argv=None) -> int:
         out = args.out or dirs[0]
         if args.mlflow is not None:
             require_backend("mlflow")
-        table = compare(dirs, args.out, plots=not args.no_plots, baseline=args.baseline,
-                        ignore=tuple(k for k in args.ignore.split(",") if k), pruned=args.pruned,
-                        delta_metric=args.delta)
+        table = compare(
+            dirs,
+            args.out,
+            plots=not args.no_plots,
+            baseline=args.baseline,
+            ignore=tuple(k for k in args.ignore.split(",") if k),
+            pruned=args.pruned,
+            delta_metric=args.delta,
+        )
         if args.mlflow is not None:
             store = LoggerConfig(name="mlflow", tracking_uri=args.mlflow or None, experiment=args.experiment)
-            run_id = log_files(store, out, "compare", [out / name for name in COMPARISON_FILES],
-                               {"dirs": " ".join(map(str, dirs)), "baseline": args.baseline, "ignore": args.ignore})
+            run_id = log_files(
+                store,
+                out,
+                "compare",
+                [out / name for name in COMPARISON_FILES],
+                {"dirs": " ".join(map(str, dirs)), "baseline": args.baseline, "ignore": args.ignore},
+            )
             print(f"logged the comparison files to MLflow run {run_id} ({tracking_uri(store, out)})")
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # --out is not writable (a file, a read-only or full disk): nothing was read wrongly
-        print(f"error: cannot write the comparison into {out}: {exc.strerror or exc}; choose another folder with "
-              f"--out DIR", file=sys.stderr)
+        print(
+            f"error: cannot write the comparison into {out}: {exc.strerror or exc}; choose another folder with --out DIR",
+            file=sys.stderr,
+        )
         return 1
     print((out / "comparison.md").read_text())
     print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.md'} and plots ({len(table)} settings)")
     return 0
-

@@ -74,13 +74,26 @@ class JobRow:
         """A pipeline job: both stages, and the stage that diverged if one did."""
         hs, target = m.hs or StageMetrics(), m.target or StageMetrics()
         trained = m.target or m.hs or StageMetrics()
-        row = cls(status=m.status.value, error=m.error, failed_stage=m.failed_stage, variant=m.variant,
-                  arch_name=trained.arch, depth=trained.depth, dataset=trained.dataset,
-                  hs_top1=hs.top1, hs_top5=hs.top5, target_top1=target.top1, target_top5=target.top5,
-                  target_loss=target.loss, target_status=m.target.status.value if m.target else None,
-                  hs_seconds=m.wall_seconds.get("hs"), target_seconds=m.wall_seconds.get("target"),
-                  wall_seconds=m.wall_seconds.get("total"), hs_scales_sha256=m.hs_scales_sha256,
-                  scales_sha256=m.scales_sha256)
+        row = cls(
+            status=m.status.value,
+            error=m.error,
+            failed_stage=m.failed_stage,
+            variant=m.variant,
+            arch_name=trained.arch,
+            depth=trained.depth,
+            dataset=trained.dataset,
+            hs_top1=hs.top1,
+            hs_top5=hs.top5,
+            target_top1=target.top1,
+            target_top5=target.top5,
+            target_loss=target.loss,
+            target_status=m.target.status.value if m.target else None,
+            hs_seconds=m.wall_seconds.get("hs"),
+            target_seconds=m.wall_seconds.get("target"),
+            wall_seconds=m.wall_seconds.get("total"),
+            hs_scales_sha256=m.hs_scales_sha256,
+            scales_sha256=m.scales_sha256,
+        )
         for stage in ("hs", "target"):
             result = read_result(job / stage / "metrics.json", StageMetrics)
             if result is not None and result.status == Status.DIVERGED:
@@ -91,10 +104,17 @@ class JobRow:
     def of_stage(cls, m: StageMetrics, job: Path, pruned: str = "pruned") -> "JobRow":
         """A single-stage run (``python -m hypersearch -m ...`` or ``target_train -m ...``)."""
         key = "hs" if m.stage == "hypersearch" else "target"
-        row = cls(status=m.status.value, error=m.error, wall_seconds=m.wall_seconds, diverged_step=m.diverged_step,
-                  arch_name=m.arch, depth=m.depth, dataset=m.dataset,
-                  scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
-                  **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss})
+        row = cls(
+            status=m.status.value,
+            error=m.error,
+            wall_seconds=m.wall_seconds,
+            diverged_step=m.diverged_step,
+            arch_name=m.arch,
+            depth=m.depth,
+            dataset=m.dataset,
+            scales_sha256=m.scales_sha256 or (m.scales or {}).get("sha256"),
+            **{f"{key}_top1": m.top1, f"{key}_top5": m.top5, f"{key}_loss": m.loss},
+        )
         return row.with_quant(job).with_pruned(job / pruned / "metrics.json")
 
     def with_quant(self, run_dir: Path) -> "JobRow":
@@ -143,7 +163,9 @@ def latest_sweep(root: Path) -> Path:
     directory's own mtime is no guide: writing a comparison into an old sweep renews it."""
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"--latest {root}: not a directory; pass the root of the sweeps, e.g. outputs/search_and_train/multirun")
+        raise ConfigError(
+            f"--latest {root}: not a directory; pass the root of the sweeps, e.g. outputs/search_and_train/multirun"
+        )
     sweeps = [p.parent for p in root.rglob("multirun.yaml") if p.is_file()]
     if not sweeps:
         raise ConfigError(f"--latest {root}: no sweep below it (a sweep directory holds the multirun.yaml of a -m run)")
@@ -154,7 +176,9 @@ def find_jobs(root: Path) -> list[Path]:
     """Job directories below ``root`` (a job has ``.hydra/``); ``root`` itself if it is one."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory; pass a sweep directory (outputs/.../multirun/<date>/<time>) or a job directory")
+        raise FileNotFoundError(
+            f"{root} is not a directory; pass a sweep directory (outputs/.../multirun/<date>/<time>) or a job directory"
+        )
     if (root / ".hydra").is_dir():
         return [root]
     jobs = sorted({p.parent for p in root.rglob(".hydra") if p.is_dir()}, key=lambda p: _natural_key(p, root))
@@ -163,8 +187,9 @@ def find_jobs(root: Path) -> list[Path]:
 
 def _natural_key(path: Path, root: Path):
     """Numbers in names sort as numbers: 2 before 10, trial_2 before trial_10."""
-    return [[int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", part)]
-            for part in path.relative_to(root).parts]
+    return [
+        [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", part)] for part in path.relative_to(root).parts
+    ]
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -241,5 +266,3 @@ def duplicates(jobs: list[Path]) -> list[bool]:
 def distinct(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` without the jobs marked as repeats (all of it when nothing is marked)."""
     return frame[~frame[DUPLICATE].astype(bool)] if DUPLICATE in frame else frame
-
-

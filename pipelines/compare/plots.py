@@ -32,8 +32,7 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
         ax.errorbar([x + offset for x in xs], mean, yerr=std, fmt="o", capsize=4, label=name)
         for x, m in zip(xs, mean):
             if not math.isnan(m):
-                ax.annotate(f"{m:.1f}", (x + offset, m), textcoords="offset points", xytext=(6, 0), fontsize=7,
-                            va="center")
+                ax.annotate(f"{m:.1f}", (x + offset, m), textcoords="offset points", xytext=(6, 0), fontsize=7, va="center")
         drawn += [v for v in (mean - std).tolist() + (mean + std).tolist() if not math.isnan(v)]
     if drawn:
         low, high = min(drawn), max(drawn)
@@ -51,8 +50,11 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
 def plot_depth(frame: pd.DataFrame, path: Path, line_key: str = "variant") -> bool:
     """Target top-1 against conv layers, one line per ``line_key`` value, error bars over seeds.
     Drawn only when the completed jobs have more than one depth."""
-    done = frame[(frame["status"] == "completed") & frame["depth"].notna() & frame["target_top1"].notna()] \
-        if "depth" in frame else frame.iloc[0:0]
+    done = (
+        frame[(frame["status"] == "completed") & frame["depth"].notna() & frame["target_top1"].notna()]
+        if "depth" in frame
+        else frame.iloc[0:0]
+    )
     if done.empty or done["depth"].nunique() < 2:
         return False
     plt = pyplot()
@@ -60,8 +62,14 @@ def plot_depth(frame: pd.DataFrame, path: Path, line_key: str = "variant") -> bo
     groups = done.groupby(line_key, sort=False) if line_key in done else [("all jobs", done)]
     for name, group in groups:
         stats = group.groupby("depth")["target_top1"].agg(["mean", "std", "count"]).sort_index()
-        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=4,
-                    label=f"{name} (n per depth: {', '.join(str(int(c)) for c in stats['count'])})")
+        ax.errorbar(
+            stats.index,
+            stats["mean"],
+            yerr=stats["std"].fillna(0.0),
+            marker="o",
+            capsize=4,
+            label=f"{name} (n per depth: {', '.join(str(int(c)) for c in stats['count'])})",
+        )
     ax.set_xlabel("conv layers of the plain network")
     ax.set_ylabel("target test top-1 (%), mean ± std")
     ax.set_xticks(sorted(done["depth"].unique()))
@@ -72,8 +80,9 @@ def plot_depth(frame: pd.DataFrame, path: Path, line_key: str = "variant") -> bo
     return True
 
 
-def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple[str, ...], draw, xlabel: str,
-                  ylabel: str) -> bool:
+def _plot_per_job(
+    frame: pd.DataFrame, keys: list[str], path: Path, files: tuple[str, ...], draw, xlabel: str, ylabel: str
+) -> bool:
     """One line per job from the first of ``files`` (relative to the job dir) that exists."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -97,6 +106,7 @@ def _plot_per_job(frame: pd.DataFrame, keys: list[str], path: Path, files: tuple
 
 def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
     """Mean |scale| per stage for each setting (from the stage-one scales.csv)."""
+
     def per_stage(summary):
         means = summary.groupby("stage")["abs_mean"].mean()
         return means.index, means.values
@@ -106,5 +116,12 @@ def plot_scales(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
 
 def plot_curves(frame: pd.DataFrame, keys: list[str], path: Path) -> bool:
     """Target test top-1 per epoch for each job."""
-    return _plot_per_job(frame, keys, path, ("target/history.csv", "history.csv"),
-                         lambda h: (h["epoch"], h["test_top1"]), "epoch", "test top-1 (%)")
+    return _plot_per_job(
+        frame,
+        keys,
+        path,
+        ("target/history.csv", "history.csv"),
+        lambda h: (h["epoch"], h["test_top1"]),
+        "epoch",
+        "test top-1 (%)",
+    )

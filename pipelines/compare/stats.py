@@ -80,8 +80,9 @@ def parse_baseline(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def baseline_differences(frame: pd.DataFrame, keys: list[str], baseline: tuple[str, str], metric: str = "target_top1"
-                         ) -> dict[tuple, Difference]:
+def baseline_differences(
+    frame: pd.DataFrame, keys: list[str], baseline: tuple[str, str], metric: str = "target_top1"
+) -> dict[tuple, Difference]:
     """For each setting (the values of ``keys``), its difference to the reference setting: the one with
     the same values on every other key and ``baseline``'s value on its key (so at each depth,
     searched is compared with plain at that depth). Only completed jobs count."""
@@ -97,7 +98,7 @@ def baseline_differences(frame: pd.DataFrame, keys: list[str], baseline: tuple[s
     index = keys.index(key)
     out = {}
     for setting in {k if isinstance(k, tuple) else (k,) for k, _ in frame.groupby(keys, sort=False, dropna=False)}:
-        reference = setting[:index] + (value,) + setting[index + 1:]
+        reference = setting[:index] + (value,) + setting[index + 1 :]
         if setting != reference and reference in groups:
             out[setting] = welch(groups.get(setting, []), groups[reference])
     return out

@@ -13,6 +13,7 @@ from repopt.results import Status
 from .jobs import DUPLICATE, METRIC_COLUMNS, ROW_COLUMNS, SEED_KEYS, distinct
 from .stats import as_settings, baseline_differences
 
+
 def override_columns(frame: pd.DataFrame) -> list[str]:
     """The swept keys: override columns whose values differ between jobs (seeds last)."""
     skip = {"job", "overrides", DUPLICATE, *ROW_COLUMNS}
@@ -82,20 +83,42 @@ def _mean_std(values: pd.Series) -> str:
 
 
 QUANT_COLUMNS = ("int8_top1", "int8_top1_drop", "int8_pt_top1", "int8_pt_top1_drop", "qat_top1", "qat_top1_drop")
-PRUNE_COLUMNS = ("prune_ratio", "pruned_top1_no_ft", "pruned_top1", "pruned_macs_ratio", "pruned_ms_b1", "pruned_speedup_b1",
-                 "pruned_speedup_b32")
+PRUNE_COLUMNS = (
+    "prune_ratio",
+    "pruned_top1_no_ft",
+    "pruned_top1",
+    "pruned_macs_ratio",
+    "pruned_ms_b1",
+    "pruned_speedup_b1",
+    "pruned_speedup_b32",
+)
 # the table's column titles (a column not listed is titled by its name)
-TITLES = {"hs_top1": "HS top-1", "target_top1": "target top-1", "target_top5": "target top-5", "int8_top1": "INT8 top-1",
-          "int8_top1_drop": "INT8 drop", "int8_pt_top1": "INT8 per-tensor top-1", "int8_pt_top1_drop": "INT8 per-tensor drop",
-          "qat_top1": "QAT INT8 top-1", "qat_top1_drop": "QAT INT8 drop", "wall_seconds": "wall s", "depth": "conv layers",
-          "prune_ratio": "pruned ratio", "pruned_top1_no_ft": "pruned top-1 (no fine-tune)", "pruned_top1": "pruned top-1",
-          "pruned_macs_ratio": "MACs kept", "pruned_ms_b1": "pruned ms/img b1", "pruned_speedup_b1": "speed-up b1",
-          "pruned_speedup_b32": "speed-up b32"}
+TITLES = {
+    "hs_top1": "HS top-1",
+    "target_top1": "target top-1",
+    "target_top5": "target top-5",
+    "int8_top1": "INT8 top-1",
+    "int8_top1_drop": "INT8 drop",
+    "int8_pt_top1": "INT8 per-tensor top-1",
+    "int8_pt_top1_drop": "INT8 per-tensor drop",
+    "qat_top1": "QAT INT8 top-1",
+    "qat_top1_drop": "QAT INT8 drop",
+    "wall_seconds": "wall s",
+    "depth": "conv layers",
+    "prune_ratio": "pruned ratio",
+    "pruned_top1_no_ft": "pruned top-1 (no fine-tune)",
+    "pruned_top1": "pruned top-1",
+    "pruned_macs_ratio": "MACs kept",
+    "pruned_ms_b1": "pruned ms/img b1",
+    "pruned_speedup_b1": "speed-up b1",
+    "pruned_speedup_b32": "speed-up b32",
+}
 DELTA_METRICS = ("target_top1", "pruned_top1", "pruned_top1_no_ft", "int8_top1", "int8_pt_top1", "qat_top1")
 
 
-def add_differences(frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None,
-                    metric: str = "target_top1") -> str | None:
+def add_differences(
+    frame: pd.DataFrame, table: pd.DataFrame, keys: list[str], baseline: tuple[str, str] | None, metric: str = "target_top1"
+) -> str | None:
     """``metric`` (target top-1) of each setting minus its reference setting's, with Welch's 95 % interval, as
     columns of ``table`` (``delta_top1``, ``delta_low``, ``delta_high``, ``delta_text``) and of
     ``frame`` (each job carries its setting's; repeats of a job count once). Returns the column title,
@@ -125,16 +148,31 @@ def synthetic_banner(frame: pd.DataFrame) -> str | None:
     """The first line of the comparison when any job trained on synthetic data."""
     if "dataset" not in frame or not (frame["dataset"] == "synthetic").any():
         return None
-    return ("**Synthetic data:** these jobs exercise the plumbing and say nothing about the method. For the "
-            "method's effect on real data run `sweep=depth_cpu` and see docs/results/depth_cifar10.md.")
+    return (
+        "**Synthetic data:** these jobs exercise the plumbing and say nothing about the method. For the "
+        "method's effect on real data run `sweep=depth_cpu` and see docs/results/depth_cifar10.md."
+    )
 
 
-def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], common: list[str] = (),
-                delta_title: str | None = None, banner: str | None = None, delta_metric: str = "target_top1",
-                dropped: int = 0) -> str:
-    columns = keys + ["status"] + [c for c in ("depth", "hs_top1", "target_top1", "target_top5", *QUANT_COLUMNS,
-                                               *PRUNE_COLUMNS, "wall_seconds") if c in table and (table[c].astype(str) != "—").any()
-                                   and table[c].notna().any()]
+def to_markdown(
+    table: pd.DataFrame,
+    keys: list[str],
+    sources: list[Path],
+    common: list[str] = (),
+    delta_title: str | None = None,
+    banner: str | None = None,
+    delta_metric: str = "target_top1",
+    dropped: int = 0,
+) -> str:
+    columns = (
+        keys
+        + ["status"]
+        + [
+            c
+            for c in ("depth", "hs_top1", "target_top1", "target_top5", *QUANT_COLUMNS, *PRUNE_COLUMNS, "wall_seconds")
+            if c in table and (table[c].astype(str) != "—").any() and table[c].notna().any()
+        ]
+    )
     if delta_title:
         columns.insert(columns.index(delta_metric) + 1 if delta_metric in columns else len(columns), "delta_text")
     if "note" in table and table["note"].fillna("").astype(str).str.len().gt(0).any():
@@ -144,21 +182,24 @@ def to_markdown(table: pd.DataFrame, keys: list[str], sources: list[Path], commo
     if common:
         lines += ["Every job: `" + " ".join(common) + "`", ""]
     if dropped:
-        lines += [f"Duplicates dropped: {dropped} job{'s' if dropped > 1 else ''} repeating another job's overrides, seed "
-                  "included (one observation is counted once; marked `duplicate` in comparison.csv).", ""]
-    lines += [
-             "| " + " | ".join(titles.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+        lines += [
+            f"Duplicates dropped: {dropped} job{'s' if dropped > 1 else ''} repeating another job's overrides, seed "
+            "included (one observation is counted once; marked `duplicate` in comparison.csv).",
+            "",
+        ]
+    lines += ["| " + " | ".join(titles.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = [str(row.get(c, "")) if not (isinstance(row.get(c), float) and math.isnan(row.get(c))) else "" for c in columns]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Accuracies are top-1/top-5 in % on each job's test split; a ± b (n=k) is mean ± std over k seeds."]
     if delta_title:
         starred = "delta_excludes_0" in table and bool(table["delta_excludes_0"].eq(True).any())
-        lines.append(f"Δ: difference of mean {TITLES[delta_metric]} to the reference setting (same other settings), with Welch's "
-                     "95 % interval" + ("; * marks an interval that excludes 0" if starred else "")
-                     + "; (n=a vs b) where a side has fewer than 2 seeds, (no spread: n=a vs b) where neither side varies "
-                     "over its seeds.")
+        lines.append(
+            f"Δ: difference of mean {TITLES[delta_metric]} to the reference setting (same other settings), with Welch's "
+            "95 % interval"
+            + ("; * marks an interval that excludes 0" if starred else "")
+            + "; (n=a vs b) where a side has fewer than 2 seeds, (no spread: n=a vs b) where neither side varies "
+            "over its seeds."
+        )
     lines.append("")
     return "\n".join(lines)
-
-

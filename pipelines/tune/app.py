@@ -94,8 +94,10 @@ def work(study, cfg: TuneConfig, runner: TrialRunner, claim: ClaimLock) -> None:
             except Exception as inner:  # the storage may be what failed: keep the original error
                 log.warning("could not update the study after the error: %s", inner)
             if isinstance(exc, Interrupted) and runner.current is not None:
-                raise Interrupted(f"study {cfg.study_name} stopped during trial {runner.current} ({exc}); run the same "
-                                  f"command again to continue it (that trial runs again)") from exc
+                raise Interrupted(
+                    f"study {cfg.study_name} stopped during trial {runner.current} ({exc}); run the same "
+                    f"command again to continue it (that trial runs again)"
+                ) from exc
             raise
         finally:
             claim.release()
@@ -103,8 +105,12 @@ def work(study, cfg: TuneConfig, runner: TrialRunner, claim: ClaimLock) -> None:
 
 def _settings(cfg: TuneConfig) -> dict:
     """What a study is: a continued study must have the same."""
-    return {"space": {k: dataclasses.asdict(v) for k, v in cfg.space.items()}, "base": list(cfg.base),
-            "objectives": list(cfg.objectives), "directions": list(cfg.directions)}
+    return {
+        "space": {k: dataclasses.asdict(v) for k, v in cfg.space.items()},
+        "base": list(cfg.base),
+        "objectives": list(cfg.objectives),
+        "directions": list(cfg.directions),
+    }
 
 
 def check_same_study(study, cfg: TuneConfig, url: str) -> None:
@@ -115,9 +121,11 @@ def check_same_study(study, cfg: TuneConfig, url: str) -> None:
         return
     changed = [name for name in wanted if stored.get(name) != wanted[name]]
     if changed:
-        raise ConfigError(f"study {cfg.study_name} in {storage_text(url)} was created with another "
-                          f"{', '.join(changed)} ({'; '.join(f'{n}: {stored.get(n)}' for n in changed)}); continue it with "
-                          f"the same settings, or start a new study with study_name=... (or study_dir=...)")
+        raise ConfigError(
+            f"study {cfg.study_name} in {storage_text(url)} was created with another "
+            f"{', '.join(changed)} ({'; '.join(f'{n}: {stored.get(n)}' for n in changed)}); continue it with "
+            f"the same settings, or start a new study with study_name=... (or study_dir=...)"
+        )
 
 
 def run_study(cfg: TuneConfig):
@@ -137,16 +145,28 @@ def _run_claimed(cfg: TuneConfig, study_dir: Path, url: str, claim: ClaimLock):
     optuna = require_optuna()
     with claim, reading_study(url):  # creating the tables and the study: one worker at a time
         storage = make_storage(cfg, url)
-        study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=list(cfg.directions),
-                                    load_if_exists=True, sampler=make_sampler(cfg.sampler, cfg.sampler.seed),
-                                    pruner=make_pruner(cfg.pruner))
+        study = optuna.create_study(
+            study_name=cfg.study_name,
+            storage=storage,
+            directions=list(cfg.directions),
+            load_if_exists=True,
+            sampler=make_sampler(cfg.sampler, cfg.sampler.seed),
+            pruner=make_pruner(cfg.pruner),
+        )
         if [d.name.lower() for d in study.directions] != list(cfg.directions):
-            raise ConfigError(f"study {cfg.study_name} optimizes {[d.name.lower() for d in study.directions]}, not "
-                              f"directions={list(cfg.directions)}; start a new study with study_name=...")
+            raise ConfigError(
+                f"study {cfg.study_name} optimizes {[d.name.lower() for d in study.directions]}, not "
+                f"directions={list(cfg.directions)}; start a new study with study_name=..."
+            )
         check_same_study(study, cfg, url)
     found = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    log.info("study %s in %s, n_trials=%d: %s", cfg.study_name, storage_text(url), cfg.n_trials,
-             ", ".join(f"{n} {s}" for s, n in sorted(found.items())) or "no trials yet")
+    log.info(
+        "study %s in %s, n_trials=%d: %s",
+        cfg.study_name,
+        storage_text(url),
+        cfg.n_trials,
+        ", ".join(f"{n} {s}" for s, n in sorted(found.items())) or "no trials yet",
+    )
     runner = TrialRunner(cfg, study_dir, claim, make_sampler=lambda seed: make_sampler(cfg.sampler, seed))
     work(study, cfg, runner, claim)
     report = write_report(study, cfg, study_dir, url)

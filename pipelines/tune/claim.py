@@ -7,8 +7,6 @@ import contextlib
 import hashlib
 import logging
 
-
-
 from .storage import _sqlite_file, cannot_open
 
 log = logging.getLogger("pipelines.tune")
@@ -40,8 +38,11 @@ class ClaimLock:
         self._advisory = _AdvisoryLock(url, study_name) if backend == "postgresql" else None
         if backend not in (None, "sqlite", "postgresql", *_UNLOCKED_WARNED):
             _UNLOCKED_WARNED.add(backend)
-            log.warning("storage backend %s: claims are not exclusive (a lock is taken for SQLite and PostgreSQL "
-                        "only), so workers that claim at the same instant can overshoot n_trials", backend)
+            log.warning(
+                "storage backend %s: claims are not exclusive (a lock is taken for SQLite and PostgreSQL "
+                "only), so workers that claim at the same instant can overshoot n_trials",
+                backend,
+            )
         self._held = False
 
     def acquire(self) -> None:
@@ -158,5 +159,3 @@ class _AdvisoryLock:
     def close(self) -> None:
         self._drop_connection()
         self._engine.dispose()
-
-

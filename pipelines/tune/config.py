@@ -55,13 +55,15 @@ def space_require(prefix: str):
     the override that works (``space_override``); any other prefix keeps the usual message."""
     if not (prefix.startswith("space.") and prefix.endswith(".")):
         return require
-    key = prefix[len("space."):-1]
+    key = prefix[len("space.") : -1]
 
     def require_in_space(ok: bool, name: str, value: Any, rule: str) -> None:
         if not ok:
-            field_name = name[len(prefix):]
-            raise ConfigError(f"{name}={value!r}: must be {rule}; set it on the command line with "
-                              f"{space_override(key, field_name)} or in the search space's file (conf/tune/)")
+            field_name = name[len(prefix) :]
+            raise ConfigError(
+                f"{name}={value!r}: must be {rule}; set it on the command line with "
+                f"{space_override(key, field_name)} or in the search space's file (conf/tune/)"
+            )
 
     return require_in_space
 
@@ -83,8 +85,12 @@ class ParamSpec(Checked):
         require(self.type in PARAM_TYPES, prefix + "type", self.type, "one of " + ", ".join(PARAM_TYPES))
         if self.type == "categorical":
             require(bool(self.choices), prefix + "choices", self.choices, "a non-empty list")
-            require(self.low is None and self.high is None, prefix + "low/high", (self.low, self.high),
-                    "unset for a categorical parameter")
+            require(
+                self.low is None and self.high is None,
+                prefix + "low/high",
+                (self.low, self.high),
+                "unset for a categorical parameter",
+            )
             return
         require(self.choices is None, prefix + "choices", self.choices, f"unset for a {self.type} parameter")
         require(self.low is not None and self.high is not None, prefix + "low/high", (self.low, self.high), "both set")
@@ -143,8 +149,12 @@ class PrunerConfig(Checked):
         for key in ("interval_steps", "min_resource"):
             require(getattr(self, key) >= 1, prefix + key, getattr(self, key), ">= 1")
         require(self.reduction_factor >= 2, prefix + "reduction_factor", self.reduction_factor, ">= 2")
-        require(self.name != "threshold" or self.lower is not None or self.upper is not None, prefix + "lower",
-                self.lower, "set (or upper) for pruner.name=threshold")
+        require(
+            self.name != "threshold" or self.lower is not None or self.upper is not None,
+            prefix + "lower",
+            self.lower,
+            "set (or upper) for pruner.name=threshold",
+        )
 
 
 @dataclass
@@ -166,28 +176,42 @@ class TuneConfig(Checked):
     base: list[str] = field(default_factory=list)  # pipeline overrides every trial starts from
 
     def check(self, prefix: str = "") -> None:
-        require(bool(_STUDY_NAME.fullmatch(self.study_name)), "study_name", self.study_name,
-                "letters, digits, '_', '.', '-' (it names a directory)")
+        require(
+            bool(_STUDY_NAME.fullmatch(self.study_name)),
+            "study_name",
+            self.study_name,
+            "letters, digits, '_', '.', '-' (it names a directory)",
+        )
         require(self.n_trials >= 0, "n_trials", self.n_trials, ">= 0")
         require(bool(self.objectives), "objectives", self.objectives, "at least one of " + ", ".join(OBJECTIVES))
         for name in self.objectives:
             require(name in OBJECTIVES, "objectives", name, "one of " + ", ".join(OBJECTIVES))
-        require(len(self.directions) == len(self.objectives), "directions", self.directions,
-                f"one per objective ({len(self.objectives)})")
+        require(
+            len(self.directions) == len(self.objectives),
+            "directions",
+            self.directions,
+            f"one per objective ({len(self.objectives)})",
+        )
         for direction in self.directions:
             require(direction in DIRECTIONS, "directions", direction, "maximize or minimize")
         if len(self.objectives) > 1 and self.pruner.name != "none":
-            raise ConfigError(f"objectives={self.objectives}: Optuna prunes single-objective studies only; "
-                              f"set pruner.name=none or one objective")
+            raise ConfigError(
+                f"objectives={self.objectives}: Optuna prunes single-objective studies only; "
+                f"set pruner.name=none or one objective"
+            )
         require(self.heartbeat_interval >= 1, "heartbeat_interval", self.heartbeat_interval, ">= 1")
         require(self.grace_period is None or self.grace_period >= 1, "grace_period", self.grace_period, ">= 1 or null")
         require(self.max_retry is None or self.max_retry >= 0, "max_retry", self.max_retry, ">= 0 or null")
         require(self.db_timeout > 0, "db_timeout", self.db_timeout, "> 0")
         require(self.poll_seconds > 0, "poll_seconds", self.poll_seconds, "> 0")
         if not self.space:
-            presets = sorted(p.name.removesuffix(".yaml") for p in (files("repopt.conf") / "tune").iterdir() if p.name.endswith(".yaml"))
-            raise ConfigError(f"no search space: choose a study with tune=<name> ({', '.join(presets)}), "
-                              f"e.g. python -m pipelines.tune tune=quickstart")
+            presets = sorted(
+                p.name.removesuffix(".yaml") for p in (files("repopt.conf") / "tune").iterdir() if p.name.endswith(".yaml")
+            )
+            raise ConfigError(
+                f"no search space: choose a study with tune=<name> ({', '.join(presets)}), "
+                f"e.g. python -m pipelines.tune tune=quickstart"
+            )
         base_keys = {override_key(o) for o in self.base}
         for key in self.space:
             if key in base_keys:

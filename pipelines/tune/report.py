@@ -68,8 +68,13 @@ def plot_history(study, cfg: TuneConfig, path: Path) -> None:
         ax.step(xs, best, where="post", color="C3", label="best so far")
     pruned = [t for t in trials if t.state == State.PRUNED and t.intermediate_values]
     if pruned:
-        ax.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
-                color="0.5", label="pruned: last reported top-1")
+        ax.plot(
+            [t.number for t in pruned],
+            [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+            "x",
+            color="0.5",
+            label="pruned: last reported top-1",
+        )
     ax.set_xlabel("trial")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(cfg.objectives[0])
@@ -89,11 +94,16 @@ def study_markdown(study, cfg: TuneConfig, study_dir: Path, storage_url: str) ->
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     states = Counter(t.state.name for t in trials)
     objectives = ", ".join(f"{o} ({d})" for o, d in zip(cfg.objectives, cfg.directions))
-    lines = [f"# Study `{cfg.study_name}`", "",
-             f"Storage `{storage_text(storage_url)}`; objective {objectives}; {cfg.n_trials} trials requested; "
-             + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ".",
-             f"Sampler {cfg.sampler.name} (seed {cfg.sampler.seed}), pruner {cfg.pruner.name}. Intermediate values: HS "
-             f"epoch e is step e - 1, target epoch e is step {TARGET_STEP_OFFSET} + e - 1.", ""]
+    lines = [
+        f"# Study `{cfg.study_name}`",
+        "",
+        f"Storage `{storage_text(storage_url)}`; objective {objectives}; {cfg.n_trials} trials requested; "
+        + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        + ".",
+        f"Sampler {cfg.sampler.name} (seed {cfg.sampler.seed}), pruner {cfg.pruner.name}. Intermediate values: HS "
+        f"epoch e is step e - 1, target epoch e is step {TARGET_STEP_OFFSET} + e - 1.",
+        "",
+    ]
     keys = list(cfg.space)
     lines += ["## Best trial" if len(cfg.objectives) == 1 else "## Best trials (Pareto front)", ""]
     complete = [t for t in trials if t.state == State.COMPLETE]
@@ -101,31 +111,52 @@ def study_markdown(study, cfg: TuneConfig, study_dir: Path, storage_url: str) ->
         lines += ["No completed trial yet.", ""]
     else:
         best = [study.best_trial] if len(cfg.objectives) == 1 else sorted(study.best_trials, key=lambda t: t.number)
-        lines += ["| trial | " + " | ".join(cfg.objectives) + " | " + " | ".join(keys) + " | directory |",
-                  "|" + "---|" * (2 + len(cfg.objectives) + len(keys))]
+        lines += [
+            "| trial | " + " | ".join(cfg.objectives) + " | " + " | ".join(keys) + " | directory |",
+            "|" + "---|" * (2 + len(cfg.objectives) + len(keys)),
+        ]
         for t in best:
-            lines.append(f"| {t.number} | " + " | ".join(_fmt(v) for v in t.values) + " | "
-                         + " | ".join(_fmt(t.params.get(k)) for k in keys) + f" | `trial_{t.number}/` |")
+            lines.append(
+                f"| {t.number} | "
+                + " | ".join(_fmt(v) for v in t.values)
+                + " | "
+                + " | ".join(_fmt(t.params.get(k)) for k in keys)
+                + f" | `trial_{t.number}/` |"
+            )
         lines.append("")
     found, why = importances(study, cfg)
     lines += ["## Parameter importances", ""]
     if found is None:
         lines += [f"Not computed: {why}.", ""]
     else:
-        lines += [f"Of {cfg.objectives[0]}, by `optuna.importance.get_param_importances` (PED-ANOVA), over the "
-                  f"completed trials:", "", "| parameter | importance |", "|---|---|"]
+        lines += [
+            f"Of {cfg.objectives[0]}, by `optuna.importance.get_param_importances` (PED-ANOVA), over the completed trials:",
+            "",
+            "| parameter | importance |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.3f} |" for k, v in found.items()] + [""]
-    lines += ["## Trials", "", f"![optimization history]({HISTORY_PNG})", "",
-              "| trial | state | " + " | ".join(cfg.objectives) + " | last reported | " + " | ".join(keys) + " | s |",
-              "|" + "---|" * (4 + len(cfg.objectives) + len(keys))]
+    lines += [
+        "## Trials",
+        "",
+        f"![optimization history]({HISTORY_PNG})",
+        "",
+        "| trial | state | " + " | ".join(cfg.objectives) + " | last reported | " + " | ".join(keys) + " | s |",
+        "|" + "---|" * (4 + len(cfg.objectives) + len(keys)),
+    ]
     for t in trials:
         values = t.values if t.state == State.COMPLETE else [None] * len(cfg.objectives)  # a pruned trial's is its last report
         last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         retry = t.system_attrs.get("failed_trial")
         state = t.state.name + (f" (re-run of {retry})" if retry is not None else "")
-        lines.append(f"| {t.number} | {state} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(last)} | "
-                     + " | ".join(_fmt(t.params.get(k)) for k in keys) + f" | {_fmt(seconds)} |")
+        lines.append(
+            f"| {t.number} | {state} | "
+            + " | ".join(_fmt(v) for v in values)
+            + f" | {_fmt(last)} | "
+            + " | ".join(_fmt(t.params.get(k)) for k in keys)
+            + f" | {_fmt(seconds)} |"
+        )
     lines += ["", f"Every trial is a pipeline job in `trial_<n>/`; `python -m pipelines.compare {study_dir}` tables them.", ""]
     return "\n".join(lines)
 

@@ -51,8 +51,12 @@ def make_storage(cfg: TuneConfig, url: str):
     engine_kwargs = {"connect_args": {"timeout": cfg.db_timeout}} if sqlite else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry))
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
+        )
     except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
         raise cannot_open(url, exc) from None
 
@@ -71,9 +75,11 @@ def reading_study(url: str):
         # "database disk image is malformed"); its subclasses (OperationalError: locked, no such table...) are not damage
         if path is None or type(exc.orig) is not sqlite3.DatabaseError:
             raise
-        raise ConfigError(f"cannot read the study in {path} ({exc.orig}): the file is damaged or not an SQLite database; "
-                          f"restore it from a backup, or move it away to start a new study (its trial_<n>/ folders too, "
-                          f"or choose another study_dir=...)") from None
+        raise ConfigError(
+            f"cannot read the study in {path} ({exc.orig}): the file is damaged or not an SQLite database; "
+            f"restore it from a backup, or move it away to start a new study (its trial_<n>/ folders too, "
+            f"or choose another study_dir=...)"
+        ) from None
 
 
 def storage_text(url: str) -> str:
@@ -87,8 +93,10 @@ def storage_text(url: str) -> str:
 
 
 def cannot_open(url: str, exc: Exception) -> ConfigError:
-    return ConfigError(f"storage={storage_text(url)}: cannot open it ({type(exc).__name__}: {exc}); give an "
-                       f"SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) whose driver is installed")
+    return ConfigError(
+        f"storage={storage_text(url)}: cannot open it ({type(exc).__name__}: {exc}); give an "
+        f"SQLAlchemy URL (sqlite:///path.db, postgresql://user@host/db) whose driver is installed"
+    )
 
 
 def make_sampler(cfg: SamplerConfig, seed: int | None):
@@ -103,14 +111,17 @@ def make_pruner(cfg: PrunerConfig):
     if cfg.name == "none":
         return optuna.pruners.NopPruner()
     if cfg.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps,
-                                           interval_steps=cfg.interval_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps
+        )
     if cfg.name == "threshold":
-        inner = optuna.pruners.ThresholdPruner(lower=cfg.lower, upper=cfg.upper, n_warmup_steps=cfg.n_warmup_steps,
-                                               interval_steps=cfg.interval_steps)
+        inner = optuna.pruners.ThresholdPruner(
+            lower=cfg.lower, upper=cfg.upper, n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps
+        )
     else:
-        inner = optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=cfg.max_resource or "auto",
-                                               reduction_factor=cfg.reduction_factor)
+        inner = optuna.pruners.HyperbandPruner(
+            min_resource=cfg.min_resource, max_resource=cfg.max_resource or "auto", reduction_factor=cfg.reduction_factor
+        )
     return _after_startup(inner, cfg.n_startup_trials) if cfg.n_startup_trials else inner
 
 
@@ -125,5 +136,3 @@ def _after_startup(inner, n: int):
             return len(done) >= n and inner.prune(study, trial)
 
     return AfterStartup()
-
-

@@ -75,8 +75,10 @@ def compose_pipeline(overrides: list[str]) -> DictConfig:
             return compose(config_name="search_and_train", overrides=overrides)
     except HydraException as exc:  # a key the pipeline does not have, a group option that does not exist, ...
         message = " ".join(str(exc).split())
-        raise ConfigError(f"the pipeline config does not compose with {' '.join(overrides)}: {message}; check the "
-                          f"keys of base and space (pipeline config paths such as hs.optim.lr)") from None
+        raise ConfigError(
+            f"the pipeline config does not compose with {' '.join(overrides)}: {message}; check the "
+            f"keys of base and space (pipeline config paths such as hs.optim.lr)"
+        ) from None
 
 
 def pipeline_config(overrides: list[str]) -> tuple[DictConfig, PipelineConfig]:
@@ -164,10 +166,18 @@ def mark_pruned(job_dir: Path, decision: PruneDecision, variant: str | None, sec
         stages[stage] = result
     job = read_result(job_dir / "metrics.json", JobMetrics) or JobMetrics(variant=variant)
     hs, target = stages["hs"], stages["target"]
-    job = dataclasses.replace(job, status=Status.PRUNED, failed_stage=decision.stage, error=decision.note(), hs=hs,
-                              target=target, hs_top1=hs.top1 if hs else None, top1=target.top1 if target else None,
-                              top5=target.top5 if target else None,
-                              hs_scales_sha256=hs.scales_sha256 if hs else job.hs_scales_sha256)
+    job = dataclasses.replace(
+        job,
+        status=Status.PRUNED,
+        failed_stage=decision.stage,
+        error=decision.note(),
+        hs=hs,
+        target=target,
+        hs_top1=hs.top1 if hs else None,
+        top1=target.top1 if target else None,
+        top5=target.top5 if target else None,
+        hs_scales_sha256=hs.scales_sha256 if hs else job.hs_scales_sha256,
+    )
     for stage, result in stages.items():
         if result is not None and stage not in job.wall_seconds and result.wall_seconds is not None:
             job.wall_seconds[stage] = result.wall_seconds
@@ -181,8 +191,13 @@ def mark_pruned(job_dir: Path, decision: PruneDecision, variant: str | None, sec
 
 def objective_values(cfg: TuneConfig, result: JobMetrics) -> list[float]:
     target = result.target or StageMetrics()
-    found = {"top1": result.top1, "top5": result.top5, "hs_top1": result.hs_top1,
-             "images_per_sec": target.images_per_sec, "wall_seconds": result.wall_seconds.get("total")}
+    found = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "hs_top1": result.hs_top1,
+        "images_per_sec": target.images_per_sec,
+        "wall_seconds": result.wall_seconds.get("total"),
+    }
     values = [found[name] for name in cfg.objectives]
     missing = [name for name, v in zip(cfg.objectives, values) if v is None or not math.isfinite(v)]
     if missing:
@@ -233,8 +248,12 @@ class TrialRunner:
         record = trial_record(frozen(trial), self.study_dir)
         write_json(job_dir / "trial.json", record)
         retry = record["retry_of"]
-        log.info("trial %d%s: %s", trial.number, f" (re-run of trial {retry})" if retry is not None else "",
-                 " ".join(overrides[len(self.cfg.base):]))
+        log.info(
+            "trial %d%s: %s",
+            trial.number,
+            f" (re-run of trial {retry})" if retry is not None else "",
+            " ".join(overrides[len(self.cfg.base) :]),
+        )
         t0 = time.perf_counter()
         pruning = PruningCallback(trial, self.cfg.pruner.during_search) if len(self.cfg.objectives) == 1 else None
         variant = None

@@ -63,7 +63,8 @@ def build_data(
     common = dict(mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
     if cfg.loader == "dataloader":
         train, test = _loader_pair(
-            cfg, device,
+            cfg,
+            device,
             TensorImages(splits.train_images, splits.train_labels),
             small_transforms(True, stored, train_size, cfg.crop_padding, cfg.hflip, randaugment=randaugment(cfg)),
             TensorImages(splits.test_images, splits.test_labels),
@@ -72,27 +73,74 @@ def build_data(
         )
     else:
         train = TensorBatches(
-            splits.train_images, splits.train_labels, device, batch_size=cfg.batch_size, augment=True,
-            drop_last=cfg.drop_last, padding=cfg.crop_padding, hflip=cfg.hflip, out_size=train_size, **common,
+            splits.train_images,
+            splits.train_labels,
+            device,
+            batch_size=cfg.batch_size,
+            augment=True,
+            drop_last=cfg.drop_last,
+            padding=cfg.crop_padding,
+            hflip=cfg.hflip,
+            out_size=train_size,
+            **common,
         )
         test = TensorBatches(
-            splits.test_images, splits.test_labels, device, batch_size=cfg.eval_batch_size, augment=False,
-            drop_last=False, out_size=cfg.image_size, **common,
+            splits.test_images,
+            splits.test_labels,
+            device,
+            batch_size=cfg.eval_batch_size,
+            augment=False,
+            drop_last=False,
+            out_size=cfg.image_size,
+            **common,
         )
     return DataBundle(
-        name=cfg.name, num_classes=len(splits.class_names), class_names=list(splits.class_names),
-        train=train, test=test, mean=tuple(mean), std=tuple(std),
+        name=cfg.name,
+        num_classes=len(splits.class_names),
+        class_names=list(splits.class_names),
+        train=train,
+        test=test,
+        mean=tuple(mean),
+        std=tuple(std),
     )
 
 
-def _loader_pair(cfg: DataConfig, device: torch.device, train_base, train_transform, test_base, test_transform, *,
-                 mean, std, seed: int, rank: int, world_size: int) -> tuple[LoaderBatches, LoaderBatches]:
+def _loader_pair(
+    cfg: DataConfig,
+    device: torch.device,
+    train_base,
+    train_transform,
+    test_base,
+    test_transform,
+    *,
+    mean,
+    std,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> tuple[LoaderBatches, LoaderBatches]:
     """The worker-DataLoader train stream (shuffled, augmented, global batch) and test stream (eval batch)."""
     common = dict(mean=mean, std=std, seed=seed, rank=rank, world_size=world_size)
-    train = LoaderBatches(train_base, train_transform, device, batch_size=cfg.batch_size, train=True,
-                          drop_last=cfg.drop_last, num_workers=cfg.num_workers, **common)
-    test = LoaderBatches(test_base, test_transform, device, batch_size=cfg.eval_batch_size, train=False,
-                         drop_last=False, num_workers=cfg.num_workers, **common)
+    train = LoaderBatches(
+        train_base,
+        train_transform,
+        device,
+        batch_size=cfg.batch_size,
+        train=True,
+        drop_last=cfg.drop_last,
+        num_workers=cfg.num_workers,
+        **common,
+    )
+    test = LoaderBatches(
+        test_base,
+        test_transform,
+        device,
+        batch_size=cfg.eval_batch_size,
+        train=False,
+        drop_last=False,
+        num_workers=cfg.num_workers,
+        **common,
+    )
     return train, test
 
 
@@ -121,7 +169,8 @@ def _validate(cfg: DataConfig, rank: int, world_size: int, train_transform_size:
         raise ConfigError(
             f"data.randaugment_magnitude={cfg.randaugment_magnitude} augments each image on its own, in the worker "
             f"DataLoader, but data={cfg.name} at {cfg.image_size} px with data.loader={cfg.loader} uses the device "
-            f"loader (whole batches at once); set data.loader=dataloader, or data.randaugment_magnitude=null")
+            f"loader (whole batches at once); set data.loader=dataloader, or data.randaugment_magnitude=null"
+        )
     if cfg.image_size < 1:
         raise DataError(f"data.image_size must be positive (got {cfg.image_size})")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
@@ -209,8 +258,7 @@ class _ScannedImageFolder(ImageFolder):
         return list(zip(self._split.files, self._split.labels))
 
 
-def _folder_loader(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int,
-                   train_size: int) -> DataBundle:
+def _folder_loader(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int, train_size: int) -> DataBundle:
     _, train_split, test_split = imagefolder.scan(cfg)
     bases = []
     for split, n in ((train_split, cfg.train_subset), (test_split, cfg.test_subset)):
@@ -220,16 +268,33 @@ def _folder_loader(cfg: DataConfig, device: torch.device, seed: int, rank: int, 
     _check_batch(cfg, len(bases[0]))
     mean, std = _given_stats(cfg) or IMAGENET_STATS
     train, test = _loader_pair(
-        cfg, device,
+        cfg,
+        device,
         bases[0],
-        folder_transforms(True, train_size, padding=cfg.crop_padding, hflip=cfg.hflip,
-                          random_resized_crop=cfg.random_resized_crop, randaugment=randaugment(cfg)),
+        folder_transforms(
+            True,
+            train_size,
+            padding=cfg.crop_padding,
+            hflip=cfg.hflip,
+            random_resized_crop=cfg.random_resized_crop,
+            randaugment=randaugment(cfg),
+        ),
         bases[1],
-        folder_transforms(False, cfg.image_size, padding=0, hflip=False, random_resized_crop=False,
-                          eval_crop_fraction=cfg.eval_crop_fraction),
-        mean=mean, std=std, seed=seed, rank=rank, world_size=world_size,
+        folder_transforms(
+            False, cfg.image_size, padding=0, hflip=False, random_resized_crop=False, eval_crop_fraction=cfg.eval_crop_fraction
+        ),
+        mean=mean,
+        std=std,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
     )
     return DataBundle(
-        name=cfg.name, num_classes=len(train_split.classes), class_names=list(train_split.classes),
-        train=train, test=test, mean=mean, std=std,
+        name=cfg.name,
+        num_classes=len(train_split.classes),
+        class_names=list(train_split.classes),
+        train=train,
+        test=test,
+        mean=mean,
+        std=std,
     )

@@ -123,8 +123,14 @@ def decode_split(cfg: DataConfig, root: Path, split: FolderSplit) -> torch.Tenso
     images = decode_files(split.files, size, cfg.num_workers, desc=f"decoding {split.name}")
     cache.save(
         name,
-        {"images": images, "labels": torch.as_tensor(split.labels, dtype=torch.int64), "class_names": split.classes,
-         "root": str(root), "split": split.name, "image_size": size},
+        {
+            "images": images,
+            "labels": torch.as_tensor(split.labels, dtype=torch.int64),
+            "class_names": split.classes,
+            "root": str(root),
+            "split": split.name,
+            "image_size": size,
+        },
         dirs,
     )
     return images

@@ -65,8 +65,9 @@ class TensorImages(Dataset):
 class EpochBatchSampler:
     """Index batches of one epoch from a start batch: this rank's slice of each global batch."""
 
-    def __init__(self, n: int, batch_size: int, *, drop_last: bool, shuffle: bool, seeded: bool,
-                 seed: int, rank: int, world_size: int):
+    def __init__(
+        self, n: int, batch_size: int, *, drop_last: bool, shuffle: bool, seeded: bool, seed: int, rank: int, world_size: int
+    ):
         self.n, self.batch_size, self.drop_last, self.shuffle, self.seeded = n, batch_size, drop_last, shuffle, seeded
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batches: list[list[tuple[int, Optional[int]]]] = []
@@ -115,8 +116,14 @@ class LoaderBatches:
         self.device = torch.device(device)
         self.num_samples = len(base)
         self.sampler = EpochBatchSampler(
-            self.num_samples, batch_size, drop_last=drop_last and train, shuffle=train, seeded=train,
-            seed=seed, rank=rank, world_size=world_size,
+            self.num_samples,
+            batch_size,
+            drop_last=drop_last and train,
+            shuffle=train,
+            seeded=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
         )
         workers = max(int(num_workers), 0)
         self.loader = DataLoader(
@@ -168,8 +175,9 @@ def randaugment(cfg) -> Optional[Callable]:
     return v2.RandAugment(num_ops=cfg.randaugment_num_ops, magnitude=cfg.randaugment_magnitude)
 
 
-def small_transforms(train: bool, stored: int, size: int, padding: int, hflip: bool,
-                     randaugment: Optional[Callable] = None) -> Optional[Callable]:
+def small_transforms(
+    train: bool, stored: int, size: int, padding: int, hflip: bool, randaugment: Optional[Callable] = None
+) -> Optional[Callable]:
     """CIFAR-style: random crop with zero padding and flip at the stored size (then ``randaugment``
     on the uint8 image, when given), then resize if needed."""
     ops: list = []
@@ -184,8 +192,16 @@ def small_transforms(train: bool, stored: int, size: int, padding: int, hflip: b
     return v2.Compose(ops) if ops else None
 
 
-def folder_transforms(train: bool, size: int, *, padding: int, hflip: bool, random_resized_crop: bool,
-                      randaugment: Optional[Callable] = None, eval_crop_fraction: Optional[float] = None) -> Callable:
+def folder_transforms(
+    train: bool,
+    size: int,
+    *,
+    padding: int,
+    hflip: bool,
+    random_resized_crop: bool,
+    randaugment: Optional[Callable] = None,
+    eval_crop_fraction: Optional[float] = None,
+) -> Callable:
     """ImageFolder files (PIL) to uint8 CHW tensors of ``size`` x ``size``.
 
     Train: RandomResizedCrop + flip when ``random_resized_crop``, else Resize + RandomCrop(padding)

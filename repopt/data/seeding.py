@@ -60,8 +60,9 @@ def check_start(start: int, total: int) -> None:
         raise DataError(f"start batch {start} is outside this epoch's 0..{total} batches")
 
 
-def batch_shards(n: int, batch_size: int, start: int, total: int, rank: int,
-                 world_size: int) -> Iterator[tuple[int, int, int, int]]:
+def batch_shards(
+    n: int, batch_size: int, start: int, total: int, rank: int, world_size: int
+) -> Iterator[tuple[int, int, int, int]]:
     """``(b, lo, r0, r1)`` for batches ``start..total-1`` of ``n`` samples: global batch ``b`` begins at
     sample ``lo`` of the epoch order and this rank keeps its positions ``[r0, r1)`` of it."""
     for b in range(start, total):

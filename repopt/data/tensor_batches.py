@@ -74,10 +74,20 @@ class TensorBatches:
         perm = self._to_device(epoch_permutation(self.num_samples, self.seed, epoch, self.augment))
         augment = self.augment and (self.padding > 0 or self.hflip)
         if augment and start < total:  # the epoch's crop/flip draws, each batch from its own generator, copied once
-            all_params = self._to_device(torch.cat([
-                crop_params(min(self.batch_size, self.num_samples - b * self.batch_size), self.padding, self.hflip,
-                            generator(self.seed, epoch, AUGMENT_STREAM, b))
-                for b in range(start, total)], dim=1))
+            all_params = self._to_device(
+                torch.cat(
+                    [
+                        crop_params(
+                            min(self.batch_size, self.num_samples - b * self.batch_size),
+                            self.padding,
+                            self.hflip,
+                            generator(self.seed, epoch, AUGMENT_STREAM, b),
+                        )
+                        for b in range(start, total)
+                    ],
+                    dim=1,
+                )
+            )
         for b, lo, r0, r1 in batch_shards(self.num_samples, self.batch_size, start, total, self.rank, self.world_size):
             idx = perm[lo + r0 : lo + r1]
             x = self.images.index_select(0, idx)

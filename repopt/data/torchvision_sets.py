@@ -48,8 +48,10 @@ _SPECS = {
 
 def _alternatives(name: str) -> str:
     others = [f"data={n}" for n in ("cifar100", "cifar10", "fashionmnist") if n != name]
-    return ", ".join(others + ["data=imagefolder data.root=/path/to/folder (train/<class>/*, val/<class>/* or test/<class>/*)",
-                               "data=synthetic"])
+    return ", ".join(
+        others
+        + ["data=imagefolder data.root=/path/to/folder (train/<class>/*, val/<class>/* or test/<class>/*)", "data=synthetic"]
+    )
 
 
 def _unverified(cls: type) -> type:

@@ -7,5 +7,15 @@ from .schedule import build_scheduler
 from .step import TrainStep
 from .trainer import Interrupted, Trainer
 
-__all__ = ["Trainer", "TrainStep", "Callback", "active", "Interrupted", "Runtime", "resolve_runtime", "build_scheduler",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Trainer",
+    "TrainStep",
+    "Callback",
+    "active",
+    "Interrupted",
+    "Runtime",
+    "resolve_runtime",
+    "build_scheduler",
+    "load_checkpoint",
+    "save_checkpoint",
+]

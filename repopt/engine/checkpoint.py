@@ -37,7 +37,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; start without resume=true or point at the run directory that holds last.pt")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; start without resume=true or point at the run directory that holds last.pt"
+        )
     _verify_zip(path)
     state = safe_torch_load(path, CheckpointError, "checkpoint", "delete it to start over", map_location)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(state.get("run"), dict):

@@ -74,4 +74,8 @@ def evaluate(model: nn.Module, batches, runtime: Runtime, num_classes: int) -> d
         dist.all_reduce(totals)
         loss_sum, top1, top5, count = totals[0], totals[1], totals[2], int(totals[3])
     count = max(count, 1)
-    return {"test_loss": float(loss_sum) / count, "test_top1": 100.0 * float(top1) / count, "test_top5": 100.0 * float(top5) / count}
+    return {
+        "test_loss": float(loss_sum) / count,
+        "test_top1": 100.0 * float(top1) / count,
+        "test_top5": 100.0 * float(top5) / count,
+    }

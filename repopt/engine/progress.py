@@ -35,8 +35,11 @@ class EpochProgress:
         self._first_step = start
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = self._images = 0
-        self._bar = (tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-                     if self.mode == "bar" else None)
+        self._bar = (
+            tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            if self.mode == "bar"
+            else None
+        )
 
     def advance(self, loss: torch.Tensor, images: int) -> None:
         self.step += 1
@@ -59,8 +62,16 @@ class EpochProgress:
         done = self.step - self._first_step
         eta = elapsed / max(done, 1) * (self.total - self.step)
         loss = float(self._loss_sum) / max(self._loss_count, 1) if self._loss_sum is not None else float("nan")
-        log.info("epoch %d/%d  step %d/%d  loss %.4f  %.0f img/s  ETA %s", self.epoch + 1, self.epochs, self.step,
-                 self.total, loss, self._images / max(now - self._last, 1e-9), _clock(eta))
+        log.info(
+            "epoch %d/%d  step %d/%d  loss %.4f  %.0f img/s  ETA %s",
+            self.epoch + 1,
+            self.epochs,
+            self.step,
+            self.total,
+            loss,
+            self._images / max(now - self._last, 1e-9),
+            _clock(eta),
+        )
         self._last, self._loss_sum, self._loss_count, self._images = now, None, 0, 0
 
     def close(self) -> None:

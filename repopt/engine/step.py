@@ -23,9 +23,16 @@ class TrainStep:
     (and unscales before clipping); bf16 and fp32 need none.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, *,
-                 label_smoothing: float = 0.0, grad_clip: float | None = None,
-                 clip_params: Iterable[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        runtime: Runtime,
+        *,
+        label_smoothing: float = 0.0,
+        grad_clip: float | None = None,
+        clip_params: Iterable[torch.Tensor] | None = None,
+    ):
         self.model, self.optimizer, self.runtime = model, optimizer, runtime
         self.label_smoothing, self.grad_clip = label_smoothing, grad_clip
         self.clip_params = list(clip_params if clip_params is not None else model.parameters()) if grad_clip else []

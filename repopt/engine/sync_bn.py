@@ -42,8 +42,11 @@ class _GlobalBatchNorm(torch.autograd.Function):
         dist.all_reduce(both)  # sums over the global batch (DDP later averages the parameter grads)
         channels = weight.shape[0]
         sum_dy, sum_dy_xhat = both[:channels], both[channels:]
-        grad_x = (weight * invstd).view(1, -1, 1, 1) / n * (
-            n * grad_out - sum_dy.view(1, -1, 1, 1) - xhat * sum_dy_xhat.view(1, -1, 1, 1))
+        grad_x = (
+            (weight * invstd).view(1, -1, 1, 1)
+            / n
+            * (n * grad_out - sum_dy.view(1, -1, 1, 1) - xhat * sum_dy_xhat.view(1, -1, 1, 1))
+        )
         return grad_x, grad_weight, grad_bias, None
 
 
@@ -67,8 +70,15 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 def convert_global_bn(module: nn.Module) -> nn.Module:
     """Swap every ``BatchNorm2d`` for a global one, in place where possible (weights kept)."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                                device=module.weight.device, dtype=module.weight.dtype)
+        new = GlobalBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
         new.load_state_dict(module.state_dict())
         return new
     for name, child in module.named_children():

@@ -50,8 +50,18 @@ from .stopping import StopSignal, agree_on_stop
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
-                   "epoch_seconds", "images_per_sec"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "test_loss",
+    "test_top1",
+    "test_top5",
+    "epoch_seconds",
+    "images_per_sec",
+]
 EMA_COLUMNS = ["ema_test_loss", "ema_test_top1", "ema_test_top5"]  # after test_top5, when the EMA is evaluated
 
 # What a checkpoint records of the run that must equal this run's for a resume: the same model, data
@@ -94,9 +104,21 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data, cfg: TrainConfig,
-                 runtime: Runtime, run_dir: Path, *, checkpoint_extra: dict | None = None, write_best: bool = False,
-                 callbacks: Sequence[Callback] = (), metrics_extra: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        data,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        run_dir: Path,
+        *,
+        checkpoint_extra: dict | None = None,
+        write_best: bool = False,
+        callbacks: Sequence[Callback] = (),
+        metrics_extra: dict | None = None,
+    ):
         self.model = model  # the raw module (what checkpoints hold)
         self.optimizer, self.scheduler, self.data, self.cfg, self.runtime = optimizer, scheduler, data, cfg, runtime
         self.run_dir = Path(run_dir)
@@ -114,8 +136,14 @@ class Trainer:
         self.ema = WeightEMA.build(cfg.ema, model)  # before the DDP / compile wrappers: a copy of the raw module
         self.mix = BatchMix.build(cfg.mix, data.num_classes, cfg.seed)
         self.train_model = self._wrap(model)
-        self.step = TrainStep(self.train_model, optimizer, runtime, label_smoothing=cfg.label_smoothing,
-                              grad_clip=cfg.grad_clip, clip_params=model.parameters())
+        self.step = TrainStep(
+            self.train_model,
+            optimizer,
+            runtime,
+            label_smoothing=cfg.label_smoothing,
+            grad_clip=cfg.grad_clip,
+            clip_params=model.parameters(),
+        )
         self.steps_per_epoch = steps_per_epoch(cfg, data)
 
     # ------------------------------------------------------------------ setup
@@ -164,11 +192,17 @@ class Trainer:
         checkpoints: no cost per step."""
         bad = non_finite_entries(self.model, *([self.ema.module] if self.ema is not None else []))
         if bad:
-            kept = (f"the last good checkpoint ({self.last_path.name}) is kept" if self.last_path.exists()
-                    else "no checkpoint was written yet")
-            raise DivergenceError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at step "
-                                  f"{self.state.global_step} although the loss stayed finite: training diverged; {kept}. "
-                                  f"Lower optim.lr or check the data", self.state.global_step)
+            kept = (
+                f"the last good checkpoint ({self.last_path.name}) is kept"
+                if self.last_path.exists()
+                else "no checkpoint was written yet"
+            )
+            raise DivergenceError(
+                f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at step "
+                f"{self.state.global_step} although the loss stayed finite: training diverged; {kept}. "
+                f"Lower optim.lr or check the data",
+                self.state.global_step,
+            )
 
     def save(self, name: str = "last.pt") -> None:
         self.state.wall_seconds = self._wall()
@@ -208,12 +242,14 @@ class Trainer:
                     f"{path}: the checkpoint's {key} ({state[key]!r}) differs from this run's ({self.checkpoint_extra[key]!r}); "
                     f"resume with the configuration (and files) that wrote it, or start a new run directory"
                 )
-        changed = changed_settings(state.get("config"), self.checkpoint_extra.get("config"), to_plain(type(self.cfg)()),
-                                   self.cfg.SETTINGS_ALLOWED)
+        changed = changed_settings(
+            state.get("config"), self.checkpoint_extra.get("config"), to_plain(type(self.cfg)()), self.cfg.SETTINGS_ALLOWED
+        )
         if changed:
             raise CheckpointError(
                 f"{path}: this run was started with other training settings ({'; '.join(changed)}); resume with the "
-                f"settings that wrote it, or start a new run directory to train with new ones")
+                f"settings that wrote it, or start a new run directory to train with new ones"
+            )
         try:
             run_state = RunState(**state["run"])
             self.model.load_state_dict(state["model"])
@@ -226,7 +262,9 @@ class Trainer:
             if "rng" in state:
                 torch.set_rng_state(state["rng"].cpu())
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: does not fit this model/optimizer ({str(exc)[:300]}); start a new run directory") from None
+            raise CheckpointError(
+                f"{path}: does not fit this model/optimizer ({str(exc)[:300]}); start a new run directory"
+            ) from None
         self.state = run_state
         self._segment_start = time.perf_counter()
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step_in_epoch)
@@ -234,17 +272,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _progress(self, epoch: int) -> EpochProgress:
-        return EpochProgress(self.cfg.progress, epoch, self.cfg.epochs, self.state.step_in_epoch, self.steps_per_epoch,
-                             self.cfg.progress_every_s, show=self.runtime.is_main)
+        return EpochProgress(
+            self.cfg.progress,
+            epoch,
+            self.cfg.epochs,
+            self.state.step_in_epoch,
+            self.steps_per_epoch,
+            self.cfg.progress_every_s,
+            show=self.runtime.is_main,
+        )
 
     def _check_finite(self, losses: list[torch.Tensor], first_step: int) -> None:
         values = torch.stack(losses).float()
         bad = (~torch.isfinite(values)).nonzero()
         if bad.numel():
             step = first_step + int(bad[0, 0])
-            kept = (f"the last good checkpoint ({self.last_path.name}) is kept" if self.last_path.exists()
-                    else "no checkpoint was written yet")
-            raise DivergenceError(f"non-finite loss at step {step}: training diverged; {kept}. Lower optim.lr or check the data", step)
+            kept = (
+                f"the last good checkpoint ({self.last_path.name}) is kept"
+                if self.last_path.exists()
+                else "no checkpoint was written yet"
+            )
+            raise DivergenceError(
+                f"non-finite loss at step {step}: training diverged; {kept}. Lower optim.lr or check the data", step
+            )
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """End the run at the current step boundary, as a stop signal does (``last.pt``, then ``Interrupted``)."""
@@ -328,13 +378,16 @@ class Trainer:
                 self.write_metrics(Status.INTERRUPTED)
                 raise Interrupted(
                     f"stopped by {signal.Signals(self._stop.received).name} at epoch {epoch + 1}, step {st.step_in_epoch}; "
-                    f"last.pt written to {self.run_dir}. Continue with resume=true in the same run directory")
+                    f"last.pt written to {self.run_dir}. Continue with resume=true in the same run directory"
+                )
             row = self._end_epoch(epoch)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
             if self._stop.received is not None and st.epoch < cfg.epochs:
                 self.write_metrics(Status.INTERRUPTED)
-                raise Interrupted(f"stopped at the end of epoch {epoch + 1}; last.pt written to {self.run_dir}. Continue with resume=true")
+                raise Interrupted(
+                    f"stopped at the end of epoch {epoch + 1}; last.pt written to {self.run_dir}. Continue with resume=true"
+                )
 
     def _end_epoch(self, epoch: int) -> dict:
         st = self.state
@@ -381,9 +434,17 @@ class Trainer:
         else:
             self.save()
         ema_note = f"  ema_top1 {row['ema_test_top1']:.2f}" if self.delivers_ema else ""
-        log.info("epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f%s  (%.1f s, %.0f img/s)", epoch + 1,
-                 self.cfg.epochs, row["train_loss"], row["test_top1"], row["test_top5"], ema_note, seconds,
-                 row["images_per_sec"])
+        log.info(
+            "epoch %d/%d  train_loss %.4f  test_top1 %.2f  test_top5 %.2f%s  (%.1f s, %.0f img/s)",
+            epoch + 1,
+            self.cfg.epochs,
+            row["train_loss"],
+            row["test_top1"],
+            row["test_top5"],
+            ema_note,
+            seconds,
+            row["images_per_sec"],
+        )
         return row
 
     @property
@@ -418,8 +479,9 @@ class Trainer:
             images_per_sec=st.images_seen / st.train_seconds if st.train_seconds > 0 else None,
             device=self.runtime.describe(),
             world_size=self.runtime.world_size,
-            peak_memory_gib=(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
-                             if self.runtime.device.type == "cuda" else None),
+            peak_memory_gib=(
+                torch.cuda.max_memory_allocated(self.runtime.device) / 2**30 if self.runtime.device.type == "cuda" else None
+            ),
             **self._ema_metrics(last),
             config=self.checkpoint_extra.get("config"),
             **{**self.metrics_extra, **extra},
@@ -428,15 +490,18 @@ class Trainer:
             write_result(self.run_dir / "metrics.json", metrics)
         return metrics
 
-
     def _ema_metrics(self, last: dict) -> dict:
         """The EMA's fields of ``metrics.json`` (none without an EMA)."""
         if self.ema is None:
             return {}
         st = self.state
-        return {"delivered": "ema" if self.delivers_ema else "model", "ema_top1": last.get("ema_test_top1"),
-                "ema_top5": last.get("ema_test_top5"), "ema_loss": last.get("ema_test_loss"),
-                "ema_best_top1": st.ema_best_top1 if st.ema_best_top1 >= 0 else None}
+        return {
+            "delivered": "ema" if self.delivers_ema else "model",
+            "ema_top1": last.get("ema_test_top1"),
+            "ema_top5": last.get("ema_test_top5"),
+            "ema_loss": last.get("ema_test_loss"),
+            "ema_best_top1": st.ema_best_top1 if st.ema_best_top1 >= 0 else None,
+        }
 
 
 def _fmt(value) -> str:

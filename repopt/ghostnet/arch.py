@@ -70,8 +70,10 @@ class BottleneckSpec:
 
     def modules(self) -> list[tuple[str, int, int]]:
         """(ghost module path, its channels, its module index in the stage) for ghost1 and ghost2."""
-        return [(f"{self.name}.ghost1", self.mid_channels, 2 * self.stage_index - 1),
-                (f"{self.name}.ghost2", self.out_channels, 2 * self.stage_index)]
+        return [
+            (f"{self.name}.ghost1", self.mid_channels, 2 * self.stage_index - 1),
+            (f"{self.name}.ghost2", self.out_channels, 2 * self.stage_index),
+        ]
 
 
 def cheap_scale_init(module_index: int) -> float:
@@ -146,8 +148,12 @@ class GhostSpec:
 
     def scale_shapes(self) -> dict[str, tuple[int]]:
         """The exact key set and shapes a scales file for this architecture must hold."""
-        return {f"{path}.{kind}.weight": (channels,) for b in self.bottlenecks
-                for path, channels, _ in b.modules() for kind in GHOST_SCALE_KINDS}
+        return {
+            f"{path}.{kind}.weight": (channels,)
+            for b in self.bottlenecks
+            for path, channels, _ in b.modules()
+            for kind in GHOST_SCALE_KINDS
+        }
 
     def init_scales(self) -> dict[str, torch.Tensor]:
         """The HS init constants: fusion scale 1, cheap-operation scale sqrt(2 / (m + 1))."""
@@ -159,18 +165,29 @@ class GhostSpec:
         return out
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "name": self.name, "width": self.width,
-                "layout": [[list(row) for row in group] for group in self.layout],
-                "strides": list(self.strides), "dropout": self.dropout}
+        return {
+            "family": self.family,
+            "name": self.name,
+            "width": self.width,
+            "layout": [[list(row) for row in group] for group in self.layout],
+            "strides": list(self.strides),
+            "dropout": self.dropout,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> GhostSpec:
         try:
-            return cls(str(d["name"]), float(d["width"]), tuple(tuple(tuple(r) for r in g) for g in d["layout"]),
-                       tuple(d["strides"]), float(d.get("dropout", 0.2)))
+            return cls(
+                str(d["name"]),
+                float(d["width"]),
+                tuple(tuple(tuple(r) for r in g) for g in d["layout"]),
+                tuple(d["strides"]),
+                float(d.get("dropout", 0.2)),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"not a ghostnet architecture spec ({type(exc).__name__}: {exc}); "
-                              f"expected name, width, layout, strides") from None
+            raise ConfigError(
+                f"not a ghostnet architecture spec ({type(exc).__name__}: {exc}); expected name, width, layout, strides"
+            ) from None
 
 
 _REGISTRY: dict[str, GhostSpec] = {

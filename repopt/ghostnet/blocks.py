@@ -77,8 +77,9 @@ class ConvBnAct(nn.Module):
 class GhostModule(nn.Module):
     """1x1 primary conv, depthwise cheap operation plus the fusion (identity) branch, one BN, ReLU."""
 
-    def __init__(self, in_ch: int, out_ch: int, dw_kernel: int, relu: bool, mode: str, module_index: int = 1,
-                 fused_forward: bool = False):
+    def __init__(
+        self, in_ch: int, out_ch: int, dw_kernel: int, relu: bool, mode: str, module_index: int = 1, fused_forward: bool = False
+    ):
         super().__init__()
         if mode not in GHOST_MODES:
             raise ConfigError(f"unknown ghostnet mode {mode!r}; choose one of {', '.join(GHOST_MODES)}")

@@ -66,8 +66,10 @@ class ArchSpec:
         object.__setattr__(self, "width_multiplier", tuple(float(w) for w in self.width_multiplier))
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         if min(self.stage_widths) < 1:
-            raise ConfigError(f"arch {self.name}: width_multiplier {self.width_multiplier} gives stage widths "
-                              f"{self.stage_widths}; every stage needs at least one channel")
+            raise ConfigError(
+                f"arch {self.name}: width_multiplier {self.width_multiplier} gives stage widths "
+                f"{self.stage_widths}; every stage needs at least one channel"
+            )
         object.__setattr__(self, "blocks", tuple(self._layout()))
 
     @property
@@ -122,9 +124,13 @@ class ArchSpec:
     @classmethod
     def from_dict(cls, d: dict) -> ArchSpec:
         try:
-            return cls(str(d["name"]), tuple(d["num_blocks"]), tuple(float(w) for w in d["width_multiplier"]), tuple(d["strides"]))
+            return cls(
+                str(d["name"]), tuple(d["num_blocks"]), tuple(float(w) for w in d["width_multiplier"]), tuple(d["strides"])
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"not an architecture spec ({type(exc).__name__}: {exc}); expected name, num_blocks, width_multiplier, strides") from None
+            raise ConfigError(
+                f"not an architecture spec ({type(exc).__name__}: {exc}); expected name, num_blocks, width_multiplier, strides"
+            ) from None
 
 
 _REGISTRY: dict[str, ArchSpec] = {
@@ -169,6 +175,10 @@ def get_arch(name: str | ArchSpec, strides=None, *, num_blocks=None, width_multi
         changed["width_multiplier"] = tuple(float(w) for w in width_multiplier)
     if changed:
         label = ",".join(f"{k}={'-'.join(f'{v:g}' for v in vals)}" for k, vals in changed.items())
-        spec = ArchSpec(f"{spec.name}[{label}]", changed.get("num_blocks", spec.num_blocks),
-                        changed.get("width_multiplier", spec.width_multiplier), spec.strides)
+        spec = ArchSpec(
+            f"{spec.name}[{label}]",
+            changed.get("num_blocks", spec.num_blocks),
+            changed.get("width_multiplier", spec.width_multiplier),
+            spec.strides,
+        )
     return spec.with_strides(strides) if strides is not None else spec

@@ -18,6 +18,7 @@ from ..csla import CSLA_MODES, ScaleLayer
 from ..errors import ConfigError
 from .arch import BlockSpec
 
+
 def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
     """A (C, C, 3, 3) kernel that is 1 at the centre of the diagonal: the identity as a 3x3 conv."""
     kernel = torch.zeros(channels, channels, 3, 3, dtype=dtype, device=device)
@@ -26,9 +27,14 @@ def identity_kernel(channels: int, dtype=None, device=None) -> torch.Tensor:
     return kernel
 
 
-def fuse_branches(w3: torch.Tensor, s_conv: torch.Tensor, w1: torch.Tensor, s_1x1: torch.Tensor,
-                  s_id: torch.Tensor | None = None,
-                  identity: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def fuse_branches(
+    w3: torch.Tensor,
+    s_conv: torch.Tensor,
+    w1: torch.Tensor,
+    s_1x1: torch.Tensor,
+    s_id: torch.Tensor | None = None,
+    identity: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the one 3x3 kernel a CSLA block's branches sum to.
 
     Scales are per output channel. The identity adds s_id onto the kernel centres of the diagonal
@@ -78,8 +84,13 @@ class CSLABlock(nn.Module):
 
     def fused_kernel(self) -> torch.Tensor:
         """s_conv*W3 + s_1x1*pad(W1) (+ s_id*I): the equivalent single 3x3 kernel."""
-        return fuse_branches(self.conv.weight, self.scale_conv.weight, self.conv_1x1.weight, self.scale_1x1.weight,
-                             self.scale_identity.weight if self.has_identity else None)
+        return fuse_branches(
+            self.conv.weight,
+            self.scale_conv.weight,
+            self.conv_1x1.weight,
+            self.scale_1x1.weight,
+            self.scale_identity.weight if self.has_identity else None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_forward:

@@ -17,10 +17,18 @@ def build(spec, num_classes: int, mode: str, fused_forward: bool = False) -> nn.
 
 
 FAMILY = Family(
-    "vgg", "RepOpt-VGG: plain 3x3 conv -> BN -> ReLU stages (CSLA: 3x3 + 1x1 + identity)",
-    arch_names, get_arch, ArchSpec.from_dict, build, "repvgg",
-    {n: f"RepOpt-VGG-{n}-scales.pth" for n in ("B1", "B2", "L1", "L2")}, "B1",
+    "vgg",
+    "RepOpt-VGG: plain 3x3 conv -> BN -> ReLU stages (CSLA: 3x3 + 1x1 + identity)",
+    arch_names,
+    get_arch,
+    ArchSpec.from_dict,
+    build,
+    "repvgg",
+    {n: f"RepOpt-VGG-{n}-scales.pth" for n in ("B1", "B2", "L1", "L2")},
+    "B1",
     scale_key=re.compile(r"(?:^|\.)(stage0|stage[1-4]\.\d+)\.(scale_conv|scale_1x1|scale_identity)\.weight$"),
     model_key=re.compile(r"(?:^|\.)(conv|conv_1x1)\.weight$"),
     stage_of_block=re.compile(r"^stage(\d+)"),
-    overrides=("num_blocks", "width_multiplier"), baselines=("qarepvgg",))
+    overrides=("num_blocks", "width_multiplier"),
+    baselines=("qarepvgg",),
+)

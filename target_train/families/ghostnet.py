@@ -22,8 +22,8 @@ from torch import nn
 from repopt.errors import ConfigError
 from repopt.ghostnet import RepOptGhostNet
 from repopt.ghostnet.blocks import depthwise_identity
-from repopt.scales import validate_scales
 from repopt.modules import fold_bn, unwrap
+from repopt.scales import validate_scales
 
 
 def module_mask(s_cheap: torch.Tensor, kernel: int, rule: str) -> torch.Tensor:
@@ -41,8 +41,10 @@ def module_mask(s_cheap: torch.Tensor, kernel: int, rule: str) -> torch.Tensor:
 
 def _target_modules(model: nn.Module):
     if not isinstance(model, RepOptGhostNet) or model.mode != "target":
-        raise TypeError(f"the ghostnet handler needs a target RepOptGhostNet, got {type(model).__name__} "
-                        f"in mode {getattr(model, 'mode', None)!r}")
+        raise TypeError(
+            f"the ghostnet handler needs a target RepOptGhostNet, got {type(model).__name__} "
+            f"in mode {getattr(model, 'mode', None)!r}"
+        )
     return model.ghost_modules()
 
 
@@ -89,8 +91,14 @@ def _cheap_operation(module) -> tuple[torch.Tensor, torch.Tensor]:
     return dw.weight.clone(), dw.bias.clone()
 
 
-_BN_OF = (("conv_stem", "bn1"), ("primary_conv.0", "primary_conv.1"), ("conv_dw", "bn_dw"),
-          ("shortcut.0", "shortcut.1"), ("shortcut.2", "shortcut.3"), ("conv", "bn1"))
+_BN_OF = (
+    ("conv_stem", "bn1"),
+    ("primary_conv.0", "primary_conv.1"),
+    ("conv_dw", "bn_dw"),
+    ("shortcut.0", "shortcut.1"),
+    ("shortcut.2", "shortcut.3"),
+    ("conv", "bn1"),
+)
 
 
 def _bn_name(conv_name: str) -> str | None:

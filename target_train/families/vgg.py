@@ -34,8 +34,7 @@ from repopt.errors import ConfigError
 from repopt.modules import fold_bn, unwrap
 from repopt.scales import validate_scales
 from repopt.vgg import RepOptVGG
-from repopt.vgg.blocks import (CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock, fuse_branches,
-                               identity_kernel)
+from repopt.vgg.blocks import CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock, fuse_branches, identity_kernel
 
 
 # ---------------------------------------------------------------------------- re-initialization
@@ -57,8 +56,15 @@ def reinitialize(model: RepOptVGG, scales: Mapping[str, torch.Tensor], use_ident
             s_id = scales[f"{spec.name}.scale_identity.weight"].to(w3)
             if not use_identity_scales:
                 s_id = torch.ones_like(s_id)
-        w3.copy_(fuse_branches(w3, scales[f"{spec.name}.scale_conv.weight"].to(w3), one_by_one.weight,
-                               scales[f"{spec.name}.scale_1x1.weight"].to(w3), s_id))
+        w3.copy_(
+            fuse_branches(
+                w3,
+                scales[f"{spec.name}.scale_conv.weight"].to(w3),
+                one_by_one.weight,
+                scales[f"{spec.name}.scale_1x1.weight"].to(w3),
+                s_id,
+            )
+        )
     return model
 
 
@@ -66,8 +72,14 @@ def reinitialize(model: RepOptVGG, scales: Mapping[str, torch.Tensor], use_ident
 RULES = ("sgd", "adamw")
 
 
-def block_mask(s_conv: torch.Tensor, s_1x1: torch.Tensor, s_id: torch.Tensor | None, in_channels: int, rule: str,
-               identity: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def block_mask(
+    s_conv: torch.Tensor,
+    s_1x1: torch.Tensor,
+    s_id: torch.Tensor | None,
+    in_channels: int,
+    rule: str,
+    identity: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The (C_out, C_in, 3, 3) mask of one block from its scale vectors.
 
     The identity branch (``s_id`` given) adds 1 at the centre of the diagonal, or at the
@@ -101,8 +113,13 @@ def grad_masks(model: RepOptVGG, scales: Mapping[str, torch.Tensor], rule: str =
         name = f"{spec.name}.conv.weight"
         weight = params[name]
         s_id = scales.get(f"{spec.name}.scale_identity.weight") if spec.has_identity else None
-        mask = block_mask(scales[f"{spec.name}.scale_conv.weight"].double(), scales[f"{spec.name}.scale_1x1.weight"].double(),
-                          s_id, spec.in_channels, rule)
+        mask = block_mask(
+            scales[f"{spec.name}.scale_conv.weight"].double(),
+            scales[f"{spec.name}.scale_1x1.weight"].double(),
+            s_id,
+            spec.in_channels,
+            rule,
+        )
         masks[name] = mask.to(device=weight.device, dtype=weight.dtype)
     return masks
 

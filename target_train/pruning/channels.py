@@ -56,15 +56,19 @@ class ChannelPlan:
     def to_dict(self) -> dict:
         return {
             "in_channels": self.in_channels,
-            "blocks": [{"name": n, "width": int(self.widths[n]), "kept_width": len(k), "kept": list(k)}
-                       for n, k in self.kept.items()],
+            "blocks": [
+                {"name": n, "width": int(self.widths[n]), "kept_width": len(k), "kept": list(k)} for n, k in self.kept.items()
+            ],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ChannelPlan":
         blocks = data["blocks"]
-        return cls({b["name"]: int(b["width"]) for b in blocks}, {b["name"]: tuple(int(i) for i in b["kept"]) for b in blocks},
-                   int(data.get("in_channels", 3)))
+        return cls(
+            {b["name"]: int(b["width"]) for b in blocks},
+            {b["name"]: tuple(int(i) for i in b["kept"]) for b in blocks},
+            int(data.get("in_channels", 3)),
+        )
 
 
 def block_convs(model: RepOptVGG) -> dict[int, str]:
@@ -84,8 +88,10 @@ def _importance(name: str, model: nn.Module):
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "bn_scale":
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise ConfigError("importance=bn_scale ranks channels by their BN scale, but this model has no BN "
-                              "(the deployed form folds it away); use importance=l2")
+            raise ConfigError(
+                "importance=bn_scale ranks channels by their BN scale, but this model has no BN "
+                "(the deployed form folds it away); use importance=l2"
+            )
         return tp.importance.BNScaleImportance()
     raise ConfigError(f"importance={name!r}: choose one of {', '.join(IMPORTANCES)}")
 
@@ -102,16 +108,21 @@ def check_prunable(model: nn.Module) -> RepOptVGG:
     model = unwrap(model)
     if not isinstance(model, RepOptVGG):  # the VGG family's model class
         family = family_of(model.arch).name if hasattr(model, "arch") else type(model).__name__
-        raise ConfigError(f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG, QARepVGG), not a {family} "
-                          f"model: a GhostNet's depthwise and ghost channels need their own coupling rules")
+        raise ConfigError(
+            f"channel pruning supports the VGG family (RepOpt-VGG, RepVGG, QARepVGG), not a {family} "
+            f"model: a GhostNet's depthwise and ghost channels need their own coupling rules"
+        )
     if model.mode not in PRUNABLE_MODES:
-        raise ConfigError(f"cannot prune a {model.mode!r} model; prune the trained target, its deployed form or a (QA)RepVGG "
-                          f"({', '.join(PRUNABLE_MODES)})")
+        raise ConfigError(
+            f"cannot prune a {model.mode!r} model; prune the trained target, its deployed form or a (QA)RepVGG "
+            f"({', '.join(PRUNABLE_MODES)})"
+        )
     return model
 
 
-def prune_vgg(model: nn.Module, ratio: float, importance: str = "l2", round_to: int | None = 8,
-              image_size: int = 32) -> ChannelPlan:
+def prune_vgg(
+    model: nn.Module, ratio: float, importance: str = "l2", round_to: int | None = 8, image_size: int = 32
+) -> ChannelPlan:
     """Remove ``ratio`` of every block's output channels (the least important, kept widths rounded
     down to a multiple of ``round_to``) in place; the classifier and the image input are kept.
 
@@ -132,8 +143,14 @@ def prune_vgg(model: nn.Module, ratio: float, importance: str = "l2", round_to: 
     owner = block_convs(model)
     was_training = model.training
     model.eval()
-    pruner = tp.pruner.MetaPruner(model, example, importance=_importance(importance, model), pruning_ratio=ratio,
-                                  ignored_layers=[model.linear], round_to=round_to)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=_importance(importance, model),
+        pruning_ratio=ratio,
+        ignored_layers=[model.linear],
+        round_to=round_to,
+    )
     for group in pruner.step(interactive=True):
         for item in group:
             module = item.dep.target.module
@@ -146,6 +163,7 @@ def prune_vgg(model: nn.Module, ratio: float, importance: str = "l2", round_to: 
     for spec, block in model.blocks():  # the plan must describe the pruned model exactly
         for module in block.modules():
             if isinstance(module, nn.Conv2d) and module.out_channels != len(plan.kept[spec.name]):
-                raise RuntimeError(f"{spec.name}: pruned conv has {module.out_channels} channels, the plan {len(plan.kept[spec.name])}")
+                raise RuntimeError(
+                    f"{spec.name}: pruned conv has {module.out_channels} channels, the plan {len(plan.kept[spec.name])}"
+                )
     return plan
-

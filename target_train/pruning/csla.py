@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from repopt.csla import ScaleLayer
-from repopt.vgg.blocks import CSLABlock, fuse_branches
 from repopt.vgg import RepOptVGG
+from repopt.vgg.blocks import CSLABlock, fuse_branches
 
 from .channels import ChannelPlan
 from .masks import identity_pairs
@@ -33,8 +33,14 @@ class PrunedCSLABlock(CSLABlock):
         self.register_buffer("cols", cols, persistent=False)
 
     def fused_kernel(self) -> torch.Tensor:
-        return fuse_branches(self.conv.weight, self.scale_conv.weight, self.conv_1x1.weight, self.scale_1x1.weight,
-                             self.scale_identity.weight, (self.rows, self.cols))
+        return fuse_branches(
+            self.conv.weight,
+            self.scale_conv.weight,
+            self.conv_1x1.weight,
+            self.scale_1x1.weight,
+            self.scale_identity.weight,
+            (self.rows, self.cols),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.scale_conv(self.conv(x)) + self.scale_1x1(self.conv_1x1(x))
@@ -58,8 +64,11 @@ def prune_csla(model: RepOptVGG, plan: ChannelPlan) -> RepOptVGG:
         pruned = RepOptVGG(model.arch, model.num_classes, mode=model.mode)
     for spec, block in model.blocks():
         out, inp = plan.index(spec.name, "out"), plan.index(spec.name, "in")
-        rows, cols = identity_pairs(plan.kept[spec.name], plan.kept_in(spec.name)) if block.has_identity else (
-            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        rows, cols = (
+            identity_pairs(plan.kept[spec.name], plan.kept_in(spec.name))
+            if block.has_identity
+            else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        )
         new = PrunedCSLABlock(replace(spec, in_channels=len(inp), out_channels=len(out)), model.mode, rows, cols)
         new = new.to(block.conv.weight)
         new.conv.weight.copy_(block.conv.weight[out][:, inp])

@@ -13,8 +13,8 @@ from typing import Mapping
 
 import torch
 
-from repopt.vgg.arch import ArchSpec
 from repopt.scales import parse_scale_key
+from repopt.vgg.arch import ArchSpec
 
 from ..families.vgg import block_mask
 from .channels import ChannelPlan
@@ -50,11 +50,13 @@ def slice_scales(scales: Mapping[str, torch.Tensor], plan: ChannelPlan) -> dict[
     return sliced
 
 
-def rebuild_masks(arch: ArchSpec, plan: ChannelPlan, sliced_scales: Mapping[str, torch.Tensor], rule: str) -> dict[str, torch.Tensor]:
+def rebuild_masks(
+    arch: ArchSpec, plan: ChannelPlan, sliced_scales: Mapping[str, torch.Tensor], rule: str
+) -> dict[str, torch.Tensor]:
     """The pruned model's masks from its sliced scales and the kept-channel identity pairs."""
     masks = {}
     for spec in arch.blocks:
-        s = lambda kind: sliced_scales[f"{spec.name}.{kind}.weight"].double()  # noqa: E731
+        s = lambda kind: sliced_scales[f"{spec.name}.{kind}.weight"].double()  # noqa: E731, B023 (used in this iteration only)
         kept_out, kept_in = plan.kept[spec.name], plan.kept_in(spec.name)
         s_id = s("scale_identity") if spec.has_identity else None
         identity = identity_pairs(kept_out, kept_in) if spec.has_identity else None

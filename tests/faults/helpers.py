@@ -14,7 +14,10 @@ from tests.helpers.runs import _env, pipeline_overrides, read_json
 # One job of the pipeline on the tiny model: one epoch of stage one, two of stage two (so that a
 # fault inside stage two's training leaves a checkpoint to resume from), deploy.pt exported.
 JOB = [o for o in pipeline_overrides() if not o.startswith(("target.deploy", "target.epochs"))] + [
-    "target.epochs=2", "target.deploy=true", "variant=searched"]
+    "target.epochs=2",
+    "target.deploy=true",
+    "variant=searched",
+]
 KILLED = -9  # returncode of a process ended by SIGKILL
 TERMINATED = -15
 

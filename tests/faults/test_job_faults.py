@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from repopt.rundir import RunLock
-from tests.helpers.runs import read_json
 from tests.faults.helpers import KILLED, TERMINATED, assert_same_outcome, outcome, run_job
+from tests.helpers.runs import read_json
 
 # point, action, what it stands for
 FAULTS = [
@@ -76,8 +76,11 @@ def _copy(reference: Path, tmp_path: Path) -> Path:
 
 def _snapshot(job: Path) -> dict[str, bytes]:
     """Every file of the job but the lock and Hydra's job log (a refused run appends its one error line)."""
-    return {str(p.relative_to(job)): p.read_bytes() for p in sorted(job.rglob("*"))
-            if p.is_file() and p.name != ".lock" and p.suffix != ".log"}
+    return {
+        str(p.relative_to(job)): p.read_bytes()
+        for p in sorted(job.rglob("*"))
+        if p.is_file() and p.name != ".lock" and p.suffix != ".log"
+    }
 
 
 @pytest.mark.parametrize("resume", [False, True])

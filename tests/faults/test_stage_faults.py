@@ -47,8 +47,8 @@ from repopt.engine import load_checkpoint
 from repopt.engine.callbacks import Callback, active
 from repopt.rundir import flatten
 from target_train.app import main as target_main
-from tests.helpers.runs import TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json, run_hydra
 from tests.faults.helpers import KILLED, model_weights, same_tensors
+from tests.helpers.runs import TINY, TINY_STEPS, _all_finite, _env, _RecordEpochCheckpoints, _sha256, read_json, run_hydra
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,8 +71,11 @@ def _one_error(capsys) -> str:
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
     """Every file of a run but the lock and Hydra's job log (a refused run appends its error line there)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock" and p.suffix != ".log"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock" and p.suffix != ".log"
+    }
 
 
 def _temporaries(run_dir: Path) -> list[Path]:
@@ -140,8 +143,9 @@ def _stage_one_copy(which: str, artifacts, interrupted_hs, tmp_path) -> tuple[Pa
 
 @pytest.mark.parametrize("which", ["finished", "interrupted"])
 @pytest.mark.parametrize("override,key,recorded,line", CHANGES, ids=[c[1] for c in CHANGES])
-def test_resume_on_other_data_is_refused_and_changes_nothing(tmp_path, capsys, artifacts, interrupted_hs, which,
-                                                             override, key, recorded, line):
+def test_resume_on_other_data_is_refused_and_changes_nothing(
+    tmp_path, capsys, artifacts, interrupted_hs, which, override, key, recorded, line
+):
     run_dir, command = _stage_one_copy(which, artifacts, interrupted_hs, tmp_path)
     assert flatten(read_json(run_dir / "metrics.json")["config"])[key] == recorded  # what the run on disk holds
     files = [name for name in RECORD if (run_dir / name).is_file()]
@@ -274,8 +278,7 @@ def small_tmpfs(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -416,8 +419,9 @@ def _spawn(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.P
     env.pop("REPOPT_FAULT", None)
     if fault:
         env["REPOPT_FAULT"] = fault
-    return subprocess.Popen(_target_command(run_dir, *extra), cwd=run_dir.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _target_command(run_dir, *extra), cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -442,8 +446,7 @@ KILLS = [("best.before_last", 1, None), ("best.before_last@2", 2, 1)]
 
 
 @pytest.mark.parametrize("fault,best_epoch,last_epoch", KILLS, ids=["epoch1", "epoch2"])
-def test_a_kill_between_best_and_last_never_leaves_a_stale_best(tmp_path, reference_target, fault, best_epoch,
-                                                                 last_epoch):
+def test_a_kill_between_best_and_last_never_leaves_a_stale_best(tmp_path, reference_target, fault, best_epoch, last_epoch):
     """SIGKILL after best.pt is written and before last.pt is: the resume replays that epoch (its
     last.pt is the previous one) and writes both again, so the final best.pt is the best epoch's."""
     run_dir = tmp_path / "run"

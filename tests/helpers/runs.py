@@ -24,15 +24,34 @@ CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Small, fast settings every app test starts from.
-TINY = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.batch_size=32", "data.synthetic_train_size=128",
-        "data.synthetic_test_size=64", "epochs=2", "sched.warmup_epochs=0.5", "progress=off", "device=cpu"]
+TINY = [
+    "arch=tiny",
+    "arch.strides=[1,2,2,2,1]",
+    "data=synthetic",
+    "data.batch_size=32",
+    "data.synthetic_train_size=128",
+    "data.synthetic_test_size=64",
+    "epochs=2",
+    "sched.warmup_epochs=0.5",
+    "progress=off",
+    "device=cpu",
+]
 TINY_STEPS = 128 // 32  # steps per epoch under TINY
 
 # A run long enough to be stopped from outside by a signal: 16 steps (well under a second) per epoch;
 # the caller sets epochs.
-SIGNAL_RUN = ["arch=tiny", "arch.strides=[1,2,2,2,1]", "data=synthetic", "data.image_size=16", "data.batch_size=16",
-              "data.synthetic_train_size=256", "data.synthetic_test_size=32", "sched.warmup_epochs=0.5", "progress=off",
-              "device=cpu"]
+SIGNAL_RUN = [
+    "arch=tiny",
+    "arch.strides=[1,2,2,2,1]",
+    "data=synthetic",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "data.synthetic_train_size=256",
+    "data.synthetic_test_size=32",
+    "sched.warmup_epochs=0.5",
+    "progress=off",
+    "device=cpu",
+]
 SIGNAL_STEPS = 256 // 16
 
 
@@ -96,9 +115,9 @@ def logits_without_the_project(deploy_path: Path, x: torch.Tensor, workdir: Path
         import sys, torch
         with open({str(deploy_path)!r}, "rb") as f:
             m = torch.export.load(f).module()
-        out = m(torch.load({str(workdir / 'x.pt')!r}))
+        out = m(torch.load({str(workdir / "x.pt")!r}))
         assert not any(name.split(".")[0] in ("repopt", "target_train", "hypersearch", "pipelines") for name in sys.modules)
-        torch.save(out, {str(workdir / 'out.pt')!r})
+        torch.save(out, {str(workdir / "out.pt")!r})
     """)
     subprocess.run([sys.executable, "-I", "-c", script], check=True, cwd=workdir, timeout=120)
     return torch.load(workdir / "out.pt").detach()
