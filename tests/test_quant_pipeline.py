@@ -147,3 +147,17 @@ def test_tagged_export_leaves_the_untagged_files_unchanged(job, workdir, capsys)
     assert len(err) == 1 and "differs from this export's FP32 model" in err[0]
     assert _state(run, untagged + ("quant-pt-2.json", "model.int8-pt-2.onnx")) == before
     assert not (run / "quant-opset18.json").exists() and not list(run.glob(".export-*"))
+
+
+def test_qarepvgg_through_export_and_qat(workdir):
+    """``variant=qarepvgg qat=true`` end to end: the QARepVGG target is folded, quantized both ways and
+    QAT-trained, and the job records each step with the model it exported."""
+    job_dir = workdir / "qarepvgg"
+    command = [o.replace("variant=plain", "variant=qarepvgg") for o in _command(job_dir)]
+    run_hydra(pipeline_main, command)
+    joined = read_json(job_dir / "metrics.json")
+    assert joined["status"] == "completed" and joined["variant"] == "qarepvgg"
+    assert joined["target"]["model"] == "qarepvgg"
+    for field, name in RESULTS.items():
+        assert joined[field]["model"] == "qarepvgg", field
+        assert joined[field]["int8_top1"] == read_json(job_dir / "target" / name)["int8_top1"]
