@@ -14,11 +14,12 @@ Nothing here imports torch: the page must come up at once.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
 import io
-import re
+import textwrap
 import tokenize
 import typing
 from dataclasses import dataclass
@@ -50,14 +51,15 @@ class Key:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment on its line (after the default) and any comment lines right above it,
-    for ``cls`` and its dataclass bases (a subclass's comment wins)."""
+    """Field name -> the comments written on its statement's lines (beside the default, or inside it
+    where the formatter wrapped a long line) and any comment lines right above it, for ``cls`` and its
+    dataclass bases (a subclass's comment wins)."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass) or klass is object:
             continue
         try:
-            source = inspect.getsource(klass)
+            source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
         line_comment = {
@@ -65,17 +67,16 @@ def _field_comments(cls: type) -> dict[str, str]:
             for tok in tokenize.generate_tokens(io.StringIO(source).readline)
             if tok.type == tokenize.COMMENT
         }
-        above: list[str] = []  # comment lines at class-body level since the last field
-        for number, text in enumerate(source.splitlines(), start=1):
-            if re.match(r"^    #", text):
-                above.append(line_comment.get(number, ""))
-                continue
-            match = re.match(r"^    ([A-Za-z_][A-Za-z0-9_]*)\s*:", text)
-            if match:
-                doc = " ".join(p for p in (*above, line_comment.get(number, "")) if p)
+        body = ast.parse(source).body[0].body
+        previous_end = body[0].lineno - 1 if body else 0
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                above = [line_comment[n] for n in range(previous_end + 1, node.lineno) if n in line_comment]
+                inside = [line_comment[n] for n in range(node.lineno, node.end_lineno + 1) if n in line_comment]
+                doc = " ".join(p for p in (*above, *inside) if p)
                 if doc:
-                    comments[match.group(1)] = doc
-            above = []
+                    comments[node.target.id] = doc
+            previous_end = node.end_lineno
     return comments
 
 
