@@ -108,15 +108,7 @@ def validate(cfg: ExportConfig) -> None:
         raise ConfigError(
             f"exporter=dynamo writes opset 18 or newer (got opset={cfg.opset}); use opset=18 or exporter=torchscript"
         )
-    for key in ("calibration_images", "calibration_batch", "latency_runs"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1 (got {getattr(cfg, key)})")
-    if cfg.latency_warmup < 0:
-        raise ConfigError(f"latency_warmup must be >= 0 (got {cfg.latency_warmup})")
-    if cfg.eval_images is not None and cfg.eval_images < 1:
-        raise ConfigError(f"eval_images must be a positive number or null for the whole test set (got {cfg.eval_images})")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be a positive number or null (got {cfg.threads})")
+    q.check_int8_step(cfg)
     if cfg.tag and not TAG_PATTERN.fullmatch(cfg.tag):  # it becomes part of file names: no paths, no spaces
         raise ConfigError(f"tag={cfg.tag!r}: use letters, digits, _ and - only (it is appended to the file names)")
 

@@ -75,6 +75,19 @@ class QuantSettings:
         return dict(self.__dict__)
 
 
+def check_int8_step(cfg) -> None:
+    """The settings every INT8 step (export, QAT) shares: calibration, evaluation subset, latency, threads."""
+    for key in ("calibration_images", "calibration_batch", "latency_runs"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1 (got {getattr(cfg, key)})")
+    if cfg.latency_warmup < 0:
+        raise ConfigError(f"latency_warmup must be >= 0 (got {cfg.latency_warmup})")
+    if cfg.eval_images is not None and cfg.eval_images < 1:
+        raise ConfigError(f"eval_images must be a positive number or null for the whole test set (got {cfg.eval_images})")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be a positive number or null (got {cfg.threads})")
+
+
 def default_settings() -> "QuantSettings":
     """The default INT8 scheme (the constants above) on this machine."""
     return choose_settings(ACTIVATION_TYPE, REDUCE_RANGE, PER_CHANNEL, CALIBRATION_METHOD)
