@@ -58,12 +58,17 @@ def scales_summary(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
 
 def plot_scales(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     """Mean |scale| per block for each branch kind, blocks in network order."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     order = list(dict.fromkeys(summary["block"]))
-    for kind, group in summary.groupby("kind"):
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]  # kinds often coincide: tell them apart by shape too
+    for (kind, group), (marker, line) in zip(summary.groupby("kind"), styles * 4):
         xs = [order.index(b) for b in group["block"]]
-        ax.plot(xs, group["abs_mean"], marker="o", ms=3, label=kind)
+        ax.plot(xs, group["abs_mean"], marker=marker, linestyle=line, ms=4, label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
     ax.set_xlabel("block (network order)")
     ax.set_ylabel("mean |scale|")
     ax.set_title(title or "learned scales")

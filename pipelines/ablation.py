@@ -126,6 +126,7 @@ def plot_budget(searched: pd.DataFrame, init: pd.Series, path: Path) -> None:
     ax.set_xticks(list(stats.index), [str(i) for i in stats.index])
     ax.set_xlabel("Hyper-Search epochs (log scale)")
     ax.set_ylabel("target test top-1 (%)")
+    ax.set_title("Target top-1 against the search budget, init as a band", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
