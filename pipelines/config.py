@@ -9,6 +9,7 @@ from hypersearch.config import HSConfig
 from repopt.config import Checked, LoggerConfig, register_schema
 from repopt.errors import ConfigError
 from repopt.family import get_family
+from repopt.results import PER_TENSOR_TAG, quant_name
 from target_train.config import TargetConfig
 from target_train.export import ExportConfig
 from target_train.export import validate as validate_export
@@ -35,7 +36,6 @@ VARIANTS = {
     "masks_only": "gradients modified with the searched scales' masks, without the re-initialization",
 }
 SEARCHING = ("searched", "channel_mean", "reinit_only", "masks_only")
-PER_TENSOR_TAG = "per_tensor"  # ptq_per_tensor=true: target/quant-per_tensor.json, model.int8-per_tensor.onnx
 
 
 @dataclass
@@ -96,7 +96,7 @@ class PipelineConfig(Checked):
         if self.export and self.quant.tag:
             raise ConfigError(
                 f"quant.tag={self.quant.tag}: the pipeline names its export files itself (quant.json, and "
-                f"quant-{PER_TENSOR_TAG}.json with ptq_per_tensor=true), which compare reads; leave quant.tag empty"
+                f"{quant_name(PER_TENSOR_TAG)} with ptq_per_tensor=true), which compare reads; leave quant.tag empty"
             )
         # the steps' own checks, before any training: a bad setting must not wait for two stages to fail
         for on, name, node, validate in (

@@ -17,12 +17,14 @@ from pathlib import Path
 from statistics import mean, median, stdev
 
 from repopt.io import read_json, write_text
+from repopt.results import PER_TENSOR_TAG, QAT_RESULT, quant_name
 
 from .compare.jobs import find_jobs
 from .compare.stats import welch
 from .config import VARIANTS
 
 ORDER = ["plain", "searched", "repvgg", "qarepvgg"]
+RESULT_FILES = (quant_name(), quant_name(PER_TENSOR_TAG), QAT_RESULT)
 METHODS = (("ptq_pc", "PTQ per channel"), ("ptq_pt", "PTQ per tensor"), ("qat", "QAT"))
 
 
@@ -31,7 +33,7 @@ def read_row(job: Path) -> dict | None:
     if not (job / "target").is_dir():
         return None
     joined, target = read_json(job / "metrics.json"), job / "target"
-    files = [read_json(target / name) for name in ("quant.json", "quant-per_tensor.json", "qat.json")]
+    files = [read_json(target / name) for name in RESULT_FILES]
     if not isinstance(joined, dict) or joined.get("status") != "completed" or not all(isinstance(f, dict) for f in files):
         return None
     pc, pt, qat = files
@@ -60,7 +62,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[str]]:
             row = read_row(job)
             if row is not None:
                 rows.append(row)
-            elif any((job / "target" / name).is_file() for name in ("quant.json", "quant-per_tensor.json", "qat.json")):
+            elif any((job / "target" / name).is_file() for name in RESULT_FILES):
                 missing.append(str(job))  # started on, not finished: say so (jobs never exported are not candidates)
     return rows, missing
 

@@ -39,17 +39,28 @@ from repopt.errors import ConfigError, RepOptError, ScalesError
 from repopt.family import get_family
 from repopt.faults import fault_point
 from repopt.io import read_json, sha256_file
-from repopt.results import JobMetrics, QuantResult, StageMetrics, Status, read_result, status_of, write_result
+from repopt.results import (
+    PER_TENSOR_TAG,
+    QAT_RESULT,
+    JobMetrics,
+    QuantResult,
+    StageMetrics,
+    Status,
+    quant_name,
+    read_result,
+    status_of,
+    write_result,
+)
 from repopt.rundir import SHARED_SEARCHES, RunLock, RunRefused, changed_settings, file_record, verify_manifest, without_allowed
 from repopt.scales import SCALES_FILENAME
 from repopt.tracking import tracked
 from target_train import quantize
 from target_train.app import train_target
-from target_train.export import export_run, quant_name
+from target_train.export import export_run
 from target_train.prune import prune_run
 from target_train.qat import qat_run, require_torchao
 
-from .config import PER_TENSOR_TAG, SEARCHING, VARIANTS, PipelineConfig
+from .config import SEARCHING, VARIANTS, PipelineConfig
 
 log = logging.getLogger("pipelines.search_and_train")
 T = TypeVar("T")
@@ -261,7 +272,7 @@ def run_pipeline(
     if cfg.qat:
         qat_cfg = replace(cfg.qat_train, run=str(target_dir))
         summary.qat = _run_stage(
-            "qat", target_dir, lambda: qat_run(qat_cfg), lambda: _finished_qat(target_dir / "qat.json"), summary, job_dir
+            "qat", target_dir, lambda: qat_run(qat_cfg), lambda: _finished_qat(target_dir / QAT_RESULT), summary, job_dir
         )
     if cfg.prune:
         prune_cfg = replace(cfg.pruning, run=str(target_dir))

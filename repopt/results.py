@@ -88,6 +88,16 @@ class ChannelPruning:
     created: Optional[str] = None  # ISO time the record was written
 
 
+# The result files of the steps on a finished stage-two run, named once for their writers and readers.
+PER_TENSOR_TAG = "per_tensor"  # the pipeline's ptq_per_tensor step: quant-per_tensor.json, model.int8-per_tensor.onnx
+QAT_RESULT = "qat.json"
+
+
+def quant_name(tag: str = "") -> str:
+    """The export step's result file for ``tag`` (``quant.json`` untagged)."""
+    return f"quant-{tag}.json" if tag else "quant.json"
+
+
 @dataclass
 class QuantResult:
     """``quant.json`` (``quant-<tag>.json``) of the export step (``python -m target_train.export``):

@@ -28,8 +28,6 @@ import datetime as _dt
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,15 +38,15 @@ from omegaconf import DictConfig
 
 from repopt.app import run_guarded
 from repopt.config import DataConfig, register_schema, to_typed
-from repopt.errors import ConfigError, DataError
+from repopt.errors import ConfigError
 from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json
 from repopt.numerics import rel_diff
-from repopt.results import QuantResult, to_dict
+from repopt.results import QuantResult, quant_name, to_dict
 
 from . import quantize as q
 from .deploy import MAX_REL_DIFF
-from .finished_run import calibration_batches, data_config, find_run, load_data, load_model
+from .finished_run import calibration_batches, check_classes, data_config, find_run, load_data, load_model, scratch_dir
 from .handler import fuse
 from .onnx_io import EXPORTERS, ExportError, OnnxMismatchError, export_onnx, node_types, onnx_opset
 from .weight_stats import layer_stats, summarize_layers
@@ -86,11 +84,6 @@ def int8_name(tag: str) -> str:
     return f"model.int8-{tag}.onnx" if tag else "model.int8.onnx"
 
 
-def quant_name(tag: str) -> str:
-    """The result's file name for ``tag`` (``quant.json`` untagged): what readers look for."""
-    return f"quant-{tag}.json" if tag else "quant.json"
-
-
 register_schema("export_schema", ExportConfig)
 
 
@@ -122,20 +115,10 @@ def export_run(cfg: ExportConfig) -> QuantResult:
     settings = q.choose_settings(cfg.activation_type, cfg.reduce_range, cfg.per_channel, cfg.calibration_method)
     data_cfg, seed = data_config(ckpt, run_dir, cfg)
     bundle = load_data(data_cfg, seed, cfg)
-    if bundle.num_classes != int(ckpt["num_classes"]):
-        raise DataError(
-            f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
-            f"data_root={data_cfg.root} is not the data set the run was trained on"
-        )
+    check_classes(bundle.num_classes, ckpt, data_cfg.root)
     deployed = fuse(model)
-    try:
-        work = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
-    except OSError as exc:
-        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); copy the run somewhere writable") from None
-    try:
+    with scratch_dir(run_dir, ".export-") as work:
         return _export_in(work, cfg, run_dir, ckpt_path, model, deployed, ckpt, bundle, data_cfg, settings, ort)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _export_in(

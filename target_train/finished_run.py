@@ -6,8 +6,10 @@ Nothing here writes into the run; ``run_log_dir`` only names where a step's Hydr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -163,3 +165,26 @@ def calibration_batches(bundle, n: int, batch: int) -> Iterator[torch.Tensor]:
         raise ConfigError(f"cannot draw un-augmented training images from a {type(train).__name__}")
     for x, _ in stream.epoch(0):
         yield x
+
+
+def check_classes(num_classes: int, ckpt: dict, root) -> None:
+    """The data must be the one the run was trained on: at least its class count must match."""
+    if num_classes != int(ckpt["num_classes"]):
+        raise DataError(
+            f"the data has {num_classes} classes but the checkpoint {ckpt['num_classes']}; "
+            f"data_root={root} is not the data set the run was trained on"
+        )
+
+
+@contextlib.contextmanager
+def scratch_dir(run_dir: Path, prefix: str) -> Iterator[Path]:
+    """A private folder inside the run where a step builds its files, removed afterwards: the step
+    moves them into place only once every check passed, so a failure leaves the run as it was."""
+    try:
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=run_dir))
+    except OSError as exc:
+        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); copy the run somewhere writable") from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -34,7 +34,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -46,7 +45,7 @@ from omegaconf import DictConfig
 from repopt.app import run_guarded
 from repopt.config import LoggerConfig, register_schema, require, to_typed
 from repopt.engine.meter import evaluate
-from repopt.errors import ConfigError, DataError
+from repopt.errors import ConfigError
 from repopt.host import cpu_name
 from repopt.io import write_json
 from repopt.numerics import rel_diff
@@ -57,7 +56,16 @@ from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 from . import quantize as q
 from .config import TargetConfig
 from .deploy import MAX_REL_DIFF, cpu_fp32, save_deployed
-from .finished_run import calibration_batches, data_config, find_run, load_data, load_model, stored_config
+from .finished_run import (
+    calibration_batches,
+    check_classes,
+    data_config,
+    find_run,
+    load_data,
+    load_model,
+    scratch_dir,
+    stored_config,
+)
 from .handler import fuse, grad_masks
 from .onnx_io import OnnxMismatchError, export_onnx
 from .optim import build_optimizer
@@ -173,36 +181,25 @@ def prune_run(cfg: PruneConfig) -> StageMetrics:
     check_prunable(model)
     if ckpt.get("mode") == "target" and ckpt.get("scales") is None:
         log.warning("%s was trained with plain SGD (scales=none): it is fine-tuned with plain SGD", ckpt_path)
-    try:
-        work = Path(tempfile.mkdtemp(prefix=".prune-", dir=run_dir))
-    except OSError as exc:
-        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); copy the run somewhere writable") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp's folder is private; the result folder is an ordinary one
-    try:
+    with scratch_dir(run_dir, ".prune-") as work:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # mkdtemp's folder is private; the result folder is an ordinary one
         metrics = _prune_in(work, cfg, run_dir, ckpt_path, model, ckpt)
         if out_dir.exists():  # overwrite=true: the old result goes only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=".pruned-old-", dir=run_dir))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(work, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            with scratch_dir(run_dir, ".pruned-old-") as old:
+                os.replace(out_dir, old / out_dir.name)
+                os.replace(work, out_dir)
         else:
             os.replace(work, out_dir)
         log.info("pruning result in %s", out_dir)
         return metrics
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, model, ckpt: dict) -> StageMetrics:
     tcfg = finetune_config(ckpt, run_dir, cfg)
     runtime, data = start(tcfg)
-    if data.num_classes != int(ckpt["num_classes"]):
-        raise DataError(
-            f"the data has {data.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
-            f"data_root={tcfg.data.root} is not the data set the run was trained on"
-        )
+    check_classes(data.num_classes, ckpt, tcfg.data.root)
     image_size = tcfg.data.image_size
     mode, scales = ckpt["mode"], ckpt.get("scales") if ckpt["mode"] == "target" else None
     method = method_of(mode, scales, cfg)

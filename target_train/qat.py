@@ -33,8 +33,6 @@ import datetime as _dt
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,21 +46,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from repopt.app import run_guarded
 from repopt.config import register_schema, to_typed
-from repopt.errors import ConfigError, DataError, DivergenceError
+from repopt.errors import ConfigError, DivergenceError
 from repopt.family import family_of
 from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json, write_text
 from repopt.modules import unwrap
 from repopt.numerics import rel_diff
+from repopt.results import QAT_RESULT
 
 from . import quantize as q
 from .finished_run import (
     calibration_batches,
+    check_classes,
     data_config,
     find_run,
     load_data,
     load_model,
     run_log_dir,
+    scratch_dir,
     stored_config,
 )
 from .handler import fuse, grad_masks
@@ -215,20 +216,10 @@ def qat_run(cfg: QatConfig) -> dict:
         masks = folded_masks(model, deployed, ckpt["scales"])
     data_cfg, seed = data_config(ckpt, run_dir, cfg)
     bundle = load_data(data_cfg, seed, cfg)
-    if bundle.num_classes != int(ckpt["num_classes"]):
-        raise DataError(
-            f"the data has {bundle.num_classes} classes but the checkpoint {ckpt['num_classes']}; "
-            f"data_root={data_cfg.root} is not the data set the run was trained on"
-        )
-    try:
-        work = Path(tempfile.mkdtemp(prefix=".qat-", dir=run_dir))
-    except OSError as exc:
-        raise ConfigError(f"run directory {run_dir} is not writable ({exc.strerror}); copy the run somewhere writable") from None
-    try:
+    check_classes(bundle.num_classes, ckpt, data_cfg.root)
+    with scratch_dir(run_dir, ".qat-") as work:
         torch.manual_seed(seed)
         return _qat_in(work, cfg, run_dir, ckpt_path, ckpt, stored, deployed, masks, bundle, data_cfg, settings, ort, torchao)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _train(prepared, cfg: QatConfig, bundle, lr: float, masks, label_smoothing: float, history: list[dict]) -> int:
@@ -535,7 +526,7 @@ def _qat_in(
     # every check passed: move the files into the run directory (each rename is atomic), qat.json last
     os.replace(int8_path, run_dir / "model.qat.int8.onnx")
     os.replace(history_path, run_dir / "qat_history.csv")
-    write_json(run_dir / "qat.json", result)
+    write_json(run_dir / QAT_RESULT, result)
     log.info("QAT result:\n%s", format_table(result))  # logged, not printed: the step's qat.log keeps it too
     return result
 

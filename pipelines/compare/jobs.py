@@ -15,7 +15,17 @@ import yaml
 
 from repopt.errors import ConfigError
 from repopt.io import read_json
-from repopt.results import JobMetrics, QuantResult, StageMetrics, Status, from_dict, read_result
+from repopt.results import (
+    PER_TENSOR_TAG,
+    QAT_RESULT,
+    JobMetrics,
+    QuantResult,
+    StageMetrics,
+    Status,
+    from_dict,
+    quant_name,
+    read_result,
+)
 
 log = logging.getLogger("pipelines.compare")
 SEED_KEYS = ("seed", "hs.seed", "target.seed")
@@ -120,13 +130,13 @@ class JobRow:
     def with_quant(self, run_dir: Path) -> "JobRow":
         """The INT8 columns of a target run's result files, each read from the file itself (the step's own
         record): quant.json, quant-per_tensor.json (the pipeline's ptq_per_tensor) and qat.json."""
-        quant = read_result(run_dir / "quant.json", QuantResult)
+        quant = read_result(run_dir / quant_name(), QuantResult)
         if quant is not None:
             self.fp32_top1, self.int8_top1, self.int8_top1_drop = quant.fp32_top1, quant.int8_top1, quant.top1_drop
-        per_tensor = read_result(run_dir / "quant-per_tensor.json", QuantResult)
+        per_tensor = read_result(run_dir / quant_name(PER_TENSOR_TAG), QuantResult)
         if per_tensor is not None:
             self.int8_pt_top1, self.int8_pt_top1_drop = per_tensor.int8_top1, per_tensor.top1_drop
-        qat = read_json(run_dir / "qat.json")
+        qat = read_json(run_dir / QAT_RESULT)
         if qat:
             self.qat_top1, self.qat_top1_drop = qat.get("int8_top1"), qat.get("top1_drop")
         return self
