@@ -7,10 +7,8 @@ that would run code is still refused.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import copy
-import os
 import pickletools
 import sys
 import types
@@ -25,6 +23,7 @@ from repopt.errors import ConfigError, ScalesError
 from repopt.family import build_model, get_spec
 from repopt.scales import SCALES_FILENAME, load_scales, random_scales, read_scales, save_scales
 from target_train.scales_source import resolve_scales
+from tests.test_hostile_pickles import _TouchByOpen, _TouchBySystem  # the payloads those tests use
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -290,22 +289,6 @@ def test_stage_two_takes_scales_from_and_records_it(tmp_path):
 
 
 # ---------------------------------------------------------------- still refused, clear errors
-
-
-class _TouchBySystem:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class _TouchByOpen:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.open, (str(self.marker), "w")
 
 
 @pytest.mark.parametrize("payload_cls", [_TouchBySystem, _TouchByOpen])
