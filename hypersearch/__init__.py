@@ -1,5 +1,7 @@
 """Stage one: Hyper-Search — train CSLA with learnable scales and export them."""
 
-from .model import build_hs_model, extract_scales
+from repopt.lazy import lazy_exports
 
-__all__ = ["build_hs_model", "extract_scales"]
+_WHERE = {"build_hs_model": ".model", "extract_scales": ".model"}
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

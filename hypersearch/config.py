@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repopt.config import TrainConfig, register_schema, require
-from repopt.csla import CSLA_MODES
+from repopt.family_record import CSLA_MODES
 
 SCALE_INITS = ("paper", "constant")
 

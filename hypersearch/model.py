@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from repopt.csla import CSLA_MODES
 from repopt.errors import ConfigError
 from repopt.family import build_model
+from repopt.family_record import CSLA_MODES
 from repopt.modules import unwrap
 
 

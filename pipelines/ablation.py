@@ -21,20 +21,21 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
 
-from hypersearch.export import parse_key
 from repopt.errors import RepOptError
 from repopt.family import get_spec
 from repopt.io import read_json, write_text
 from repopt.plots import pyplot, save_png
-from repopt.scales import SCALES_FILENAME, load_scales, read_metadata
 
 from .compare import collect, distinct
 from .compare.stats import welch
 from .config import VARIANTS
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("pipelines.ablation")
 ORDER = ["plain", "repvgg", "qarepvgg", "searched", "reinit_only", "masks_only", "init", "ones", "channel_mean", "official_mean"]
@@ -135,6 +136,8 @@ def plot_budget(searched: pd.DataFrame, init: pd.Series, path: Path) -> None:
 
 def drift(scales: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> pd.DataFrame:
     """Mean |s - s0| / |s0| (%) per stage and kind: how far a search moved the scales from where it started."""
+    from hypersearch.export import parse_key  # the scales modules load torch: only once the arguments are parsed
+
     rows = []
     for key, value in scales.items():
         _, stage, kind = parse_key(key)
@@ -145,6 +148,8 @@ def drift(scales: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> pd.
 
 def search_drifts(dirs: list[Path]) -> pd.DataFrame:
     """The drift of every stage-one scales file below ``dirs`` (shared searches and per-job ones)."""
+    from repopt.scales import SCALES_FILENAME, load_scales, read_metadata
+
     frames = []
     for path in sorted({p.resolve() for d in dirs for p in Path(d).rglob(SCALES_FILENAME)}):
         meta = read_metadata(path)
@@ -169,6 +174,8 @@ def search_drifts(dirs: list[Path]) -> pd.DataFrame:
 
 
 def official_drift(name: str = "B1") -> pd.DataFrame:
+    from repopt.scales import load_scales
+
     spec = get_spec(name)
     return drift(load_scales(f"official:{name}", spec), spec.init_scales())
 

@@ -31,14 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from pipelines.bench import hs_epoch, loader, opt_step, train_step
-from pipelines.bench.data import DataSources, parse_data
-from pipelines.bench.machine import cpu_busy_fraction, load_average, machine_info
 from pipelines.bench.report import evaluate_targets, format_table
 from pipelines.bench.settings import SECTIONS, Settings
-from repopt.engine.runtime import resolve_device
 from repopt.errors import ConfigError
 from repopt.io import write_text
 from repopt.vgg.arch import arch_names, get_arch
@@ -183,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ConfigError(f"--sections {args.sections!r}: choose from {', '.join(SECTIONS)}")
+    # the sections' modules load torch: only once the arguments are parsed (a typo is reported at once)
+    from pipelines.bench.data import parse_data
+    from repopt.engine.runtime import resolve_device
+
     device = resolve_device(args.device)
     idx = 1 if device.type == "cuda" else 0
 
@@ -190,10 +192,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         return DEFAULTS[name][idx] if value is None else value
 
-    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown or not sections:
-        raise ConfigError(f"--sections {args.sections!r}: choose from {', '.join(SECTIONS)}")
     parse_data(args.data)
     settings = Settings(
         device=device,
@@ -251,6 +249,10 @@ def busy_warnings(meta: dict, settings: Settings) -> list[str]:
 
 def run_benchmark(settings: Settings) -> dict:
     """Run the requested sections and return the result (meta, settings, sections, targets)."""
+    from pipelines.bench import hs_epoch, loader, opt_step, train_step
+    from pipelines.bench.data import DataSources
+    from pipelines.bench.machine import cpu_busy_fraction, load_average, machine_info
+
     result = {"meta": machine_info(settings.device), "settings": settings.to_dict(), "sections": {}}
     sources = DataSources(settings)
     t0 = time.perf_counter()
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         settings = resolve_settings(args)

@@ -6,16 +6,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from hypersearch.config import HSConfig
-from repopt.config import Checked, LoggerConfig, register_schema
+from repopt.config import Checked, LoggerConfig, register_schema, require
 from repopt.errors import ConfigError
 from repopt.family import get_family
 from repopt.results import PER_TENSOR_TAG, quant_name
 from target_train.config import TargetConfig
-from target_train.export import ExportConfig
-from target_train.export import validate as validate_export
-from target_train.prune import PruneConfig
-from target_train.qat import QatConfig
-from target_train.qat import validate as validate_qat
+from target_train.step_config import ExportConfig, PruneConfig, QatConfig, validate_export, validate_qat
 
 # What stage two trains in a pipeline job. ``searched`` is the method; the others are the
 # baselines of the paper's comparison and its ablation (Table 4: where the constants come from, and
@@ -65,6 +61,7 @@ class PipelineConfig(Checked):
     run_dir: Optional[str] = None  # the job directory; null: Hydra's output directory
 
     def check(self, prefix: str = "") -> None:
+        require(self.variant in VARIANTS, prefix + "variant", self.variant, "one of " + ", ".join(VARIANTS))
         if self.data is not None:
             raise ConfigError(
                 f"data={self.data} sets nothing: data=<name> only chooses both stages' data set; "

@@ -1,33 +1,18 @@
-"""Shared core of the RepOpt pipeline: the model families and their specs, the scales-file contract."""
+"""Shared core of the RepOpt pipeline: the model families and their specs, the scales-file contract.
 
-from .errors import CheckpointError, ConfigError, DataError, DivergenceError, RepOptError, ScalesError
-from .family import FAMILIES, build_model, family_of, get_family, get_spec, spec_from_dict
-from .scales import ScalesFile, load_scales, read_metadata, read_scales, resolve_scales_path, save_scales, validate_scales
-from .vgg import ArchSpec, BlockSpec, RepOptVGG, arch_names, get_arch
+The names load their modules on first use (``repopt.lazy``): importing a config module of the
+package does not import torch, so that a misspelt setting is reported at once."""
 
-__all__ = [
-    "ArchSpec",
-    "BlockSpec",
-    "arch_names",
-    "get_arch",
-    "RepOptVGG",
-    "FAMILIES",
-    "get_family",
-    "family_of",
-    "get_spec",
-    "spec_from_dict",
-    "build_model",
-    "ScalesFile",
-    "read_scales",
-    "load_scales",
-    "save_scales",
-    "read_metadata",
-    "resolve_scales_path",
-    "validate_scales",
-    "RepOptError",
-    "ConfigError",
-    "ScalesError",
-    "CheckpointError",
-    "DataError",
-    "DivergenceError",
-]
+from .lazy import lazy_exports
+
+_WHERE = {
+    **dict.fromkeys(("ArchSpec", "BlockSpec", "arch_names", "get_arch", "RepOptVGG"), ".vgg"),
+    **dict.fromkeys(("FAMILIES", "get_family", "family_of", "get_spec", "spec_from_dict", "build_model"), ".family"),
+    **dict.fromkeys(
+        ("ScalesFile", "read_scales", "load_scales", "save_scales", "read_metadata", "resolve_scales_path", "validate_scales"),
+        ".scales",
+    ),
+    **dict.fromkeys(("RepOptError", "ConfigError", "ScalesError", "CheckpointError", "DataError", "DivergenceError"), ".errors"),
+}
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -26,7 +26,6 @@ import traceback
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -242,5 +241,6 @@ def run_guarded(
             return result_type(status=Status.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")  # this module must not load torch: the config is checked before it loads
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

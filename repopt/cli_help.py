@@ -33,9 +33,9 @@ APPS: dict[str, tuple[str, str, str]] = {
     "hypersearch": ("hypersearch", "hypersearch.config:HSConfig", "python -m hypersearch"),
     "target_train": ("target_train", "target_train.config:TargetConfig", "python -m target_train"),
     "search_and_train": ("search_and_train", "pipelines.config:PipelineConfig", "python -m pipelines.search_and_train"),
-    "export": ("export", "target_train.export:ExportConfig", "python -m target_train.export"),
-    "prune": ("prune", "target_train.prune:PruneConfig", "python -m target_train.prune"),
-    "qat": ("qat", "target_train.qat:QatConfig", "python -m target_train.qat"),
+    "export": ("export", "target_train.step_config:ExportConfig", "python -m target_train.export"),
+    "prune": ("prune", "target_train.step_config:PruneConfig", "python -m target_train.prune"),
+    "qat": ("qat", "target_train.step_config:QatConfig", "python -m target_train.qat"),
     "tune": ("tune", "pipelines.tune.config:TuneConfig", "python -m pipelines.tune"),
 }
 

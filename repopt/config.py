@@ -28,6 +28,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup_cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 PROGRESS_MODES = ("auto", "bar", "log", "off")
+# The state dict of an official HS checkpoint the scales are read from: ``model`` (what the official
+# extraction loads) or ``ema`` (the moving average its search keeps beside it); read by repopt/scales.py.
+SCALES_FROM = ("model", "ema")
 RANDAUGMENT_MAX_MAGNITUDE = 30  # torchvision's RandAugment with its default 31 magnitude bins
 
 

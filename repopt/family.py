@@ -1,19 +1,22 @@
 """The model families the project knows (docs/design.md, "The model family").
 
 A family is a folder: ``repopt/<family>/`` holds its specs, blocks and model class and exports one
-``FAMILY`` record (``repopt.csla.Family``); stage two adds its re-initialization, grad masks and
+``FAMILY`` record (``repopt.family_record.Family``); stage two adds its re-initialization, grad masks and
 deploy folding in ``target_train/families/<family>.py``. This module only registers the records
 and answers "which family, which spec, which model". Adding a family: see the README.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .csla import Family
 from .errors import ConfigError
+from .family_record import Family
 from .ghostnet import FAMILY as GHOSTNET
 from .vgg import FAMILY as VGG
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FAMILIES: dict[str, Family] = {fam.name: fam for fam in (VGG, GHOSTNET)}
 

@@ -14,11 +14,10 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-import torch
 
 from .errors import DiskFullError
 from .faults import fault_point
@@ -98,7 +97,8 @@ def _json_safe(obj: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is loaded: this module must not load it
+    if torch is not None and isinstance(obj, torch.Tensor):
         return _json_safe(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
@@ -119,6 +119,8 @@ def read_json(path) -> Any:
 
 
 def torch_save(obj, path) -> None:
+    import torch  # here, as in safe_torch_load: the run-directory checks use this module before torch loads
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -138,6 +140,8 @@ def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_locat
     A file that needs more than tensors and plain containers is refused without running it;
     damaged input (torch's readers raise struct.error, AssertionError, ...) is reported as such.
     """
+    import torch
+
     try:
         return torch.load(path if data is None else data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

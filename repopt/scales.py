@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .config import SCALES_FROM
 from .errors import ConfigError, ScalesError
 from .family import FAMILIES, family_of, get_spec
 from .io import atomic_path, safe_torch_load
@@ -43,9 +44,6 @@ SCALES_FILENAME = "scales.safetensors"
 OFFICIAL_PREFIX = "official:"
 # The scale keys of each family (official layouts; each family's ``scale_key``).
 _FAMILY_KEYS = {name: fam.scale_key for name, fam in FAMILIES.items()}
-# The state dict of an official HS checkpoint the scales are read from: ``model`` (what the official
-# extraction loads) or ``ema`` (the moving average its search keeps beside it).
-SCALES_FROM = ("model", "ema")
 
 
 def parse_scale_key(key: str) -> tuple[str, str, str] | None:

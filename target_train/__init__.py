@@ -1,22 +1,12 @@
 """Stage two: train the straight-through target of any family with the RepOptimizer built from a scales file."""
 
-from .handler import fuse, grad_masks, handler_for, reinitialize
-from .masks import masks_by_param
-from .model import build_baseline_model, build_repvgg_model, build_target_model
-from .optim import RepOptAdamW, RepOptSGD, build_optimizer, build_repopt, param_groups
+from repopt.lazy import lazy_exports
 
-__all__ = [
-    "build_target_model",
-    "build_baseline_model",
-    "build_repvgg_model",
-    "handler_for",
-    "reinitialize",
-    "grad_masks",
-    "masks_by_param",
-    "param_groups",
-    "RepOptSGD",
-    "RepOptAdamW",
-    "build_optimizer",
-    "build_repopt",
-    "fuse",
-]
+_WHERE = {
+    **dict.fromkeys(("fuse", "grad_masks", "handler_for", "reinitialize"), ".handler"),
+    "masks_by_param": ".masks",
+    **dict.fromkeys(("build_target_model", "build_baseline_model", "build_repvgg_model"), ".model"),
+    **dict.fromkeys(("RepOptSGD", "RepOptAdamW", "build_optimizer", "build_repopt", "param_groups"), ".optim"),
+}
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from repopt.config import TrainConfig, register_schema, require
+from repopt.config import SCALES_FROM, TrainConfig, register_schema, require
 from repopt.errors import ConfigError
 from repopt.family import FAMILIES, get_family
-from repopt.scales import SCALES_FROM
 
 MODELS = ("target", *(m for f in FAMILIES.values() for m in f.baseline_modes))  # target, or one of a family's baselines
 SCALES_TRANSFORMS = ("none", "channel_mean")

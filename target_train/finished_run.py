@@ -27,19 +27,6 @@ from repopt.family import build_model, family_of, spec_from_dict
 log = logging.getLogger("target_train.finished_run")
 
 
-def run_log_dir(run, folder: str = "export_logs") -> str:
-    """Hydra's output folder for a step on a finished run: ``<run>/<folder>`` when the run exists and
-    is writable, else a temp folder (so a mistyped ``run=`` does not create a directory)."""
-    if run not in (None, "") and os.path.isdir(os.path.expanduser(str(run))) and os.access(os.path.expanduser(str(run)), os.W_OK):
-        return os.path.join(os.path.expanduser(str(run)), folder)
-    return os.path.join(tempfile.gettempdir(), f"repopt-{folder.replace('_', '-')}")
-
-
-# the Hydra output folders of the two steps (conf/export.yaml, conf/prune.yaml)
-OmegaConf.register_new_resolver("repopt_export_logs", run_log_dir, replace=True)
-OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run, "prune_logs"), replace=True)
-
-
 def find_run(cfg) -> tuple[Path, Path]:
     """The run directory and the checkpoint file in it."""
     run_dir = Path(os.path.expanduser(cfg.run)).resolve()

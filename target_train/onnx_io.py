@@ -12,8 +12,6 @@ from repopt.errors import RepOptError
 
 from .quantize import INPUT_NAME, OUTPUT_NAME
 
-EXPORTERS = ("torchscript", "dynamo")
-
 
 class ExportError(RepOptError, RuntimeError):
     """The exported or quantized model is not usable (wrong numbers, exporter failure)."""

@@ -21,19 +21,11 @@ import torch
 from repopt.errors import ConfigError
 from repopt.host import cpu_flags
 
+from .step_config import ACTIVATION_TYPE, ACTIVATION_TYPES, CALIBRATION_METHOD, CALIBRATION_METHODS, PER_CHANNEL, REDUCE_RANGE
+
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-ACTIVATION_TYPES = ("auto", "uint8", "int8")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-# The INT8 scheme every step uses unless told otherwise (export's settings default to these; prune's
-# optional INT8 uses them as they are).
-ACTIVATION_TYPE = "auto"
-REDUCE_RANGE: Optional[bool] = None
-PER_CHANNEL = True
-CALIBRATION_METHOD = "minmax"
-CALIBRATION_BATCH = 32
 
 
 def require_onnxruntime():
@@ -73,19 +65,6 @@ class QuantSettings:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def check_int8_step(cfg) -> None:
-    """The settings every INT8 step (export, QAT) shares: calibration, evaluation subset, latency, threads."""
-    for key in ("calibration_images", "calibration_batch", "latency_runs"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1 (got {getattr(cfg, key)})")
-    if cfg.latency_warmup < 0:
-        raise ConfigError(f"latency_warmup must be >= 0 (got {cfg.latency_warmup})")
-    if cfg.eval_images is not None and cfg.eval_images < 1:
-        raise ConfigError(f"eval_images must be a positive number or null for the whole test set (got {cfg.eval_images})")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be a positive number or null (got {cfg.threads})")
 
 
 def default_settings() -> "QuantSettings":

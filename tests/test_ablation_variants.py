@@ -15,21 +15,21 @@ from omegaconf import OmegaConf
 
 from pipelines.ablation import budget_table, drift, official_drift, report
 from pipelines.config import SEARCHING, VARIANTS, PipelineConfig
+from pipelines.job import stage_configs
 from pipelines.search_and_train import main as pipeline_main
-from pipelines.search_and_train import stage_configs
 from repopt import get_arch, save_scales
 from repopt.config import to_typed
 from repopt.errors import ScalesError
 from repopt.family import get_spec
 from repopt.host import seed_everything
 from repopt.scales import load_scales, random_scales
-from target_train.app import build_target_run
 from target_train.config import TargetConfig
 from target_train.handler import grad_masks, reinitialize
 from target_train.masks import masks_by_param
 from target_train.model import build_target_model
 from target_train.optim import RepOptSGD
 from target_train.scales_source import channel_mean, resolve_scales
+from target_train.train import build_target_run
 from tests.helpers.runs import pipeline_overrides, read_json, run_hydra
 
 TINY_TARGET = [

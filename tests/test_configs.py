@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import pipelines.config  # noqa: F401  (registers the pipeline schema)
-import target_train.export  # noqa: F401  (registers the export schema)
+import target_train.step_config  # noqa: F401  (registers the export schema)
 from hypersearch.config import HSConfig
 from pipelines.config import PipelineConfig
 from repopt.config import to_typed
@@ -65,7 +65,7 @@ def test_export_config_composes():
 
 
 def test_prune_config_composes_with_the_schema_defaults():
-    from target_train.prune import PruneConfig
+    from target_train.step_config import PruneConfig
 
     cfg = to_typed(_compose("prune", ["run=/tmp/somewhere"]), PruneConfig)
     assert cfg == PruneConfig(run="/tmp/somewhere")  # the yaml restates the schema's defaults, nothing else

@@ -19,7 +19,7 @@ from repopt.engine import load_checkpoint  # noqa: E402
 from repopt.numerics import rel_diff  # noqa: E402
 from repopt.vgg import RepOptVGG  # noqa: E402
 from repopt.vgg.arch import ArchSpec  # noqa: E402
-from target_train import export as export_mod  # noqa: E402
+from target_train import exporter as export_mod  # noqa: E402
 from target_train import finished_run, onnx_io  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402

@@ -14,8 +14,8 @@ from torch import nn
 
 from pipelines.compare import compare
 from pipelines.config import VARIANTS, PipelineConfig
+from pipelines.job import stage_configs
 from pipelines.search_and_train import main as pipeline_main
-from pipelines.search_and_train import stage_configs
 from repopt.config import to_typed
 from repopt.engine import load_checkpoint
 from repopt.errors import ConfigError

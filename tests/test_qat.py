@@ -12,15 +12,18 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("torchao", reason="the QAT step needs torchao: pip install 'repopt-pipeline[qat]'")
 
+from repopt.config import to_typed  # noqa: E402
 from repopt.engine import load_checkpoint  # noqa: E402
+from repopt.errors import ConfigError  # noqa: E402
 from repopt.numerics import rel_diff  # noqa: E402
 from target_train import finished_run  # noqa: E402
-from target_train import qat as qat_mod  # noqa: E402
+from target_train import qat_trainer as qat_mod  # noqa: E402
 from target_train import quantize as quant_mod  # noqa: E402
 from target_train.export import main as export_main  # noqa: E402
 from target_train.handler import fuse  # noqa: E402
 from target_train.optim import RepOptSGD  # noqa: E402
 from target_train.qat import main as qat_main  # noqa: E402
+from target_train.step_config import QatConfig, validate_qat  # noqa: E402
 from tests.helpers.runs import TINY, read_json, run_hydra  # noqa: E402
 
 FAST = ["latency_runs=3", "latency_warmup=1", "threads=1"]
@@ -52,7 +55,7 @@ def trained_run(workdir) -> Path:
 def run_bundle(run_dir: Path):
     """The run's data as the QAT step loads it."""
     ckpt = load_checkpoint(run_dir / "best.pt")
-    cfg = qat_mod.QatConfig(run=str(run_dir))
+    cfg = QatConfig(run=str(run_dir))
     data_cfg, seed = finished_run.data_config(ckpt, run_dir, cfg)
     return finished_run.load_data(data_cfg, seed, cfg)
 
@@ -249,7 +252,7 @@ def test_config_composes_with_the_schema_defaults():
     with initialize_config_module("repopt.conf", version_base="1.3"):
         cfg = compose("qat", overrides=["run=/tmp/somewhere"])
     # the yaml restates the schema's defaults, nothing else
-    assert qat_mod.to_typed(cfg, qat_mod.QatConfig) == qat_mod.QatConfig(run="/tmp/somewhere")
+    assert to_typed(cfg, QatConfig) == QatConfig(run="/tmp/somewhere")
 
 
 @pytest.mark.parametrize(
@@ -275,11 +278,11 @@ def test_config_errors_are_one_line(workdir, capsys, overrides, message):
 
 
 def test_settings_are_validated_before_any_work():
-    with pytest.raises(qat_mod.ConfigError, match="calibration_images"):
-        qat_mod.validate(qat_mod.QatConfig(run="x", calibration_images=0))
-    with pytest.raises(qat_mod.ConfigError, match="lr must be"):
-        qat_mod.validate(qat_mod.QatConfig(run="x", lr=float("nan")))
-    qat_mod.validate(qat_mod.QatConfig(run="x"))  # the defaults are valid
+    with pytest.raises(ConfigError, match="calibration_images"):
+        validate_qat(QatConfig(run="x", calibration_images=0))
+    with pytest.raises(ConfigError, match="lr must be"):
+        validate_qat(QatConfig(run="x", lr=float("nan")))
+    validate_qat(QatConfig(run="x"))  # the defaults are valid
 
 
 def test_quantizer_uses_onnxruntime_ranges():

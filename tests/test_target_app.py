@@ -11,10 +11,10 @@ from repopt.host import seed_everything
 from repopt.io import sha256_file
 from repopt.vgg import RepOptVGG
 from target_train import build_target_model, grad_masks, reinitialize
-from target_train.app import build_target_run
 from target_train.app import main as target_main
 from target_train.config import TargetConfig
 from target_train.optim import RepOptSGD
+from target_train.train import build_target_run
 from tests.helpers.runs import TINY, logits_without_the_project, read_json, run_hydra
 
 TARGET_FILES = ["metrics.json", "history.csv", "last.pt", "best.pt", "deploy.pt", ".hydra/config.yaml"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from repopt.engine.runtime import Runtime
-from repopt.setup import place as _place
+    from repopt.engine.runtime import Runtime
 
 log = logging.getLogger("pipelines.benchmark")
 
@@ -51,9 +52,15 @@ class Settings:
 
 def runtime(settings: Settings) -> Runtime:
     """The trainer's runtime for the benchmark's device, AMP and memory-format switches."""
+    import torch  # here: the benchmark's arguments are checked before torch loads
+
+    from repopt.engine.runtime import Runtime
+
     return Runtime(settings.device, torch.bfloat16 if settings.amp else None, settings.channels_last)
 
 
 def place(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     """``repopt.setup.place``: ``model`` on the run's device, channels_last when the run trains in it."""
+    from repopt.setup import place as _place
+
     return _place(model, runtime(settings))

@@ -26,7 +26,6 @@ from repopt.io import write_json, write_text
 from repopt.results import JobMetrics, StageMetrics, Status, read_result, record_failure, status_of, write_result
 
 from ..config import PipelineConfig
-from ..search_and_train import run_pipeline
 from .config import TARGET_STEP_OFFSET, ParamSpec, TuneConfig
 
 log = logging.getLogger("pipelines.tune")
@@ -262,6 +261,8 @@ class TrialRunner:
             variant = pipeline_cfg.variant
             write_text(job_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(composed, resolve=True))
             with active(*([pruning] if pruning else [])):
+                from ..job import run_pipeline  # here: the study's settings are checked before torch loads
+
                 result = run_pipeline(pipeline_cfg, job_dir, after_stage=pruning.after_stage if pruning else None)
         except Exception as exc:
             import optuna

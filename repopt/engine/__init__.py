@@ -1,21 +1,14 @@
 """The training engine shared by stage one and stage two."""
 
-from .callbacks import Callback, active
-from .checkpoint import load_checkpoint, save_checkpoint
-from .runtime import Runtime, resolve_runtime
-from .schedule import build_scheduler
-from .step import TrainStep
-from .trainer import Interrupted, Trainer
+from ..lazy import lazy_exports
 
-__all__ = [
-    "Trainer",
-    "TrainStep",
-    "Callback",
-    "active",
-    "Interrupted",
-    "Runtime",
-    "resolve_runtime",
-    "build_scheduler",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+_WHERE = {
+    **dict.fromkeys(("Trainer", "Interrupted"), ".trainer"),
+    "TrainStep": ".step",
+    **dict.fromkeys(("Callback", "active"), ".callbacks"),
+    **dict.fromkeys(("Runtime", "resolve_runtime"), ".runtime"),
+    "build_scheduler": ".schedule",
+    **dict.fromkeys(("load_checkpoint", "save_checkpoint"), ".checkpoint"),
+}
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

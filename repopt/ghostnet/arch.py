@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 GHOST_SCALE_KINDS = ("fusion_scale", "cheap_operation.1")
 HEAD_CHANNELS = 1280
@@ -157,6 +159,8 @@ class GhostSpec:
 
     def init_scales(self) -> dict[str, torch.Tensor]:
         """The HS init constants: fusion scale 1, cheap-operation scale sqrt(2 / (m + 1))."""
+        import torch  # here: the specs are read by the config check, before torch loads
+
         out = {}
         for b in self.bottlenecks:
             for path, channels, index in b.modules():

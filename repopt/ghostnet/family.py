@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from ..csla import Family
+from ..family_record import Family
 from .arch import GhostSpec, get_ghost_arch, ghost_arch_names
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def build(spec, num_classes: int, mode: str, fused_forward: bool = False) -> nn.Module:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_STRIDES = (2, 2, 2, 2, 2)
 SCALE_KINDS = ("scale_conv", "scale_1x1", "scale_identity")
@@ -106,6 +108,8 @@ class ArchSpec:
 
     def init_scales(self) -> dict[str, torch.Tensor]:
         """The HS init constants (the un-searched ``scales=init`` baseline)."""
+        import torch  # here: the specs are read by the config check, before torch loads
+
         out = {}
         for b in self.blocks:
             for key in b.scale_keys():

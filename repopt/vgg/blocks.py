@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..csla import CSLA_MODES, ScaleLayer
+from ..csla import ScaleLayer
 from ..errors import ConfigError
+from ..family_record import CSLA_MODES
 from .arch import BlockSpec
 
 

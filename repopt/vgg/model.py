@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..csla import CSLA_MODES, CSLAModel
+from ..csla import CSLAModel
 from ..errors import ConfigError
+from ..family_record import CSLA_MODES
 from .arch import ArchSpec, BlockSpec, get_arch
 from .blocks import CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock
 

@@ -21,7 +21,8 @@ from repopt.family import family_of
 from repopt.modules import unwrap
 from repopt.vgg import RepOptVGG
 
-IMPORTANCES = ("l2", "bn_scale")  # group L2 magnitude | BN scale |gamma| (needs BN layers: not the deploy form)
+from ..step_config import IMPORTANCES
+
 PRUNABLE_MODES = ("target", "deploy", "repvgg", "qarepvgg")
 
 
