@@ -48,8 +48,8 @@ def importances(study, cfg: TuneConfig) -> tuple[dict[str, float] | None, str]:
 
 
 def plot_history(study, cfg: TuneConfig, path: Path) -> None:
-    """Each completed trial's (first) objective, the best so far, and pruned trials at their last
-    reported value."""
+    """Each completed trial's (first) objective, the best so far, pruned trials at their last
+    reported value and failed trials as dotted lines."""
     import optuna
 
     State = optuna.trial.TrialState
@@ -75,11 +75,15 @@ def plot_history(study, cfg: TuneConfig, path: Path) -> None:
             color="0.5",
             label="pruned: last reported top-1",
         )
+    failed = [t.number for t in trials if t.state == State.FAIL]
+    for i, number in enumerate(failed):  # no value to draw: a dotted line marks the trial
+        ax.axvline(number, color="C1", linestyle=":", linewidth=1, label="failed (no value)" if i == 0 else None)
     ax.set_xlabel("trial")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(cfg.objectives[0])
-    ax.set_title(f"study {cfg.study_name}: optimization history")
-    if complete or pruned:
+    ax.set_ylabel(f"{cfg.objectives[0]} ({'higher' if maximize else 'lower'} is better)")
+    several = f" (the first of {len(cfg.objectives)} objectives)" if len(cfg.objectives) > 1 else ""
+    ax.set_title(f"study {cfg.study_name}: optimization history{several}")
+    if complete or pruned or failed:
         ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
