@@ -14,6 +14,10 @@
   the terminal and written to the run's log file (``log_to_files``), not logged to the console too;
 * ``OutputDirCheck`` (a Hydra callback in every root config) turns an output directory Hydra cannot
   create into that one ``error:`` line as well.
+
+``run_app`` does all of this for a training run; ``run_step`` the checks and outcomes for a step on a
+finished run (export, prune, QAT). This module does not import torch: the apps check their settings
+before their training code (and torch) loads.
 """
 
 from __future__ import annotations
@@ -197,6 +201,19 @@ def run_app(
                 raise
 
     return run_guarded(body, lambda: run_dirs[0] if run_dirs else None, result_type)
+
+
+def run_step(cfg: DictConfig, schema: type[T], check: Callable[[T], None], step: Callable[[T], R]) -> R | Result | None:
+    """A step on a finished run (export, prune, QAT): ``step(typed_cfg)`` once ``check`` passed, with
+    ``run_guarded``'s conventions. The step writes into the run it is given (no run directory of its own);
+    the entry module imports the step's code inside ``step``, so a bad setting is refused before torch loads."""
+
+    def body() -> R:
+        typed = to_typed(cfg, schema)
+        check(typed)
+        return step(typed)
+
+    return run_guarded(body)
 
 
 def run_guarded(

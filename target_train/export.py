@@ -30,28 +30,22 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from repopt.app import run_guarded
-from repopt.config import to_typed
+from repopt.app import run_step
+from repopt.results import QuantResult
 
 from .step_config import ExportConfig, validate_export
 
 
-def run_export(cfg: DictConfig):
-    """The project's command-line conventions: bad input -> one clear line and exit code 1."""
+def export(cfg: ExportConfig) -> QuantResult:
+    """The step, imported only now: the settings were checked before torch loads."""
+    from .exporter import export_run
 
-    def body():
-        typed = to_typed(cfg, ExportConfig)
-        validate_export(typed)
-        from .exporter import export_run
-
-        return export_run(typed)
-
-    return run_guarded(body)
+    return export_run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="export")
 def main(cfg: DictConfig):
-    return run_export(cfg)
+    return run_step(cfg, ExportConfig, validate_export, export)
 
 
 if __name__ == "__main__":

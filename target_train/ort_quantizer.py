@@ -5,7 +5,7 @@ deployed model runs on. torchao's own quantizers target other back ends (``X86In
 weights in [-128, 127] and per-channel only under QAT; the XNNPACK quantizer: int8 activations, and in
 torchao only as a testing module since it moved to ExecuTorch), so this one annotates the folded
 conv+ReLU network the way ``onnxruntime.quantization.quantize_static`` quantizes its ONNX graph
-(``export.py`` writes that one):
+(``exporter.py`` writes that one):
 
 * weights: int8, symmetric, [-127, 127] ([-64, 64] with ``reduce_range``), one scale per output
   channel or one per tensor;

@@ -37,32 +37,26 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from repopt.app import run_guarded
-from repopt.config import to_typed
+from repopt.app import run_step
+from repopt.results import StageMetrics
 
 from .step_config import PruneConfig
 
 log = logging.getLogger("target_train.prune")
 
 
-def run_prune(cfg: DictConfig):
-    """The project's command-line conventions: bad input -> one clear line and exit code 1."""
+def prune(cfg: PruneConfig) -> StageMetrics:
+    """The step, imported only now: the settings were checked before torch loads."""
+    from .pruner import format_summary, prune_run
 
-    def body():
-        typed = to_typed(cfg, PruneConfig)
-        typed.check()
-        from .pruner import format_summary, prune_run
-
-        metrics = prune_run(typed)
-        log.info("pruned:\n%s", format_summary(metrics))  # logged, not printed: the step's prune.log keeps it too
-        return metrics
-
-    return run_guarded(body)
+    metrics = prune_run(cfg)
+    log.info("pruned:\n%s", format_summary(metrics))  # logged, not printed: the step's prune.log keeps it too
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="prune")
 def main(cfg: DictConfig):
-    return run_prune(cfg)
+    return run_step(cfg, PruneConfig, PruneConfig.check, prune)
 
 
 if __name__ == "__main__":

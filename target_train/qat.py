@@ -33,28 +33,21 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from repopt.app import run_guarded
-from repopt.config import to_typed
+from repopt.app import run_step
 
 from .step_config import QatConfig, validate_qat
 
 
-def run_qat(cfg: DictConfig):
-    """The project's command-line conventions: bad input -> one clear line and exit code 1."""
+def qat(cfg: QatConfig) -> dict:
+    """The step, imported only now: the settings were checked before torch loads."""
+    from .qat_trainer import qat_run
 
-    def body():
-        typed = to_typed(cfg, QatConfig)
-        validate_qat(typed)
-        from .qat_trainer import qat_run
-
-        return qat_run(typed)
-
-    return run_guarded(body)
+    return qat_run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://repopt.conf", config_name="qat")
 def main(cfg: DictConfig):
-    return run_qat(cfg)
+    return run_step(cfg, QatConfig, validate_qat, qat)
 
 
 if __name__ == "__main__":
