@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from repopt.vgg.arch import BlockSpec
 from repopt.vgg.blocks import CSLABlock, TargetBlock
+from target_train.equivalence import BOUNDS, run_equivalence
 from target_train.families.vgg import block_mask
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
-from target_train.verify import BOUNDS, run_equivalence
 
 STEPS = 20
 
@@ -114,18 +114,18 @@ def test_adamw_difference_is_an_eps_effect():
 
 def test_equivalence_fails_with_wrong_masks():
     """Plain SGD on the target (no masks) is NOT equivalent: the check has teeth."""
-    from target_train import verify
+    from target_train import equivalence
 
-    original = verify.grad_masks
+    original = equivalence.grad_masks
 
     def ones(model, scales, rule="sgd"):
         return {k: torch.ones_like(v) for k, v in original(model, scales, rule).items()}
 
-    verify.grad_masks = ones
+    equivalence.grad_masks = ones
     try:
         r = run_equivalence("tiny", "sgd", STEPS, torch.float64)
     finally:
-        verify.grad_masks = original
+        equivalence.grad_masks = original
     assert r.weight_rel_diff > 1e-3
 
 

@@ -13,10 +13,10 @@ from repopt.family import build_model, family_of, get_spec
 from repopt.ghostnet.blocks import GhostModule, depthwise_identity
 from repopt.numerics import rel_diff
 from repopt.scales import load_scales, random_scales, read_scales
+from target_train.equivalence import DEFAULT_EPS, GHOSTNET_BOUNDS, run_equivalence
 from target_train.families.ghostnet import module_mask
 from target_train.handler import fuse, grad_masks, reinitialize
 from target_train.optim import RepOptAdamW, RepOptSGD, param_groups
-from target_train.verify import DEFAULT_EPS, GHOSTNET_BOUNDS, run_equivalence
 from target_train.verify import main as verify_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -17,13 +17,13 @@ from repopt.numerics import rel_diff  # noqa: E402
 from repopt.scales import random_scales  # noqa: E402
 from target_train import quantize as q  # noqa: E402
 from target_train.app import main as target_main  # noqa: E402
+from target_train.equivalence import BOUNDS, run_equivalence  # noqa: E402
 from target_train.families.vgg import fuse  # noqa: E402
 from target_train.finished_run import load_model  # noqa: E402
 from target_train.handler import grad_masks  # noqa: E402
 from target_train.prune import main as prune_main  # noqa: E402
 from target_train.pruning.channels import ChannelPlan, prune_vgg  # noqa: E402
 from target_train.pruning.masks import identity_pairs, rebuild_masks, slice_masks, slice_scales  # noqa: E402
-from target_train.verify import BOUNDS, run_equivalence  # noqa: E402
 from tests.helpers.runs import TINY, logits_without_the_project, run_hydra, train_tiny_target  # noqa: E402
 
 FAST = ["latency_runs=2", "latency_warmup=0", "threads=1", "progress=off"]

@@ -12,7 +12,7 @@ from hypersearch.app import main as hs_main
 from pipelines.benchmark import main as bench_main
 from repopt.engine import Callback, TrainStep, active
 from repopt.engine.runtime import Runtime
-from target_train.verify import run_equivalence
+from target_train.equivalence import run_equivalence
 from tests.helpers.runs import TINY, read_json, run_hydra
 
 STEPS_PER_EPOCH = 128 // 32  # TINY: 128 training images, batch 32

@@ -71,6 +71,14 @@ CASES: tuple[BadCommand, ...] = (
         "unrecognized arguments: --refrence",
         exit_code=2,
     ),
+    BadCommand("target_train.verify", ("--arch", "tinyy"), "value", "--arch tinyy: unknown architecture 'tinyy'", exit_code=2),
+    BadCommand(
+        "target_train.verify",
+        ("--optimizers", "sgd,adamww"),
+        "value",
+        "--optimizers 'sgd,adamww': a comma list of sgd, adamw",
+        exit_code=2,
+    ),
     BadCommand("pipelines.benchmark", ("--sections", "opt,tran"), "value", "--sections 'opt,tran': choose from", exit_code=2),
 )
 
