@@ -1,4 +1,4 @@
-"""The equivalence the project rests on (docs/design.md, "Equivalence"): a CSLA model trained with a
+"""The equivalence the project rests on (docs/design.md, "The bounds the tests prove"): a CSLA model trained with a
 plain optimizer and its target trained with the RepOptimizer stay equal step for step. The command
 that runs it is ``target_train/verify.py``; the tests call ``run_equivalence`` with their own bounds."""
 

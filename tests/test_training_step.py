@@ -1,4 +1,4 @@
-"""One training step: the trainer, target_train.verify and the benchmark all run ``TrainStep``;
+"""One training step: the trainer, target_train.equivalence and the benchmark all run ``TrainStep``;
 and the trainer's public seams (callbacks, request_stop)."""
 
 from __future__ import annotations
