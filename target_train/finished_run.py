@@ -1,7 +1,8 @@
-"""A finished stage-two run, as the steps that work on one (export, prune) see it: its directory and
+"""A finished stage-two run, as the steps that work on one (export, prune, QAT) see it: its directory and
 checkpoint, the trained model rebuilt from it, the training config it recorded, and its data.
 
-Nothing here writes into the run; ``run_log_dir`` only names where a step's Hydra logs go.
+Nothing here writes into the run but the scratch folder a step builds its files in (``scratch_dir``);
+where a step's Hydra logs go is ``step_config.run_log_dir``.
 """
 
 from __future__ import annotations
