@@ -31,6 +31,7 @@ from repopt.io import read_json, write_text
 from repopt.plots import pyplot, save_png
 
 from .compare import collect, distinct
+from .compare.plots import mean_std_line
 from .compare.stats import welch
 from .config import VARIANTS
 
@@ -113,16 +114,7 @@ def plot_budget(searched: pd.DataFrame, init: pd.Series, path: Path) -> None:
         mean, std = float(init.mean()), float(init.std(ddof=1)) if len(init) > 1 else 0.0
         ax.axhspan(mean - std, mean + std, color="tab:orange", alpha=0.2, label=f"init (no search), mean ± std, n={len(init)}")
         ax.axhline(mean, color="tab:orange")
-    stats = searched.groupby("hs.epochs")["target_top1"].agg(["mean", "std", "count"]).sort_index()
-    ax.errorbar(
-        stats.index,
-        stats["mean"],
-        yerr=stats["std"].fillna(0.0),
-        marker="o",
-        capsize=4,
-        color="tab:blue",
-        label="searched, mean ± std (n = " + ", ".join(str(int(c)) for c in stats["count"]) + ")",
-    )
+    stats = mean_std_line(ax, searched, "hs.epochs", lambda counts: f"searched, mean ± std (n = {counts})", color="tab:blue")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(stats.index), [str(i) for i in stats.index])
     ax.set_xlabel("Hyper-Search epochs (log scale)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -61,6 +62,15 @@ def plot_comparison(table: pd.DataFrame, keys: list[str], path: Path) -> None:
     save_png(fig, path)
 
 
+def mean_std_line(ax, frame: pd.DataFrame, by: str, label: Callable[[str], str], **style) -> pd.DataFrame:
+    """One line of the mean target top-1 per ``by`` value with a std bar over its seeds (none for one seed);
+    ``label`` is given the seeds per point ("3, 3, 2"). Returns the points' mean, std and count."""
+    stats = frame.groupby(by)["target_top1"].agg(["mean", "std", "count"]).sort_index()
+    counts = ", ".join(str(int(c)) for c in stats["count"])
+    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=4, label=label(counts), **style)
+    return stats
+
+
 def plot_depth(frame: pd.DataFrame, path: Path, line_key: str = "variant") -> bool:
     """Target top-1 against conv layers, one line per ``line_key`` value, error bars over seeds.
     Drawn only when the completed jobs have more than one depth."""
@@ -75,15 +85,7 @@ def plot_depth(frame: pd.DataFrame, path: Path, line_key: str = "variant") -> bo
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     groups = done.groupby(line_key, sort=False) if line_key in done else [("all jobs", done)]
     for name, group in groups:
-        stats = group.groupby("depth")["target_top1"].agg(["mean", "std", "count"]).sort_index()
-        ax.errorbar(
-            stats.index,
-            stats["mean"],
-            yerr=stats["std"].fillna(0.0),
-            marker="o",
-            capsize=4,
-            label=f"{name} (n per depth: {', '.join(str(int(c)) for c in stats['count'])})",
-        )
+        mean_std_line(ax, group, "depth", lambda counts, name=name: f"{name} (n per depth: {counts})")
     ax.set_xlabel("conv layers of the plain network")
     ax.set_ylabel("target test top-1 (%), mean ± std")
     ax.set_title("Target top-1 against depth", fontsize=10)
