@@ -1,4 +1,5 @@
-"""Name-keyed grad masks as the optimizers take them (the family's masks: ``target_train/families/``)."""
+"""What every family's grad masks share: one scaled branch's share of a mask under each rule, and
+name-keyed masks re-keyed as the optimizers take them (the masks themselves: ``target_train/families/``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from typing import Mapping
 import torch
 
 from repopt.errors import ConfigError
+
+
+def branch_term(scale: torch.Tensor, rule: str) -> torch.Tensor:
+    """A branch's share of the mask from its scale: s^2 for SGD, |s| for AdamW (docs/design.md, "AdamW masks")."""
+    if rule == "sgd":
+        return scale.square()
+    if rule == "adamw":
+        return scale.abs()
+    raise ConfigError(f"unknown grad-mask rule {rule!r}; choose 'sgd' or 'adamw'")
 
 
 def masks_by_param(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[torch.nn.Parameter, torch.Tensor]:

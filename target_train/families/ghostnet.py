@@ -19,22 +19,17 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from repopt.errors import ConfigError
 from repopt.ghostnet import RepOptGhostNet
 from repopt.ghostnet.blocks import depthwise_identity
 from repopt.modules import fold_bn, unwrap
 from repopt.scales import validate_scales
 
+from ..masks import branch_term
+
 
 def module_mask(s_cheap: torch.Tensor, kernel: int, rule: str) -> torch.Tensor:
     """The (C, 1, k, k) mask of one ghost module's depthwise conv from its cheap-operation scale."""
-    if rule == "sgd":
-        a = s_cheap.square()
-    elif rule == "adamw":
-        a = s_cheap.abs()
-    else:
-        raise ConfigError(f"unknown grad-mask rule {rule!r}; choose 'sgd' or 'adamw'")
-    mask = a.view(-1, 1, 1, 1).expand(-1, 1, kernel, kernel).clone()
+    mask = branch_term(s_cheap, rule).view(-1, 1, 1, 1).expand(-1, 1, kernel, kernel).clone()
     mask[:, 0, kernel // 2, kernel // 2] += 1.0
     return mask
 

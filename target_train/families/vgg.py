@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repopt.errors import ConfigError
 from repopt.modules import fold_bn, unwrap
 from repopt.scales import validate_scales
 from repopt.vgg import RepOptVGG
 from repopt.vgg.blocks import CSLABlock, DeployBlock, QARepVGGBlock, RepVGGBlock, TargetBlock, fuse_branches, identity_kernel
+
+from ..masks import branch_term
 
 
 # ---------------------------------------------------------------------------- re-initialization
@@ -69,9 +70,6 @@ def reinitialize(model: RepOptVGG, scales: Mapping[str, torch.Tensor], use_ident
 
 
 # ---------------------------------------------------------------------------- grad masks
-RULES = ("sgd", "adamw")
-
-
 def block_mask(
     s_conv: torch.Tensor,
     s_1x1: torch.Tensor,
@@ -86,12 +84,7 @@ def block_mask(
     (output, input) pairs ``identity`` lists: after channel pruning the identity is a selection
     of the kept channels, not a square diagonal (``target_train/pruning/masks.py``).
     """
-    if rule == "sgd":
-        a, b = s_conv.square(), s_1x1.square()
-    elif rule == "adamw":
-        a, b = s_conv.abs(), s_1x1.abs()
-    else:
-        raise ConfigError(f"unknown grad-mask rule {rule!r}; choose 'sgd' or 'adamw'")
+    a, b = branch_term(s_conv, rule), branch_term(s_1x1, rule)
     out_channels = s_conv.shape[0]
     mask = a.view(-1, 1, 1, 1).expand(out_channels, in_channels, 3, 3).clone()
     mask[:, :, 1, 1] += b.view(-1, 1)
