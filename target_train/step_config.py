@@ -35,6 +35,15 @@ OmegaConf.register_new_resolver("repopt_prune_logs", lambda run: run_log_dir(run
 OmegaConf.register_new_resolver("repopt_qat_logs", lambda run: run_log_dir(run, "qat_logs"), replace=True)
 
 
+# ---------------------------------------------------------------------------- the run every step reads
+CHECKPOINTS = ("best", "last")  # best falls back to last when the run has no best.pt
+
+
+def require_run(run: Optional[str]) -> None:
+    if run in (None, ""):
+        raise ConfigError("run= is required: pass the stage-two run directory, e.g. run=outputs/target_train/<date>/<time>")
+
+
 # ---------------------------------------------------------------------------- INT8, shared by export and QAT
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("auto", "uint8", "int8")
@@ -97,9 +106,8 @@ register_schema("export_schema", ExportConfig)
 
 
 def validate_export(cfg: ExportConfig) -> None:
-    if cfg.run in (None, ""):
-        raise ConfigError("run= is required: pass the stage-two run directory, e.g. run=outputs/target_train/<date>/<time>")
-    if cfg.checkpoint not in ("best", "last"):
+    require_run(cfg.run)
+    if cfg.checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: choose best or last")
     if cfg.exporter not in EXPORTERS:
         raise ConfigError(f"exporter={cfg.exporter!r}: choose one of {', '.join(EXPORTERS)}")
@@ -145,10 +153,10 @@ class PruneConfig:
 
     def check(self, prefix: str = "", need_run: bool = True) -> None:
         """Ranges, with keys named as typed (``prefix``: ``pruning.`` in the pipeline, which sets ``run``)."""
-        if need_run and self.run in (None, ""):
-            raise ConfigError("run= is required: pass the stage-two run directory, e.g. run=outputs/target_train/<date>/<time>")
+        if need_run:
+            require_run(self.run)
         k = lambda key: prefix + key  # noqa: E731
-        require(self.checkpoint in ("best", "last"), k("checkpoint"), self.checkpoint, "best or last")
+        require(self.checkpoint in CHECKPOINTS, k("checkpoint"), self.checkpoint, "best or last")
         require(0 < self.ratio < 1, k("ratio"), self.ratio, "in (0, 1): the fraction of each layer's channels to remove")
         require(self.importance in IMPORTANCES, k("importance"), self.importance, "one of " + ", ".join(IMPORTANCES))
         require(self.round_to is None or self.round_to >= 1, k("round_to"), self.round_to, ">= 1 or null")
@@ -204,9 +212,8 @@ register_schema("qat_schema", QatConfig)
 
 
 def validate_qat(cfg: QatConfig) -> None:
-    if cfg.run in (None, ""):
-        raise ConfigError("run= is required: pass the stage-two run directory, e.g. run=outputs/target_train/<date>/<time>")
-    if cfg.checkpoint not in ("best", "last"):
+    require_run(cfg.run)
+    if cfg.checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: choose best or last")
     if cfg.epochs < 0:
         raise ConfigError(f"epochs must be >= 0 (got {cfg.epochs}); 0 only calibrates the observers")
