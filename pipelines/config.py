@@ -48,9 +48,8 @@ class PipelineConfig(Checked):
     resume: bool = False  # continue both stages from their last.pt; finished stages are skipped
     shared_search: bool = False  # true: stage one runs in <sweep>/searches/<its settings' hash>/, once for every job that has the same stage-one settings (job/hs links to it)
     export: bool = False  # third step: ONNX export + INT8 PTQ of the target (target_train.export)
-    quant: ExportConfig = field(
-        default_factory=ExportConfig
-    )  # its settings (quant.run is set by the job; quant.tag stays "": compare reads quant.json)
+    # its settings (quant.run is set by the job; quant.tag stays "": compare reads quant.json)
+    quant: ExportConfig = field(default_factory=ExportConfig)
     ptq_per_tensor: bool = False  # with export=true: the export step once more with per-tensor weights (quant.* with per_channel=false, tag=per_tensor): target/quant-per_tensor.json beside quant.json
     # after export: quantization-aware training of the target (target_train.qat, needs torchao), writing target/qat.json;
     # it does not need export=true. The switch is "qat" and its settings "qat_train", as prune/pruning and export/quant

@@ -92,17 +92,14 @@ class DataConfig(Checked):
     synthetic_train_size: int = 512  # data=synthetic: training images
     synthetic_test_size: int = 256  # data=synthetic: test images
     drop_last: bool = True  # static shapes for compile / CUDA graphs
-    randaugment_magnitude: Optional[int] = (
-        None  # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
-    )
+    # torchvision RandAugment at this magnitude (0-30); null = off. Per sample: worker DataLoader only
+    randaugment_magnitude: Optional[int] = None
     randaugment_num_ops: int = 2  # RandAugment ops applied in sequence to each training image
-    mean: Optional[list[float]] = (
-        None  # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
-    )
+    # per-channel normalization (0..1 scale); null = the source's (published / measured / ImageNet)
+    mean: Optional[list[float]] = None
     std: Optional[list[float]] = None  # per-channel std (0..1 scale), given with mean
-    eval_crop_fraction: Optional[float] = (
-        None  # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
-    )
+    # image folders: eval resizes to image_size / this, then centre-crops; null = 0.875 above 64 px, 1 below
+    eval_crop_fraction: Optional[float] = None
 
     def check(self, prefix: str = "") -> None:
         for key in ("image_size", "batch_size", "eval_batch_size", "synthetic_train_size", "synthetic_test_size"):
@@ -259,9 +256,8 @@ class TrainConfig(Checked):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     compile: Optional[bool] = False  # torch.compile the training model; null = auto (on CUDA only)
-    compile_mode: Optional[str] = (
-        "auto"  # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    )
+    # auto (CUDA graphs on one GPU with drop_last) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: Optional[str] = "auto"
     channels_last: Optional[bool] = None  # channels_last memory format; null = auto (on CUDA)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: Optional[float] = None  # max grad norm; breaks RepOpt equivalence, off by default

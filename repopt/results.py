@@ -198,9 +198,8 @@ class JobMetrics:
     hs: Optional[StageMetrics] = None
     target: Optional[StageMetrics] = None
     quant: Optional[QuantResult] = None  # quant.json of the export step
-    quant_per_tensor: Optional[QuantResult] = (
-        None  # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
-    )
+    # quant-per_tensor.json: the export step again, per-tensor weights (ptq_per_tensor)
+    quant_per_tensor: Optional[QuantResult] = None
     qat: Optional[dict] = None  # qat.json of the quantization-aware training step (target_train.qat; qat=true)
     channel_pruning_run: Optional[StageMetrics] = None  # the channel-pruning step's metrics.json (target/<pruning.out>/)
     hs_top1: Optional[float] = None

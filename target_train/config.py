@@ -22,9 +22,8 @@ class TargetConfig(TrainConfig):
     SETTINGS_ALLOWED: ClassVar[tuple[str, ...]] = TrainConfig.SETTINGS_ALLOWED + ("scales",)
 
     model: str = "target"  # target (the RepOpt model) | repvgg (vgg baseline) | qarepvgg (vgg, QARepVGG) | rep (ghostnet baseline, RepGhostNet)
-    scales: Optional[str] = (
-        "official"  # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
-    )
+    # file | stage-one run dir | official (the arch's released file) | official:B1 | none | init | ones | official_mean[:B1]
+    scales: Optional[str] = "official"
     scales_from: str = "model"  # an official HS checkpoint (latest.pth): the scales of its model | ema state dict
     scales_transform: str = "none"  # none | channel_mean: each layer's scales replaced by their mean over channels (ablation)
     reinit: bool = True  # re-initialize the target from the scales (false: the ablation "masks only")
