@@ -11,7 +11,7 @@ from repopt.errors import ConfigError
 
 
 def branch_term(scale: torch.Tensor, rule: str) -> torch.Tensor:
-    """A branch's share of the mask from its scale: s^2 for SGD, |s| for AdamW (docs/design.md, "AdamW masks")."""
+    """A branch's share of the mask from its scale: s^2 for SGD, |s| for AdamW (docs/design.md, "AdamW masks (|s|, per branch)")."""
     if rule == "sgd":
         return scale.square()
     if rule == "adamw":
