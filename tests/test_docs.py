@@ -39,3 +39,27 @@ def test_design_covers_what_the_code_relies_on():
     text = DESIGN.read_text()
     for section in ("Layout", "The model family", "The math", "The scales file", "Data", "Run directories"):
         assert f"\n## {section}\n" in text, section
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_contents_list_every_section_and_each_link_lands():
+    text = (REPO / "README.md").read_text()
+    sections = [_anchor(h) for h in re.findall(r"^## (.+)$", text, re.MULTILINE)]
+    contents = text.split("**Contents**", 1)[1].split("\n\n", 2)[1]
+    links = re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", contents, re.MULTILINE)
+    assert links == sections  # every section, in order, and no link to a heading that is not there
+
+
+def test_the_docs_name_no_path_of_one_machine():
+    """Data and files are named relative to the repository (``../shared/data/...``), never as this machine's paths."""
+    absolute = re.compile(r"(?<![\w.])/(?:work|root|home|Users)/[\w.-]+")
+    found = {
+        str(p.relative_to(REPO)): absolute.findall(p.read_text())
+        for p in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+        if absolute.search(p.read_text())
+    }
+    assert not found
