@@ -8,6 +8,7 @@ when it is written, not a silently empty column when it is read.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -86,6 +87,11 @@ class ChannelPruning:
     widths_after: Optional[list[int]] = None
     finetune: Optional[dict[str, Any]] = None  # epochs, lr, optimizer, device, max_steps_per_epoch of the fine-tune
     created: Optional[str] = None  # ISO time the record was written
+
+
+def created_now() -> str:
+    """The ``created`` field of a step's record: now, ISO 8601 to the second with the local UTC offset."""
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 # The result files of the steps on a finished stage-two run, named once for their writers and readers.

@@ -3,7 +3,6 @@ statistics, built in a scratch folder (what it does and writes: ``target_train/e
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from repopt.errors import ConfigError
 from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json
 from repopt.numerics import rel_diff
-from repopt.results import QuantResult, quant_name, to_dict
+from repopt.results import QuantResult, created_now, quant_name, to_dict
 
 from . import quantize as q
 from .deploy import MAX_REL_DIFF
@@ -156,7 +155,7 @@ def _export_in(
         versions={"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
         cpu=cpu_name(),
         threads=cfg.threads,
-        created=_dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        created=created_now(),
     )
     # every check passed: move the files into the run directory (each rename is atomic), quant.json last
     if not keep_fp32:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from repopt.host import cpu_name
 from repopt.io import write_json
 from repopt.numerics import rel_diff
 from repopt.optim import optimizer_kwargs
-from repopt.results import ChannelPruning, StageMetrics, Status
+from repopt.results import ChannelPruning, StageMetrics, Status, created_now
 from repopt.setup import make_trainer, place, run_records, scaled_lr, start
 
 from . import quantize as q
@@ -197,7 +196,7 @@ def _prune_in(work: Path, cfg: PruneConfig, run_dir: Path, ckpt_path: Path, mode
             "device": runtime.describe(),
             "max_steps_per_epoch": cfg.max_steps_per_epoch,
         },
-        created=_dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        created=created_now(),
     )
     write_json(
         work / "prune.json",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from repopt.host import cpu_name
 from repopt.io import sha256_file, write_json, write_text
 from repopt.modules import unwrap
 from repopt.numerics import rel_diff
-from repopt.results import QAT_RESULT
+from repopt.results import QAT_RESULT, created_now
 
 from . import quantize as q
 from .finished_run import (
@@ -444,7 +443,7 @@ def _qat_in(
         },
         "cpu": cpu_name(),
         "threads": cfg.threads,
-        "created": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "created": created_now(),
     }
     # every check passed: move the files into the run directory (each rename is atomic), qat.json last
     os.replace(int8_path, run_dir / "model.qat.int8.onnx")
