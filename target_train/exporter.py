@@ -20,7 +20,7 @@ from . import quantize as q
 from .deploy import MAX_REL_DIFF
 from .finished_run import calibration_batches, check_classes, data_config, find_run, load_data, load_model, scratch_dir
 from .handler import fuse
-from .onnx_io import ExportError, OnnxMismatchError, export_onnx, node_types, onnx_opset
+from .onnx_io import OnnxMismatchError, export_onnx, onnx_opset, qdq_node_types
 from .step_config import ExportConfig, validate_export
 from .weight_stats import layer_stats, summarize_layers
 
@@ -101,9 +101,7 @@ def _export_in(
         fp32_path, int8_path, calibration_batches(bundle, cfg.calibration_images, cfg.calibration_batch), settings, work
     )
     int8 = q.session(int8_path, cfg.threads)
-    nodes = node_types(int8_path)
-    if not nodes.get("QuantizeLinear") or not nodes.get("DequantizeLinear"):
-        raise ExportError(f"the quantized model has no QuantizeLinear/DequantizeLinear nodes ({nodes})")
+    nodes = qdq_node_types(int8_path, "the quantized model")
 
     log.info("evaluating FP32 and INT8 on %d test images", bundle.test.num_samples)
     acc = q.evaluate({"fp32": fp32, "int8": int8}, bundle.test.epoch(0), bundle.num_classes)

@@ -80,3 +80,11 @@ def node_types(path: Path) -> dict[str, int]:
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def qdq_node_types(path: Path, what: str) -> dict[str, int]:
+    """``node_types`` of an INT8 model, refused unless it quantizes (QuantizeLinear and DequantizeLinear)."""
+    nodes = node_types(path)
+    if not nodes.get("QuantizeLinear") or not nodes.get("DequantizeLinear"):
+        raise ExportError(f"{what} has no QuantizeLinear/DequantizeLinear nodes ({nodes})")
+    return nodes

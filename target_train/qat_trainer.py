@@ -35,7 +35,7 @@ from .finished_run import (
     stored_config,
 )
 from .handler import fuse, grad_masks
-from .onnx_io import ExportError, OnnxMismatchError, export_onnx, node_types, onnx_opset
+from .onnx_io import ExportError, OnnxMismatchError, export_onnx, onnx_opset, qdq_node_types
 from .optim import RepOptSGD
 from .ort_quantizer import make_quantizer
 from .step_config import DEFAULT_LR_PER_256, QatConfig, validate_qat
@@ -269,10 +269,7 @@ def export_qat_onnx(converted: torch.fx.GraphModule, path: Path, image_size: int
     """Write the converted model as QDQ ONNX (dynamic batch); its node-type counts."""
     with _quiet("onnxscript", "onnx_ir"):
         export_onnx(converted, path, image_size, opset, "dynamo")
-    nodes = node_types(path)
-    if not nodes.get("QuantizeLinear") or not nodes.get("DequantizeLinear"):
-        raise ExportError(f"the QAT model's ONNX file has no QuantizeLinear/DequantizeLinear nodes ({nodes})")
-    return nodes
+    return qdq_node_types(path, "the QAT model's ONNX file")
 
 
 def floored_diff(out, ref) -> float:
