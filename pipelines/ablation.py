@@ -32,7 +32,7 @@ from repopt.plots import pyplot, save_png
 
 from .compare import collect, distinct
 from .compare.plots import mean_std_line
-from .compare.stats import welch
+from .compare.stats import mean_std, welch
 from .config import VARIANTS
 
 if TYPE_CHECKING:
@@ -64,9 +64,7 @@ def _row(name: str, values: pd.Series, seeds: pd.Series, references: dict[str, p
     row = {
         "setting": name,
         "n": len(values),
-        "top-1 (mean ± std)": f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
-        if len(values) > 1
-        else (f"{values.mean():.2f}" if len(values) else "—"),
+        "top-1 (mean ± std)": mean_std(values),
         "per seed": ", ".join(f"{s}: {v:.2f}" for s, v in sorted(zip(seeds, values))),
     }
     for ref, ref_values in references.items():

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from statistics import mean, median, stdev
+from statistics import mean, median
 
 from repopt.io import read_json, write_text
 from repopt.results import PER_TENSOR_TAG, QAT_RESULT, quant_name
 
 from .compare.jobs import find_jobs
-from .compare.stats import welch
+from .compare.stats import mean_std, welch
 from .config import VARIANTS
 
 ORDER = ["plain", "searched", "repvgg", "qarepvgg"]
@@ -67,18 +67,6 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
-def _ms(values: list[float]) -> str:
-    return f"{mean(values):.2f} ± {stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
-def _interval(values: list[float], reference: list[float]) -> str:
-    if len(values) < 2 or len(reference) < 2:
-        return "—"
-    d = welch(values, reference)
-    star = " *" if d.excludes_zero else ""
-    return f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{star}"
-
-
 def report(rows: list[dict], reference: str = "searched") -> str:
     by = {v: [r for r in rows if r["variant"] == v] for v in ORDER + sorted({r["variant"] for r in rows} - set(ORDER))}
     by = {v: rs for v, rs in by.items() if rs}
@@ -86,8 +74,8 @@ def report(rows: list[dict], reference: str = "searched") -> str:
     lines = ["| variant | n | FP32 | PTQ per channel | PTQ per tensor | QAT |", "|---|---|---|---|---|---|"]
     for v, rs in by.items():
         lines.append(
-            f"| {v} | {len(rs)} | {_ms([r['fp32'] for r in rs])} | "
-            + " | ".join(_ms([r[m] for r in rs]) for m, _ in METHODS)
+            f"| {v} | {len(rs)} | {mean_std([r['fp32'] for r in rs])} | "
+            + " | ".join(mean_std([r[m] for r in rs]) for m, _ in METHODS)
             + " |"
         )
     lines += [
@@ -102,8 +90,8 @@ def report(rows: list[dict], reference: str = "searched") -> str:
         cells = []
         for m, _ in METHODS:
             cells += [
-                _ms(drops[v][m]),
-                "—" if v == reference or reference not in drops else _interval(drops[v][m], drops[reference][m]),
+                mean_std(drops[v][m]),
+                "—" if v == reference or reference not in drops else welch(drops[v][m], drops[reference][m]).text(),
             ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += [

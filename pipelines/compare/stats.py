@@ -47,6 +47,17 @@ class Difference:
         return f"{self.diff:+.2f} [{self.low:+.2f}, {self.high:+.2f}]" + (" *" if self.excludes_zero else "")
 
 
+def mean_std(values, with_n: bool = False) -> str:
+    """``51.00 ± 1.41`` (sample std) over ``values``, `` (n=k)`` appended with ``with_n``; one value alone; ``—`` for none."""
+    values = pd.Series(values, dtype=float)
+    if values.empty:
+        return "—"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    text = f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+    return f"{text} (n={len(values)})" if with_n else text
+
+
 def welch(a, b, level: float = 0.95) -> Difference:
     """The difference of means of ``a`` and ``b`` with Welch's t interval at ``level`` (scipy's)."""
     a, b = pd.Series(a, dtype=float).dropna(), pd.Series(b, dtype=float).dropna()

@@ -11,7 +11,7 @@ import pandas as pd
 from repopt.results import Status
 
 from .jobs import DUPLICATE, METRIC_COLUMNS, ROW_COLUMNS, SEED_KEYS, distinct
-from .stats import as_settings, baseline_differences
+from .stats import as_settings, baseline_differences, mean_std
 
 
 def override_columns(frame: pd.DataFrame) -> list[str]:
@@ -59,7 +59,7 @@ def aggregate(frame: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFram
         for column in METRIC_COLUMNS:
             if column in group:
                 values_ok = ok[column].dropna() if column in ok else pd.Series(dtype=float)
-                row[column] = _mean_std(values_ok)
+                row[column] = mean_std(values_ok, with_n=True)
                 row[f"{column}_mean"] = float(values_ok.mean()) if len(values_ok) else math.nan
                 row[f"{column}_std"] = float(values_ok.std(ddof=1)) if len(values_ok) > 1 else math.nan
         depths = group["depth"].dropna() if "depth" in group else []
@@ -72,14 +72,6 @@ def aggregate(frame: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFram
             row["note"] = note or (str(errors.iloc[0])[:120] if len(errors) else "")
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _mean_std(values: pd.Series) -> str:
-    if len(values) == 0:
-        return "—"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
 QUANT_COLUMNS = ("int8_top1", "int8_top1_drop", "int8_pt_top1", "int8_pt_top1_drop", "qat_top1", "qat_top1_drop")
