@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean, median
 
 from repopt.io import read_json, write_text
-from repopt.results import PER_TENSOR_TAG, QAT_RESULT, quant_name
+from repopt.results import PER_TENSOR_TAG, QAT_RESULT, JobMetrics, QuantResult, Status, quant_name, read_result
 
 from .compare.jobs import find_jobs
 from .compare.stats import mean_std, welch
@@ -32,26 +32,26 @@ def read_row(job: Path) -> dict | None:
     """One job's numbers, or None when it is not a completed job with all three quantization files."""
     if not (job / "target").is_dir():
         return None
-    joined, target = read_json(job / "metrics.json"), job / "target"
-    files = [read_json(target / name) for name in RESULT_FILES]
-    if not isinstance(joined, dict) or joined.get("status") != "completed" or not all(isinstance(f, dict) for f in files):
+    joined, target = read_result(job / "metrics.json", JobMetrics), job / "target"
+    pc, pt = (read_result(target / quant_name(tag), QuantResult) for tag in ("", PER_TENSOR_TAG))
+    qat = read_json(target / QAT_RESULT)
+    if joined is None or joined.status != Status.COMPLETED or pc is None or pt is None or not isinstance(qat, dict):
         return None
-    pc, pt, qat = files
-    convs = [layer for layer in pc["layers"] if layer["kind"] != "linear"]
+    convs = [layer for layer in pc.layers if layer["kind"] != "linear"]
     return {
-        "variant": joined.get("variant"),
-        "seed": (joined.get("config") or {}).get("target", {}).get("seed"),
+        "variant": joined.variant,
+        "seed": (joined.config or {}).get("target", {}).get("seed"),
         "job": str(job),
-        "fp32": pc["fp32_top1"],
-        "ptq_pc": pc["int8_top1"],
-        "ptq_pt": pt["int8_top1"],
+        "fp32": pc.fp32_top1,
+        "ptq_pc": pc.int8_top1,
+        "ptq_pt": pt.int8_top1,
         "qat": qat["int8_top1"],
         "absmax_over_std": median(layer["absmax_over_std"] for layer in convs),
         "weight_std_max": max(layer["weight_std"] for layer in convs),
         "weight_absmax_max": max(layer["weight_absmax"] for layer in convs),
-        "ms_fp32_b1": pc["latency_ms_per_image"]["fp32"]["batch1"],
-        "ms_int8_b1": pc["latency_ms_per_image"]["int8"]["batch1"],
-        "ms_int8_b32": pc["latency_ms_per_image"]["int8"]["batch32"],
+        "ms_fp32_b1": pc.latency_ms_per_image["fp32"]["batch1"],
+        "ms_int8_b1": pc.latency_ms_per_image["int8"]["batch1"],
+        "ms_int8_b32": pc.latency_ms_per_image["int8"]["batch32"],
     }
 
 
