@@ -194,30 +194,10 @@ def tests_part(settings: CheckSettings) -> Part:
 
 
 # -------------------------------------------------------------------------------------- benchmark
-QUICK_BENCHMARK = [
-    "--arch",
-    "tiny",
-    "--steps",
-    "3",
-    "--warmup",
-    "1",
-    "--hs-images",
-    "512",
-    "--hs-batch",
-    "128",
-    "--resolution",
-    "32",
-    "--batch",
-    "8",
-    "--workers",
-    "1",
-    "--loader-epochs",
-    "1",
-    "--num-classes",
-    "10",
-    "--threads",
-    "1",
-]
+QUICK_BENCHMARK = (
+    "--arch tiny --steps 3 --warmup 1 --hs-images 512 --hs-batch 128 --resolution 32 --batch 8 --workers 1 "
+    "--loader-epochs 1 --num-classes 10 --threads 1"
+).split()
 
 
 def benchmark_part(settings: CheckSettings) -> Part:
