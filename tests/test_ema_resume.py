@@ -11,21 +11,12 @@ import pytest
 import torch
 
 from repopt.engine import load_checkpoint
-from repopt.engine.callbacks import Callback, active
+from repopt.engine.callbacks import active
 from target_train.app import main as target_main
-from tests.helpers.runs import TINY, TINY_STEPS, read_json, run_hydra
+from tests.helpers.runs import TINY, TINY_STEPS, StopAt, read_json, run_hydra
 from tests.test_ema import _inner
 
 TIMING = ["epoch_seconds", "images_per_sec"]
-
-
-class _StopAt(Callback):
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.global_step:
-            trainer.request_stop()
 
 
 # every=3 does not divide the 4 steps of an epoch, so the resumed segment's updates fall at other positions
@@ -52,7 +43,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("stop_at", [TINY_STEPS, TINY_STEPS + 1], ids=["after-epoch-1", "mid-epoch-2"])
 def test_resume_replays_the_ema_and_the_mixing_exactly(tmp_path, uninterrupted, stop_at):
     full, part = uninterrupted, tmp_path / "part"
-    with active(_StopAt(stop_at)):
+    with active(StopAt(stop_at)):
         run_hydra(target_main, TINY + EMA_MIX + [f"hydra.run.dir={part}"], expect_exit=130)
     stopped = load_checkpoint(part / "last.pt")
     assert stopped["run"]["global_step"] == stop_at and stopped["ema"]["n_averaged"] == stop_at // 3

@@ -6,9 +6,9 @@ import torch
 
 from hypersearch.app import main as hs_main
 from repopt import get_arch, load_scales, read_metadata
-from repopt.engine.callbacks import Callback, active
+from repopt.engine.callbacks import active
 from tests.helpers.fake_datasets import write_fake_cifar100
-from tests.helpers.runs import TINY, read_json, run_hydra
+from tests.helpers.runs import TINY, StopAt, read_json, run_hydra
 
 RUN_FILES = [
     "metrics.json",
@@ -74,17 +74,6 @@ def test_hypersearch_multirun_two_settings(in_tmp):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-class _InterruptAt(Callback):
-    """Make the trainer see a SIGTERM right after ``global_step`` (as a real signal would)."""
-
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.global_step:
-            trainer.request_stop()
-
-
 def test_resume_after_interruption_matches_uninterrupted(in_tmp):
     common = TINY + ["epochs=3"]
     run_hydra(hs_main, common + [f"hydra.run.dir={in_tmp / 'full'}"])
@@ -93,7 +82,7 @@ def test_resume_after_interruption_matches_uninterrupted(in_tmp):
     steps_per_epoch = 128 // 32
     for name, step in (("end_of_epoch", steps_per_epoch), ("mid_epoch", steps_per_epoch + 2)):
         run_dir = in_tmp / name
-        with active(_InterruptAt(step)):
+        with active(StopAt(step)):
             run_hydra(hs_main, common + [f"hydra.run.dir={run_dir}"], expect_exit=130)
         partial = read_json(run_dir / "metrics.json")
         assert partial["status"] == "interrupted" and partial["steps"] == step

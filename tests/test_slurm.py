@@ -25,7 +25,7 @@ import pytest
 from hypersearch.app import main as hs_main
 from pipelines.compare import compare
 from repopt.engine import load_checkpoint
-from repopt.engine.callbacks import Callback, active
+from repopt.engine.callbacks import active
 from repopt.scheduler import being_requeued, restarted_by_scheduler
 from tests.helpers.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.helpers.runs import (
@@ -33,6 +33,7 @@ from tests.helpers.runs import (
     SIGNAL_STEPS,
     TINY,
     TINY_STEPS,
+    StopAt,
     _env,
     _sha256,
     pipeline_overrides,
@@ -78,17 +79,6 @@ def test_being_requeued_is_false_outside_a_slurm_job(monkeypatch):
     assert being_requeued({"SLURM_JOB_ID": "999999999"}) is False  # no scontrol, or no such job
 
 
-class _StopAt(Callback):
-    """Stop the run at training step ``global_step``, as a stop signal would (``last.pt``, then exit 130)."""
-
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.global_step:
-            trainer.request_stop()
-
-
 def test_a_plain_rerun_is_refused_and_a_restarted_job_continues_only_its_own_work(in_tmp, monkeypatch):
     """A run stopped one step into epoch 2 leaves ``last.pt``. Run again without ``resume=true``:
     refused (exit 1), ``last.pt`` unchanged. The same command in a job SLURM restarted
@@ -98,7 +88,7 @@ def test_a_plain_rerun_is_refused_and_a_restarted_job_continues_only_its_own_wor
         monkeypatch.delenv(name, raising=False)
     run_dir = in_tmp / "run"
     command = TINY + [f"hydra.run.dir={run_dir}"]
-    with active(_StopAt(TINY_STEPS + 1)):
+    with active(StopAt(TINY_STEPS + 1)):
         run_hydra(hs_main, command, expect_exit=130)
     before = (run_dir / "last.pt").read_bytes()
     assert read_json(run_dir / "metrics.json")["status"] == "interrupted"
@@ -186,6 +176,17 @@ def _output(folder: Path, name: str) -> str:
     return path.read_text(errors="replace")[-4000:] if path.is_file() else "(no output)"
 
 
+def slurm_sweep(sweep: Path, overrides: list[str]) -> list[str]:
+    """A two-job pipeline sweep (``hs.optim.lr=0.05,0.2``) through ``hydra/launcher=slurm_cpu``, one CPU per job."""
+    return [
+        *(sys.executable, "-m", "pipelines.search_and_train", "-m", "hydra/launcher=slurm_cpu"),
+        *("hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"),
+        *overrides,
+        "hs.optim.lr=0.05,0.2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_a_pipeline_sweep_on_slurm_then_compare(tmp_path, cluster):
@@ -193,19 +194,7 @@ def test_a_pipeline_sweep_on_slurm_then_compare(tmp_path, cluster):
     of two SLURM jobs (one CPU each) that both complete, submitit's files under the sweep dir, and
     ``pipelines.compare`` reads the sweep as two rows."""
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.search_and_train",
-        "-m",
-        "hydra/launcher=slurm_cpu",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.mem_gb=2",
-        "hydra.launcher.timeout_min=10",
-        *pipeline_overrides(),
-        "hs.optim.lr=0.05,0.2",
-        f"hydra.sweep.dir={sweep}",
-    ]
+    command = slurm_sweep(sweep, pipeline_overrides())
     done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280)
     output = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, output
@@ -292,21 +281,7 @@ def test_a_sweep_job_requeued_mid_run_is_waited_for_and_completes(tmp_path, clus
     with both jobs completed and exit 0."""
     sweep = tmp_path / "sweep"
     overrides = [o for o in pipeline_overrides() if not o.startswith(("hs.epochs=", "hs.data.synthetic_train_size="))]
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.search_and_train",
-        "-m",
-        "hydra/launcher=slurm_cpu",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.mem_gb=2",
-        "hydra.launcher.timeout_min=10",
-        *overrides,
-        "hs.epochs=20",
-        "hs.data.synthetic_train_size=256",
-        "hs.optim.lr=0.05,0.2",
-        f"hydra.sweep.dir={sweep}",
-    ]
+    command = slurm_sweep(sweep, [*overrides, "hs.epochs=20", "hs.data.synthetic_train_size=256"])
     hs_dir, job_id = sweep / "0" / "hs", None
     with open(tmp_path / "sweep.out", "w") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT)

@@ -153,6 +153,17 @@ def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+class StopAt(Callback):
+    """Stop the run after training step ``global_step``, as a stop signal would (``last.pt``, then exit 130)."""
+
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.state.global_step == self.global_step:
+            trainer.request_stop()
+
+
 class _RecordEpochCheckpoints(Callback):
     """Record last.pt's sha256 after each epoch in ``saved`` (keyed by the 0-based epoch), then call
     ``then(trainer)``. Attach it with ``repopt.engine.callbacks.active``."""
