@@ -312,43 +312,30 @@ def test_presets_compose_with_every_end_of_their_space(preset):
     assert cfg.pruner.during_search is False  # no preset prunes on stage one's own top-1
 
 
-def test_bad_space_and_changed_study_are_errors_before_any_trial(tmp_path):
-    cfg = to_typed(
+def _empty_study(tmp_path, key: str, high: float) -> TuneConfig:
+    """Study "s" in tmp_path/s with no trials, searching ``key`` over [0.1, high]."""
+    return to_typed(
         TuneConfig(
             study_name="s",
             study_dir=str(tmp_path / "s"),
             n_trials=0,
             base=base_overrides(),
-            space={"hs.optim.lrr": ParamSpec("float", 0.1, 0.2)},
+            space={key: ParamSpec("float", 0.1, high)},
         ),
         TuneConfig,
     )
+
+
+def test_bad_space_and_changed_study_are_errors_before_any_trial(tmp_path):
+    cfg = _empty_study(tmp_path, "hs.optim.lrr", 0.2)
     with pytest.raises(ConfigError, match="lrr"):
         run_study(cfg)
     assert not (tmp_path / "s" / "study.db").exists()
 
-    good = to_typed(
-        TuneConfig(
-            study_name="s",
-            study_dir=str(tmp_path / "s"),
-            n_trials=0,
-            base=base_overrides(),
-            space={"hs.optim.lr": ParamSpec("float", 0.1, 0.2)},
-        ),
-        TuneConfig,
-    )
+    good = _empty_study(tmp_path, "hs.optim.lr", 0.2)
     run_study(good)  # creates the study (no trials) and its report
     assert "0 trials requested" in (tmp_path / "s" / "study.md").read_text()
-    changed = to_typed(
-        TuneConfig(
-            study_name="s",
-            study_dir=str(tmp_path / "s"),
-            n_trials=0,
-            base=base_overrides(),
-            space={"hs.optim.lr": ParamSpec("float", 0.1, 0.3)},
-        ),
-        TuneConfig,
-    )
+    changed = _empty_study(tmp_path, "hs.optim.lr", 0.3)
     with pytest.raises(ConfigError, match="created with another space"):
         run_study(changed)
     with pytest.raises(ConfigError, match="either searched or fixed"):
