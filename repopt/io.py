@@ -151,3 +151,14 @@ def safe_torch_load(path, error: type[Exception], what: str, fix: str, map_locat
         ) from None
     except Exception as exc:
         raise error(f"{path}: damaged or truncated {what} ({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (``sqlite:///relative``, ``sqlite:////absolute``, ``sqlite+driver:///...``;
+    a query string ignored), resolved; None for another database or an in-memory one. Optuna's storage and
+    MLflow's tracking store are both named by such URLs."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+", 1)[0] != "sqlite":
+        return None
+    path = rest.split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path).resolve()

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .config import LoggerConfig, to_plain
 from .engine.callbacks import Callback
 from .errors import ConfigError
-from .io import read_json, write_json
+from .io import read_json, sqlite_file, write_json
 from .results import JobMetrics, Status, status_of
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,6 @@ def outputs_dir(run_dir: Path) -> Path:
 def tracking_uri(cfg: LoggerConfig, run_dir: Path) -> str:
     """``logger.tracking_uri``, or the default SQLite store under the run's ``outputs/``."""
     return cfg.tracking_uri or f"sqlite:///{outputs_dir(run_dir) / 'mlflow.db'}"
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` URI (relative paths are relative to the working directory)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path).resolve()
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -223,7 +215,7 @@ class MLflowTracker(Tracker):
 
         self.cfg, self.run_dir, self.stage, self.record = cfg, Path(run_dir), stage, Path(run_dir) / record
         self.uri = tracking_uri(cfg, run_dir)
-        db = _sqlite_file(self.uri)
+        db = sqlite_file(self.uri)
         try:
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ import contextlib
 import hashlib
 import logging
 
-from .storage import _sqlite_file, cannot_open
+from repopt.io import sqlite_file
+
+from .storage import cannot_open
 
 log = logging.getLogger("pipelines.tune")
 
@@ -33,7 +35,7 @@ class ClaimLock:
             backend = make_url(url).get_backend_name()
         except (ArgumentError, ValueError):  # not a URL: make_storage says so
             backend = None
-        database = _sqlite_file(url)
+        database = sqlite_file(url)
         self._file = open(database.with_name(database.name + ".lock"), "a") if database else None
         self._advisory = _AdvisoryLock(url, study_name) if backend == "postgresql" else None
         if backend not in (None, "sqlite", "postgresql", *_UNLOCKED_WARNED):

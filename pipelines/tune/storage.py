@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from repopt.errors import ConfigError
+from repopt.io import sqlite_file
 
 from .config import PrunerConfig, SamplerConfig, TuneConfig
 
@@ -32,15 +33,6 @@ def require_optuna():
 
 def storage_url(cfg: TuneConfig, study_dir: Path) -> str:
     return cfg.storage or f"sqlite:///{study_dir / 'study.db'}"
-
-
-def _sqlite_file(url: str) -> Path | None:
-    if not url.startswith("sqlite"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
-    return Path(database).resolve() if database and database != ":memory:" else None
 
 
 def make_storage(cfg: TuneConfig, url: str):
@@ -70,7 +62,7 @@ def reading_study(url: str):
     try:
         yield
     except DatabaseError as exc:
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
         # exactly sqlite3.DatabaseError: SQLITE_NOTADB / SQLITE_CORRUPT ("file is not a database",
         # "database disk image is malformed"); its subclasses (OperationalError: locked, no such table...) are not damage
         if path is None or type(exc.orig) is not sqlite3.DatabaseError:
