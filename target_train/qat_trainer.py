@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from repopt.engine.runtime import Runtime
+from repopt.engine.step import TrainStep
 from repopt.errors import ConfigError, DivergenceError
 from repopt.family import family_of
 from repopt.host import cpu_name
@@ -159,6 +160,7 @@ def _train(prepared, cfg: QatConfig, bundle, lr: float, masks, label_smoothing: 
     else:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
     total = cfg.epochs * len(bundle.train)
+    train_step = TrainStep(prepared, optimizer, Runtime(torch.device("cpu"), None, False), label_smoothing=label_smoothing)
     step = 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -167,16 +169,12 @@ def _train(prepared, cfg: QatConfig, bundle, lr: float, masks, label_smoothing: 
         for x, y in bundle.train.epoch(epoch):
             for group in optimizer.param_groups:  # cosine to 0, per step
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-            logits = prepared(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss, logits = train_step(x, y)  # the project's one training step (repopt/engine/step.py)
             if not torch.isfinite(loss):
                 raise DivergenceError(f"QAT loss is {loss.item()} at step {step}; lower lr (now {lr:g})", step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             step += 1
-            loss_sum += float(loss.detach()) * x.shape[0]
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += float(loss) * x.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
             seen += int(x.shape[0])
         row = {
             "epoch": epoch + 1,
